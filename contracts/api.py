@@ -1,0 +1,187 @@
+"""The HTTP operations: path, method, roles, bodies and limits.
+
+This table is the single source for routing, authorisation and the OpenAPI
+document, so an endpoint cannot exist without a role rule and a schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgspec
+
+from . import bodies
+from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
+from .nhs_number import NhsNumber
+
+PUBLIC: frozenset[str] = frozenset()
+PATIENT_APP = frozenset({"patient-app"})
+DAC = frozenset({"dac"})
+SDE = frozenset({"sde"})
+AUDITOR = frozenset({"auditor"})
+ROLES = ("patient-app", "dac", "sde", "auditor")
+
+KIB = 1024
+MIB = 1024 * KIB
+SMALL_BODY = 64 * KIB
+BULK_BODY = 64 * MIB
+
+
+class Operation(NamedTuple):
+    id: str
+    method: str
+    path: str
+    summary: str
+    roles: frozenset[str]
+    request: type | None = None
+    response: type | None = None
+    success: int = 200
+    body_limit: int = SMALL_BODY
+    query: tuple[tuple[str, dict[str, Any], bool], ...] = ()
+
+
+_after = ("after", {"type": "integer", "minimum": 0}, False)
+_limit = ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, False)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("opt_out", "POST", "/v1/patients/{nhs}/opt-out",
+              "Register an opt-out for the patient (201), or return the receipt of the one in force (200)",
+              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201),
+    Operation("opt_in", "POST", "/v1/patients/{nhs}/opt-in",
+              "Withdraw an opt-out of that scope (201), or return the receipt of the choice in force (200)",
+              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201),
+    Operation("give_consent", "POST", "/v1/patients/{nhs}/consents",
+              "Record the patient's explicit consent to one approved project (grant)",
+              PATIENT_APP, bodies.ConsentRequest, bodies.Receipt, 201),
+    Operation("withdraw_consent", "DELETE", "/v1/patients/{nhs}/consents/{grant_id}",
+              "Withdraw the patient's consent to a project",
+              PATIENT_APP, None, bodies.Receipt, 201),
+    Operation("get_choices", "GET", "/v1/patients/{nhs}/choices",
+              "The patient's current choice per scope and consents, with the position they reflect",
+              PATIENT_APP, None, bodies.Choices),
+    Operation("create_grant", "POST", "/v1/grants",
+              "Record a data access committee's grant of access",
+              DAC, bodies.GrantRequest, bodies.Receipt, 201),
+    Operation("revoke_grant", "POST", "/v1/grants/{grant_id}/revoke",
+              "Revoke a grant; data uses under it are refused from this position on",
+              DAC, bodies.RevokeRequest, bodies.Receipt, 201),
+    Operation("get_grant", "GET", "/v1/grants/{grant_id}",
+              "A grant and its status (SDE callers see only their own organisation's grants)",
+              DAC | SDE | AUDITOR, None, bodies.GrantView),
+    Operation("record_data_use", "POST", "/v1/data-uses",
+              "Record a use of patients' data under a grant; refused if it includes opted-out patients without an exemption",
+              SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY),
+    Operation("list_events", "GET", "/v1/events",
+              "Ledger entries in position order", AUDITOR, None, bodies.EventsPage,
+              query=(_after, _limit)),
+    Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
+              AUDITOR, None, bodies.EventView),
+    Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
+    Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running",
+              PUBLIC, None, bodies.Health),
+    Operation("openapi", "GET", "/openapi.json", "This document", PUBLIC),
+)
+
+BY_ID = {op.id: op for op in OPERATIONS}
+
+_PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "nhs": NHS_NUMBER_SCHEMA,
+    "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
+    "position": {"type": "integer", "minimum": 1},
+}
+
+
+def _schema_hook(kind: type) -> dict[str, Any]:
+    if kind is NhsNumber:
+        return dict(NHS_NUMBER_SCHEMA)
+    raise NotImplementedError
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
+def openapi(version: str) -> dict[str, Any]:
+    """Generate the OpenAPI 3.1 document from the operation table and Structs."""
+    types = {bodies.Problem}
+    for op in OPERATIONS:
+        types.update(t for t in (op.request, op.response) if t is not None)
+    _, components = msgspec.json.schema_components(
+        sorted(types, key=lambda t: t.__name__),
+        schema_hook=_schema_hook,
+        ref_template="#/components/schemas/{name}",
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
+            for name in _path_names(op.path)
+        ]
+        params += [
+            {"name": name, "in": "query", "required": required, "schema": schema}
+            for name, schema, required in op.query
+        ]
+        responses: dict[str, Any] = {}
+        ok_schema = (
+            {"$ref": f"#/components/schemas/{op.response.__name__}"}
+            if op.response is not None
+            else {"type": "object"}
+        )
+        responses[str(op.success)] = {
+            "description": "success",
+            "content": {"application/json": {"schema": ok_schema}},
+        }
+        if op.success == 201:
+            responses["200"] = {
+                "description": "already in force, or an idempotent replay: the existing receipt",
+                "content": {"application/json": {"schema": ok_schema}},
+            }
+        if op.request is not None or params:
+            responses["400"] = _problem_response("malformed request")
+        if op.roles:
+            responses["401"] = _problem_response("missing or invalid credentials")
+            responses["403"] = _problem_response("not allowed for this caller")
+        if "{" in op.path:
+            responses["404"] = _problem_response("not found")
+        if op.request is not None:
+            responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
+            responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
+            responses["415"] = _problem_response("body is not application/json")
+            responses["422"] = _problem_response("well-formed but breaks a rule")
+        operation: dict[str, Any] = {
+            "operationId": op.id,
+            "summary": op.summary,
+            "parameters": params,
+            "responses": responses,
+        }
+        if op.roles:
+            operation["security"] = [{"bearer": []}]
+            operation["x-roles"] = sorted(op.roles)
+        else:
+            operation["security"] = []
+        if op.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.request.__name__}"}}},
+            }
+            operation["parameters"].append(
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+            )
+        paths.setdefault(op.path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "consent-ledger", "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }
+
+
+def _path_names(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]

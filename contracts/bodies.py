@@ -1,0 +1,189 @@
+"""Request and response bodies of the HTTP API (see docs in API.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose
+from .events import AccessGranted, Count
+from .nhs_number import NhsNumber
+from .values import (
+    Actor,
+    Exemption,
+    Frozen,
+    Identifier,
+    Organisation,
+    Position,
+    PurposeStatement,
+    Sha256Hex,
+    ShortText,
+    Text,
+    UtcTime,
+    require_unique,
+)
+
+Datasets = Annotated[list[Identifier], Meta(min_length=1, max_length=200)]
+
+
+# --- requests ---------------------------------------------------------------
+
+
+class ChoiceRequest(Frozen):
+    """Body of opt-out and opt-in."""
+
+    scope: OptOutScope
+    channel: Channel
+    actor: Actor
+
+
+class ConsentRequest(Frozen):
+    grant_id: Identifier
+    actor: Actor
+
+
+class GrantRequest(Frozen):
+    grant_id: Identifier
+    organisation: Organisation
+    purpose: PurposeStatement
+    legal_basis: LegalBasis
+    datasets: Datasets
+    commercial: bool
+    exclusive: bool
+    valid_from: UtcTime
+    valid_until: UtcTime
+    approved_by: ShortText
+    opt_out_exemption: Exemption | None = None
+
+    def __post_init__(self) -> None:
+        require_unique(self.datasets, "datasets")
+
+
+class RevokeRequest(Frozen):
+    reason: Text
+
+
+class DataUseRequest(Frozen):
+    use_id: Identifier
+    grant_id: Identifier
+    purpose: Purpose
+    datasets: Datasets
+    occurred_at: UtcTime
+    access_method: AccessMethod
+    cohort_id: Sha256Hex | None = None
+    nhs_numbers: list[NhsNumber] | None = None
+    opt_out_state_position: Position | None = None
+
+    def __post_init__(self) -> None:
+        require_unique(self.datasets, "datasets")
+        if (self.cohort_id is None) == (self.nhs_numbers is None):
+            raise ValueError("give exactly one of `cohort_id` or `nhs_numbers`")
+        if self.nhs_numbers is not None and not self.nhs_numbers:
+            raise ValueError("`nhs_numbers` must not be empty")
+
+
+# --- responses --------------------------------------------------------------
+
+
+class Receipt(Struct, frozen=True, kw_only=True):
+    """Proof of a write: where it sits in the ledger and the hashes over it."""
+
+    position: int
+    event_id: str
+    event_type: str
+    recorded_at: str
+    leaf_hash: str
+    chain_hash: str
+
+
+class ScopeChoice(Struct, frozen=True, kw_only=True):
+    state: Literal["opted-out", "opted-in", "not-recorded"]
+    since: str | None = None
+    position: int | None = None
+
+
+class ConsentState(Struct, frozen=True, kw_only=True):
+    grant_id: str
+    given_at: str
+    position: int
+
+
+class Choices(Struct, frozen=True, kw_only=True):
+    nhs_number: str
+    as_of: int
+    scopes: dict[str, ScopeChoice]
+    consents: list[ConsentState]
+
+
+class GrantView(Struct, frozen=True, kw_only=True):
+    grant: AccessGranted
+    status: Literal["active", "revoked", "expired", "not-yet-valid"]
+    position: int
+    revoked_at: str | None = None
+    revoke_reason: str | None = None
+    as_of: int
+
+
+class Cohort(Struct, frozen=True, kw_only=True):
+    cohort_id: str
+    size: Count
+
+
+class EventView(Struct, frozen=True, kw_only=True):
+    position: int
+    event_id: str
+    event_type: str
+    aggregate_id: str
+    aggregate_version: int
+    recorded_at: str
+    payload: Any
+    leaf_hash: str
+    chain_hash: str
+
+
+class EventsPage(Struct, frozen=True, kw_only=True):
+    events: list[EventView]
+    next_after: int | None
+
+
+class ProblemDetail(Struct, frozen=True, kw_only=True):
+    path: str
+    message: str
+
+
+class Problem(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[ProblemDetail] | None = None
+
+
+class Health(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    status: Literal["ok", "unavailable"]
+    position: int | None = None
+    detail: str | None = None
+
+
+__all__ = [
+    "ChoiceRequest",
+    "Choices",
+    "Cohort",
+    "ConsentRequest",
+    "ConsentState",
+    "DataUseRequest",
+    "EventView",
+    "EventsPage",
+    "GrantRequest",
+    "GrantView",
+    "Health",
+    "Problem",
+    "ProblemDetail",
+    "Receipt",
+    "RevokeRequest",
+    "ScopeChoice",
+]

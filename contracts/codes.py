@@ -1,0 +1,64 @@
+"""Coded values used on the wire and in the ledger, with plain-English labels.
+
+The labels are what a patient sees in their history; the codes are stable
+and never reused for another meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+OptOutScope = Literal["national", "type-1"]
+Channel = Literal["app", "online", "phone", "post", "gp-practice"]
+ActorKind = Literal["patient", "proxy"]
+ProxyRole = Literal["parent", "lasting-power-of-attorney", "court-deputy"]
+Purpose = Literal[
+    "research",
+    "planning",
+    "commissioning",
+    "public-health",
+    "service-evaluation",
+    "clinical-audit",
+]
+LegalBasis = Literal[
+    "explicit-consent",
+    "public-task-health-care",
+    "public-task-research",
+    "public-health",
+    "legal-obligation",
+    "section-251",
+]
+ExemptionBasis = Literal[
+    "patient-consent",
+    "legal-requirement",
+    "s251-cag",
+    "overriding-public-interest",
+]
+AccessMethod = Literal["sde", "extract"]
+
+LABELS: dict[str, str] = {
+    "national": "national data opt-out",
+    "type-1": "type 1 opt-out (GP record)",
+    "research": "research",
+    "planning": "planning health and care services",
+    "commissioning": "commissioning services",
+    "public-health": "protecting public health",
+    "service-evaluation": "evaluating a service",
+    "clinical-audit": "clinical audit",
+    "explicit-consent": "your explicit consent",
+    "public-task-health-care": "public task: managing health and care (UK GDPR 6(1)(e), 9(2)(h))",
+    "public-task-research": "public task: research in the public interest (UK GDPR 6(1)(e), 9(2)(j))",
+    "public-health": "public health (UK GDPR 6(1)(e), 9(2)(i))",
+    "legal-obligation": "a legal obligation (UK GDPR 6(1)(c))",
+    "section-251": "section 251 support (NHS Act 2006)",
+    "patient-consent": "you consented to this project",
+    "legal-requirement": "required by law",
+    "s251-cag": "section 251 approval on advice of the Confidentiality Advisory Group",
+    "overriding-public-interest": "overriding public interest",
+    "sde": "analysed inside a Secure Data Environment",
+    "extract": "sent as a data extract",
+}
+
+
+def values(literal: object) -> tuple[str, ...]:
+    return get_args(literal)

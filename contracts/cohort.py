@@ -1,0 +1,56 @@
+"""Cohorts: sets of patients, identified by the SHA-256 of a canonical list.
+
+A cohort is a set (order and repeats in the input do not matter).  Its
+canonical form is the sorted, de-duplicated 10-digit NHS numbers, each
+followed by a line feed, in ASCII; ``cohort_id`` is the lowercase hex
+SHA-256 of those bytes, so anyone holding the list can recompute it.
+In memory and storage a cohort is the sorted array of 9-digit stems
+(the 10th digit is the check digit and adds no information).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+_WEIGHTS = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2], dtype=np.int64)
+_POWERS = 10 ** np.arange(8, -1, -1, dtype=np.int64)
+STEM_DTYPE = np.dtype("<u4")
+
+
+def check_digits(stems: np.ndarray) -> np.ndarray:
+    """Check digit per stem; -1 where no check digit is valid (remainder 10)."""
+    digits = (stems.astype(np.int64)[:, None] // _POWERS) % 10
+    check = 11 - (digits @ _WEIGHTS) % 11
+    check = np.where(check == 11, 0, check)
+    return np.where(check == 10, -1, check)
+
+
+def normalise(stems: np.ndarray) -> np.ndarray:
+    """Sorted, unique stems as little-endian uint32."""
+    return np.unique(np.asarray(stems, dtype=np.int64)).astype(STEM_DTYPE)
+
+
+def canonical_bytes(stems: np.ndarray) -> bytes:
+    """The canonical list for already-normalised stems."""
+    numbers = stems.astype(np.int64) * 10 + check_digits(stems)
+    digits = (numbers[:, None] // (10 ** np.arange(9, -1, -1, dtype=np.int64))) % 10
+    table = np.empty((len(stems), 11), dtype=np.uint8)
+    table[:, :10] = digits + ord("0")
+    table[:, 10] = ord("\n")
+    return table.tobytes()
+
+
+def cohort_id(stems: np.ndarray) -> str:
+    return hashlib.sha256(canonical_bytes(stems)).hexdigest()
+
+
+def encode_members(stems: np.ndarray) -> tuple[str, bytes]:
+    return "u32le-sorted", stems.astype(STEM_DTYPE).tobytes()
+
+
+def decode_members(encoding: str, data: bytes) -> np.ndarray:
+    if encoding != "u32le-sorted":
+        raise ValueError(f"unknown cohort encoding {encoding!r}")
+    return np.frombuffer(data, dtype=STEM_DTYPE)

@@ -1,0 +1,132 @@
+"""Ledger events: the payloads the hash chain commits to.
+
+Event type names are part of the ledger format: never rename one.  Every
+payload records ``recorded_by``, the authenticated system that asked for the
+write, so the ledger itself says who did what.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose
+from .values import (
+    Actor,
+    Exemption,
+    Frozen,
+    Identifier,
+    Organisation,
+    Position,
+    PurposeStatement,
+    Sha256Hex,
+    ShortText,
+    Text,
+    UtcTime,
+)
+
+NhsDigits = Annotated[str, Meta(pattern=r"^[0-9]{10}$", description="canonical NHS number")]
+Count = Annotated[int, Meta(ge=0)]
+
+
+class OptOutRegistered(Frozen):
+    nhs_number: NhsDigits
+    scope: OptOutScope
+    channel: Channel
+    actor: Actor
+    recorded_by: ShortText
+
+
+class OptOutWithdrawn(Frozen):
+    nhs_number: NhsDigits
+    scope: OptOutScope
+    channel: Channel
+    actor: Actor
+    recorded_by: ShortText
+
+
+class StudyConsentGiven(Frozen):
+    nhs_number: NhsDigits
+    grant_id: Identifier
+    actor: Actor
+    recorded_by: ShortText
+
+
+class StudyConsentWithdrawn(Frozen):
+    nhs_number: NhsDigits
+    grant_id: Identifier
+    actor: Actor
+    recorded_by: ShortText
+
+
+class AccessGranted(Frozen):
+    grant_id: Identifier
+    organisation: Organisation
+    purpose: PurposeStatement
+    legal_basis: LegalBasis
+    datasets: list[Identifier]
+    commercial: bool
+    exclusive: bool
+    valid_from: UtcTime
+    valid_until: UtcTime
+    approved_by: ShortText
+    recorded_by: ShortText
+    opt_out_exemption: Exemption | None = None
+
+
+class AccessRevoked(Frozen):
+    grant_id: Identifier
+    reason: Text
+    recorded_by: ShortText
+
+
+class DataUseRecorded(Frozen):
+    """One release or analysis of data about a cohort of patients.
+
+    ``opt_out_state_position`` is the ledger position whose opt-out state was
+    applied; ``opted_out_included`` counts cohort members opted out at that
+    position who were nevertheless included, under ``exemption_applied`` or
+    their own consent to this grant (``consented_included``).
+    """
+
+    use_id: Identifier
+    grant_id: Identifier
+    organisation_code: Identifier
+    purpose: Purpose
+    legal_basis: LegalBasis
+    datasets: list[Identifier]
+    cohort_id: Sha256Hex
+    cohort_size: Count
+    occurred_at: UtcTime
+    access_method: AccessMethod
+    opt_out_state_position: Annotated[int, Meta(ge=0)]
+    opted_out_included: Count
+    consented_included: Count
+    recorded_by: ShortText
+    exemption_applied: Exemption | None = None
+    caller_filter_position: Position | None = None
+
+
+Event = (
+    OptOutRegistered
+    | OptOutWithdrawn
+    | StudyConsentGiven
+    | StudyConsentWithdrawn
+    | AccessGranted
+    | AccessRevoked
+    | DataUseRecorded
+)
+
+EVENT_TYPES: dict[str, type[Frozen]] = {
+    cls.__name__: cls
+    for cls in (
+        OptOutRegistered,
+        OptOutWithdrawn,
+        StudyConsentGiven,
+        StudyConsentWithdrawn,
+        AccessGranted,
+        AccessRevoked,
+        DataUseRecorded,
+    )
+}

@@ -1,0 +1,90 @@
+"""Value objects shared by events and request bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose
+
+Identifier = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+        description="1-64 characters: letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
+    ),
+]
+Text = Annotated[str, Meta(min_length=1, max_length=2000)]
+ShortText = Annotated[str, Meta(min_length=1, max_length=200)]
+UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 timestamp with offset")]
+Position = Annotated[int, Meta(ge=1, le=2**62)]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="SHA-256, 64 lowercase hex digits")]
+
+
+class Frozen(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """Base for every contract struct: immutable, strict about unknown fields,
+    and absent optional fields stay absent in the encoding."""
+
+
+class Actor(Frozen):
+    """Who made a patient's choice: the patient or a recognised proxy."""
+
+    kind: ActorKind
+    proxy_role: ProxyRole | None = None
+    id: ShortText | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "proxy" and self.proxy_role is None:
+            raise ValueError("a proxy actor needs `proxy_role`")
+        if self.kind == "patient" and self.proxy_role is not None:
+            raise ValueError("`proxy_role` is only for actor kind `proxy`")
+
+
+class Organisation(Frozen):
+    code: Identifier
+    name: ShortText
+
+
+class PurposeStatement(Frozen):
+    code: Purpose
+    description: Text
+    patient_benefit: Annotated[
+        str,
+        Meta(max_length=2000, description="the health or care benefit; must not be empty"),
+    ]
+
+
+class Exemption(Frozen):
+    """Why a grant may include patients who opted out."""
+
+    basis: ExemptionBasis
+    reference: ShortText
+
+
+def utc(moment: datetime) -> datetime:
+    """Normalise an aware datetime to UTC so its encoding is canonical."""
+    return moment.astimezone(timezone.utc)
+
+
+def require_unique(items: list[str], field: str) -> None:
+    if len(set(items)) != len(items):
+        raise ValueError(f"`{field}` lists the same value more than once")
+
+
+__all__ = [
+    "Actor",
+    "Exemption",
+    "Frozen",
+    "Identifier",
+    "Organisation",
+    "Position",
+    "PurposeStatement",
+    "Sha256Hex",
+    "ShortText",
+    "Text",
+    "UtcTime",
+    "require_unique",
+    "utc",
+]

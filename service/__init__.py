@@ -1,0 +1,3 @@
+"""consent-ledger service: domain rules, event store, HTTP API and CLI."""
+
+__version__ = "0.1.0"

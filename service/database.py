@@ -1,0 +1,66 @@
+"""Where the database is, and connections to it.
+
+With no DATABASE_URL the service runs a private PostgreSQL (pgserver) in the
+data directory; with one it uses that server.  Either way migrations run as
+the URL's user (the schema owner) and the service's own connections act as
+the least-privileged ``consent_ledger_app`` role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from .config import Config
+from .schema import APP_ROLE
+
+EMBEDDED_DATABASE = "consent_ledger"
+
+
+@dataclass(frozen=True)
+class Database:
+    owner_dsn: str
+    embedded: bool
+
+    async def connect_owner(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.owner_dsn)
+
+    async def create_pool(self, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+        # The `role` startup setting survives asyncpg's RESET ALL on release,
+        # so every pooled connection keeps acting as the service role.
+        return await asyncpg.create_pool(
+            self.owner_dsn,
+            min_size=min_size,
+            max_size=max_size,
+            server_settings={"role": APP_ROLE, "application_name": "consent-ledger"},
+        )
+
+
+def _start_embedded(config: Config) -> str:
+    import pgserver  # imported lazily: only the embedded default needs it
+
+    pgdata = config.data_dir / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    uri = server.get_uri()
+    return uri.replace("/postgres?", f"/{EMBEDDED_DATABASE}?", 1)
+
+
+async def locate(config: Config) -> Database:
+    if config.database_url:
+        return Database(owner_dsn=config.database_url, embedded=False)
+    dsn = await asyncio.to_thread(_start_embedded, config)
+    return Database(owner_dsn=dsn, embedded=True)
+
+
+def describe(dsn: str) -> str:
+    """A DSN without credentials, safe to log."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or parts.query
+    return f"{parts.scheme}://{host}{parts.path}"

@@ -1,0 +1,309 @@
+"""Domain rules, as eventsourcing Aggregates.
+
+Each aggregate is rebuilt from its ledger entries; a command either raises a
+rule error, returns the position of the event that already put the asked-for
+state in force, or triggers exactly one new event.  The events carry the
+contract payloads from ``contracts.events`` as ``data``; their class names
+are the ledger event types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar, Self
+from uuid import UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from contracts import events as ev
+from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
+from contracts.values import Actor, utc
+
+_NAMESPACE = UUID("6c1b3f0e-4a53-5d0c-9a7e-2f1c7b0d8e11")
+
+# Clocks of callers and the ledger differ a little; more than this is an error.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def patient_aggregate_id(nhs_number: str) -> UUID:
+    return uuid5(_NAMESPACE, f"patient/{nhs_number}")
+
+
+def grant_aggregate_id(grant_id: str) -> UUID:
+    return uuid5(_NAMESPACE, f"grant/{grant_id}")
+
+
+def data_use_aggregate_id(use_id: str) -> UUID:
+    return uuid5(_NAMESPACE, f"data-use/{use_id}")
+
+
+class RuleBroken(Exception):
+    """A well-formed request that the domain refuses (HTTP 422)."""
+
+    def __init__(self, detail: str, *, code: str = "rule-broken", path: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+        self.path = path
+
+
+class NotFound(Exception):
+    pass
+
+
+class AlreadyExists(Exception):
+    pass
+
+
+class LedgerAggregate(Aggregate):
+    """An aggregate whose first event is an ordinary ledger event (no
+    separate 'created' event), so a blank instance stands for 'no history'."""
+
+    EVENTS: ClassVar[dict[str, type[Aggregate.Event]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.EVENTS = {
+            name: value
+            for name, value in vars(cls).items()
+            if isinstance(value, type) and issubclass(value, Aggregate.Event) and name in ev.EVENT_TYPES
+        }
+
+    @classmethod
+    def blank(cls, aggregate_id: UUID) -> Self:
+        agg = object.__new__(cls)
+        agg.__base_init__(aggregate_id, 0, datetime.now(timezone.utc))
+        agg._init_state()
+        return agg
+
+    def _init_state(self) -> None:
+        raise NotImplementedError
+
+    def replay(self, event_type: str, version: int, recorded_at: datetime, data: Any, position: int) -> None:
+        cls = self.EVENTS[event_type]
+        cls(
+            originator_id=self.id,
+            originator_version=version,
+            timestamp=recorded_at,
+            data=data,
+            position=position,
+        ).mutate(self)
+
+    def _trigger(self, event_type: str, data: Any) -> None:
+        self.trigger_event(self.EVENTS[event_type], data=data, position=None)
+
+
+class LedgerEvent(Aggregate.Event):
+    data: Any
+    position: int | None
+
+
+@dataclass(frozen=True)
+class ChoiceState:
+    state: str  # "opted-out" | "opted-in"
+    position: int | None
+    since: datetime
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    position: int | None
+    given_at: datetime
+
+
+class Patient(LedgerAggregate):
+    scopes: dict[str, ChoiceState]
+    consents: dict[str, ConsentRecord]
+    withdrawn: dict[str, int | None]
+
+    def _init_state(self) -> None:
+        self.scopes = {}
+        self.consents = {}
+        self.withdrawn = {}
+
+    class OptOutRegistered(LedgerEvent):
+        def apply(self, patient: Patient) -> None:
+            patient.scopes[self.data.scope] = ChoiceState("opted-out", self.position, self.timestamp)
+
+    class OptOutWithdrawn(LedgerEvent):
+        def apply(self, patient: Patient) -> None:
+            patient.scopes[self.data.scope] = ChoiceState("opted-in", self.position, self.timestamp)
+
+    class StudyConsentGiven(LedgerEvent):
+        def apply(self, patient: Patient) -> None:
+            patient.consents[self.data.grant_id] = ConsentRecord(self.position, self.timestamp)
+            patient.withdrawn.pop(self.data.grant_id, None)
+
+    class StudyConsentWithdrawn(LedgerEvent):
+        def apply(self, patient: Patient) -> None:
+            patient.consents.pop(self.data.grant_id, None)
+            patient.withdrawn[self.data.grant_id] = self.position
+
+    @property
+    def opted_out(self) -> bool:
+        return any(c.state == "opted-out" for c in self.scopes.values())
+
+    def excluded_from(self, grant_id: str) -> bool:
+        """Whether an opt-out keeps this patient out of a use under the grant."""
+        return self.opted_out and grant_id not in self.consents
+
+    def choose(self, nhs_number: str, opt_out: bool, request: ChoiceRequest, recorded_by: str) -> int | None:
+        """Set the scope's choice; the existing position if it is already in force."""
+        wanted = "opted-out" if opt_out else "opted-in"
+        current = self.scopes.get(request.scope)
+        if current is not None and current.state == wanted:
+            return current.position
+        cls = ev.OptOutRegistered if opt_out else ev.OptOutWithdrawn
+        self._trigger(cls.__name__, cls(
+            nhs_number=nhs_number,
+            scope=request.scope,
+            channel=request.channel,
+            actor=request.actor,
+            recorded_by=recorded_by,
+        ))
+        return None
+
+    def give_consent(self, nhs_number: str, request: ConsentRequest, recorded_by: str) -> int | None:
+        current = self.consents.get(request.grant_id)
+        if current is not None:
+            return current.position
+        self._trigger("StudyConsentGiven", ev.StudyConsentGiven(
+            nhs_number=nhs_number, grant_id=request.grant_id, actor=request.actor, recorded_by=recorded_by
+        ))
+        return None
+
+    def withdraw_consent(self, nhs_number: str, grant_id: str, actor: Actor, recorded_by: str) -> int | None:
+        if grant_id in self.consents:
+            self._trigger("StudyConsentWithdrawn", ev.StudyConsentWithdrawn(
+                nhs_number=nhs_number, grant_id=grant_id, actor=actor, recorded_by=recorded_by
+            ))
+            return None
+        if grant_id in self.withdrawn:
+            return self.withdrawn[grant_id]
+        raise NotFound(f"the patient has no consent to grant {grant_id!r} to withdraw")
+
+
+class Grant(LedgerAggregate):
+    granted: ev.AccessGranted | None
+    granted_position: int | None
+    revoked: ev.AccessRevoked | None
+    revoked_position: int | None
+    revoked_at: datetime | None
+
+    def _init_state(self) -> None:
+        self.granted = None
+        self.granted_position = None
+        self.revoked = None
+        self.revoked_position = None
+        self.revoked_at = None
+
+    class AccessGranted(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.granted = self.data
+            grant.granted_position = self.position
+
+    class AccessRevoked(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.revoked = self.data
+            grant.revoked_position = self.position
+            grant.revoked_at = self.timestamp
+
+    @property
+    def exists(self) -> bool:
+        return self.granted is not None
+
+    def status(self, now: datetime) -> str:
+        assert self.granted is not None
+        if self.revoked is not None:
+            return "revoked"
+        if now < self.granted.valid_from:
+            return "not-yet-valid"
+        if now >= self.granted.valid_until:
+            return "expired"
+        return "active"
+
+    def grant(self, request: GrantRequest, recorded_by: str, now: datetime) -> None:
+        if self.exists:
+            raise AlreadyExists(f"grant {request.grant_id!r} already exists")
+        if request.exclusive:
+            raise RuleBroken(
+                "exclusive access to patient data is not allowed: set `exclusive` to false",
+                code="exclusive-grant", path="$.exclusive",
+            )
+        if not request.purpose.patient_benefit.strip():
+            raise RuleBroken(
+                "a grant must state its benefit to patients or the health and care system",
+                code="no-patient-benefit", path="$.purpose.patient_benefit",
+            )
+        valid_from, valid_until = utc(request.valid_from), utc(request.valid_until)
+        if valid_until <= valid_from:
+            raise RuleBroken("`valid_until` must be later than `valid_from`", code="invalid-dates", path="$.valid_until")
+        if valid_until <= now:
+            raise RuleBroken("`valid_until` is already in the past", code="invalid-dates", path="$.valid_until")
+        self._trigger("AccessGranted", ev.AccessGranted(
+            grant_id=request.grant_id,
+            organisation=request.organisation,
+            purpose=request.purpose,
+            legal_basis=request.legal_basis,
+            datasets=list(request.datasets),
+            commercial=request.commercial,
+            exclusive=request.exclusive,
+            valid_from=valid_from,
+            valid_until=valid_until,
+            approved_by=request.approved_by,
+            recorded_by=recorded_by,
+            opt_out_exemption=request.opt_out_exemption,
+        ))
+
+    def revoke(self, grant_id: str, reason: str, recorded_by: str) -> int | None:
+        if not self.exists:
+            raise NotFound(f"no grant {grant_id!r}")
+        if self.revoked is not None:
+            return self.revoked_position
+        self._trigger("AccessRevoked", ev.AccessRevoked(grant_id=grant_id, reason=reason, recorded_by=recorded_by))
+        return None
+
+    def check_use(self, request: DataUseRequest, organisation: str, now: datetime) -> None:
+        """Everything about a data use that the grant alone decides."""
+        if not self.exists:
+            raise RuleBroken(f"no grant {request.grant_id!r} is recorded", code="unknown-grant", path="$.grant_id")
+        g = self.granted
+        assert g is not None
+        if g.organisation.code != organisation:
+            raise RuleBroken(
+                "the grant belongs to another organisation", code="grant-of-other-organisation", path="$.grant_id"
+            )
+        status = self.status(now)
+        if status != "active":
+            raise RuleBroken(f"the grant is {status}; data uses need an active grant", code=f"grant-{status}",
+                             path="$.grant_id")
+        if request.purpose != g.purpose.code:
+            raise RuleBroken(f"the grant covers purpose {g.purpose.code!r}, not {request.purpose!r}",
+                             code="purpose-outside-grant", path="$.purpose")
+        outside = sorted(set(request.datasets) - set(g.datasets))
+        if outside:
+            raise RuleBroken(f"datasets outside the grant: {', '.join(outside)}", code="datasets-outside-grant",
+                             path="$.datasets")
+        occurred = utc(request.occurred_at)
+        if occurred > now + CLOCK_SKEW:
+            raise RuleBroken("`occurred_at` is in the future", code="invalid-dates", path="$.occurred_at")
+        if not g.valid_from <= occurred < g.valid_until:
+            raise RuleBroken("`occurred_at` is outside the grant's validity", code="invalid-dates",
+                             path="$.occurred_at")
+
+
+class DataUse(LedgerAggregate):
+    recorded: ev.DataUseRecorded | None
+
+    def _init_state(self) -> None:
+        self.recorded = None
+
+    class DataUseRecorded(LedgerEvent):
+        def apply(self, use: DataUse) -> None:
+            use.recorded = self.data
+
+    def record(self, payload: ev.DataUseRecorded) -> None:
+        if self.recorded is not None:
+            raise AlreadyExists(f"data use {payload.use_id!r} is already recorded")
+        self._trigger("DataUseRecorded", payload)

@@ -1,0 +1,409 @@
+"""The aiohttp application: one factory, routes bound from contracts.api.
+
+Each route is wrapped with the same steps in the same order: authenticate,
+authorise (role table + patient rule), read and validate the body, run the
+handler.  Errors of every kind leave as RFC 9457 problems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+from aiohttp import web
+
+from contracts import api, bodies
+from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+
+from . import __version__
+from .auth import Forbidden, Unauthenticated, Verifier, authorise
+from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
+from .database import Database
+from .domain import AlreadyExists, NotFound, RuleBroken
+from .problems import ProblemError, decode_json, invalid
+from .schema import migrate
+from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
+
+log = structlog.get_logger("consent_ledger.http")
+
+DATABASE = web.AppKey("database", Database)
+STORE = web.AppKey("store", EventStore)
+LEDGER = web.AppKey("ledger", Ledger)
+VERIFIER = web.AppKey("verifier", Verifier)
+SETTINGS = web.AppKey("settings", dict)
+OPENAPI = web.AppKey("openapi", bytes)
+
+_encode = msgspec.json.Encoder().encode
+_decoders = {
+    op.id: msgspec.json.Decoder(op.request, dec_hook=lambda t, v: _dec_hook(t, v))
+    for op in api.OPERATIONS
+    if op.request is not None
+}
+Handler = Callable[[web.Request, Caller | None], Awaitable[web.StreamResponse]]
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is NhsNumber:
+        return NhsNumber(value)
+    raise NotImplementedError(f"no decoder for {kind}")
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json", headers=headers)
+
+
+def receipt_response(outcome: Outcome) -> web.Response:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return json_response(outcome.receipt, 201 if outcome.created else 200, headers)
+
+
+# --- request parts --------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ProblemError:
+    return ProblemError(413, "body-too-large", "Request body too large",
+                        f"this endpoint accepts bodies of at most {limit} bytes")
+
+
+def _require_json(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
+                           f"send the body as application/json, not {request.content_type or 'nothing'}")
+
+
+def path_nhs(request: web.Request) -> NhsNumber:
+    try:
+        return NhsNumber(request.match_info["nhs"])
+    except InvalidNhsNumber as exc:
+        raise invalid(str(exc), "path.nhs") from None
+
+
+def _idempotency_header(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200 or not key.isascii() or not key.isprintable():
+        raise ProblemError(400, "bad-idempotency-key", "Bad Idempotency-Key",
+                           "Idempotency-Key must be 1-200 printable ASCII characters")
+    return key
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(f"`{name}` must be an integer", f"query.{name}", status=400) from None
+    if not low <= value <= high:
+        raise invalid(f"`{name}` must be between {low} and {high}", f"query.{name}", status=400)
+    return value
+
+
+class Body:
+    """A validated request body with what idempotency needs."""
+
+    def __init__(self, request: web.Request, caller: Caller, raw: bytes, value: Any):
+        self.value = value
+        self.idempotency = idempotency_key(
+            caller, _idempotency_header(request), request.method, request.path, raw
+        )
+
+
+async def body_of(request: web.Request, caller: Caller, op: api.Operation) -> Body:
+    _require_json(request)
+    raw = await read_body(request, op.body_limit)
+    return Body(request, caller, raw, decode_json(raw, _decoders[op.id]))
+
+
+# --- handlers ---------------------------------------------------------------------
+
+
+def _caller(caller: Caller | None) -> Caller:
+    assert caller is not None, "authenticated route without a caller"
+    return caller
+
+
+async def opt_out(request: web.Request, caller: Caller | None) -> web.Response:
+    return await _choose(request, _caller(caller), True, api.BY_ID["opt_out"])
+
+
+async def opt_in(request: web.Request, caller: Caller | None) -> web.Response:
+    return await _choose(request, _caller(caller), False, api.BY_ID["opt_in"])
+
+
+async def _choose(request: web.Request, caller: Caller, opting_out: bool, op: api.Operation) -> web.Response:
+    body = await body_of(request, caller, op)
+    outcome = await request.app[LEDGER].choose(caller, path_nhs(request), opting_out, body.value, body.idempotency)
+    return receipt_response(outcome)
+
+
+async def give_consent(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    body = await body_of(request, caller, api.BY_ID["give_consent"])
+    outcome = await request.app[LEDGER].give_consent(caller, path_nhs(request), body.value, body.idempotency)
+    return receipt_response(outcome)
+
+
+async def withdraw_consent(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    grant_id = request.match_info["grant_id"]
+    idem = idempotency_key(caller, _idempotency_header(request), request.method, request.path, b"")
+    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, idem)
+    return receipt_response(outcome)
+
+
+async def get_choices(request: web.Request, caller: Caller | None) -> web.Response:
+    return json_response(await request.app[LEDGER].choices(path_nhs(request)))
+
+
+async def create_grant(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    body = await body_of(request, caller, api.BY_ID["create_grant"])
+    return receipt_response(await request.app[LEDGER].create_grant(caller, body.value, body.idempotency))
+
+
+async def revoke_grant(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    body = await body_of(request, caller, api.BY_ID["revoke_grant"])
+    outcome = await request.app[LEDGER].revoke_grant(
+        caller, request.match_info["grant_id"], body.value.reason, body.idempotency
+    )
+    return receipt_response(outcome)
+
+
+async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    view = await request.app[LEDGER].grant_view(request.match_info["grant_id"])
+    if caller.roles == {"sde"} and view.grant.organisation.code != caller.org:
+        raise Forbidden("SDE callers may only read their own organisation's grants")
+    return json_response(view)
+
+
+async def record_data_use(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    if not caller.org:
+        raise Forbidden("data uses need a token with an `org` claim")
+    body = await body_of(request, caller, api.BY_ID["record_data_use"])
+    return receipt_response(await request.app[LEDGER].record_data_use(caller, body.value, body.idempotency))
+
+
+def event_view(stored: StoredEvent) -> bodies.EventView:
+    e = stored.entry
+    return bodies.EventView(
+        position=e.position,
+        event_id=e.event_id,
+        event_type=e.event_type,
+        aggregate_id=e.aggregate_id,
+        aggregate_version=e.aggregate_version,
+        recorded_at=e.recorded_at,
+        payload=e.payload,
+        leaf_hash=stored.leaf_hash.hex(),
+        chain_hash=stored.chain_hash.hex(),
+    )
+
+
+async def list_events(request: web.Request, caller: Caller | None) -> web.Response:
+    after = _int_query(request, "after", 0, 0, 2**62)
+    limit = _int_query(request, "limit", 100, 1, 1000)
+    stored = await request.app[STORE].read_after(after, limit)
+    next_after = stored[-1].position if len(stored) == limit else None
+    return json_response(bodies.EventsPage(events=[event_view(s) for s in stored], next_after=next_after))
+
+
+async def get_event(request: web.Request, caller: Caller | None) -> web.Response:
+    try:
+        position = int(request.match_info["position"])
+    except ValueError:
+        raise invalid("position must be an integer", "path.position", status=400) from None
+    found = await request.app[STORE].read_positions([position]) if 1 <= position <= 2**62 else []
+    if not found:
+        raise NotFound(f"no ledger entry at position {position}")
+    return json_response(event_view(found[0]))
+
+
+async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
+    return json_response(bodies.Health(status="ok"))
+
+
+async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
+    store = request.app[STORE]
+    try:
+        position, _ = await asyncio.wait_for(store.head(), timeout=2)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        return json_response(bodies.Health(status="unavailable", detail=f"database: {type(exc).__name__}"), 503)
+    if not store.running:
+        return json_response(bodies.Health(status="unavailable", detail="ledger writer stopped"), 503)
+    return json_response(bodies.Health(status="ok", position=position))
+
+
+async def openapi(request: web.Request, caller: Caller | None) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+HANDLERS: dict[str, Handler] = {
+    "opt_out": opt_out,
+    "opt_in": opt_in,
+    "give_consent": give_consent,
+    "withdraw_consent": withdraw_consent,
+    "get_choices": get_choices,
+    "create_grant": create_grant,
+    "revoke_grant": revoke_grant,
+    "get_grant": get_grant,
+    "record_data_use": record_data_use,
+    "list_events": list_events,
+    "get_event": get_event,
+    "healthz": healthz,
+    "readyz": readyz,
+    "openapi": openapi,
+}
+
+
+def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        caller = None
+        if op.roles:
+            caller = request.app[VERIFIER].caller(request.headers.get("Authorization"))
+            structlog.contextvars.bind_contextvars(caller=caller.subject)
+            nhs = path_nhs(request) if "nhs" in request.match_info else None
+            authorise(caller, op.roles, nhs)
+        return await handler(request, caller)
+
+    endpoint.__name__ = op.id
+    return endpoint
+
+
+# --- middleware -------------------------------------------------------------------
+
+
+def _problem_for(exc: BaseException) -> ProblemError | None:
+    match exc:
+        case ProblemError():
+            return exc
+        case Unauthenticated():
+            return ProblemError(401, "unauthenticated", "Authentication required", str(exc),
+                                headers={"WWW-Authenticate": 'Bearer realm="consent-ledger"'})
+        case Forbidden():
+            return ProblemError(403, "forbidden", "Not allowed", str(exc))
+        case RuleBroken():
+            errors = [bodies.ProblemDetail(path=exc.path, message=exc.detail)] if exc.path else None
+            return ProblemError(422, exc.code, "Refused by a ledger rule", exc.detail, errors=errors)
+        case NotFound():
+            return ProblemError(404, "not-found", "Not found", str(exc))
+        case AlreadyExists():
+            return ProblemError(409, "already-exists", "Already exists", str(exc))
+        case IdempotencyConflict():
+            return ProblemError(409, "idempotency-key-reused", "Idempotency key reused", str(exc))
+        case Contended():
+            return ProblemError(409, "concurrent-change", "Concurrent change", str(exc))
+        case StoreBusy():
+            return ProblemError(503, "busy", "Ledger busy", "the write queue is full; retry shortly",
+                                headers={"Retry-After": "1"})
+        case StoreUnavailable():
+            return ProblemError(503, "unavailable", "Ledger unavailable",
+                                "the write was not committed; retry with the same Idempotency-Key",
+                                headers={"Retry-After": "1"})
+        case web.HTTPException() if exc.status >= 400:
+            return ProblemError(exc.status, f"http-{exc.status}", exc.reason,
+                                _HTTP_DETAILS.get(exc.status, exc.reason),
+                                headers={k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
+    return None
+
+
+_HTTP_DETAILS = {
+    404: "no such resource; see /openapi.json for the API",
+    405: "this method is not allowed here; the Allow header lists those that are",
+    413: "the request body is too large",
+}
+
+
+@web.middleware
+async def request_context(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if 0 < len(supplied) <= 64 and supplied.isascii() and supplied.isprintable() \
+        else uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    route = request.match_info.route.resource
+    # Log the route template, never the raw path: paths hold NHS numbers.
+    template = route.canonical if route is not None else "(unmatched)"
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except Exception as exc:  # noqa: BLE001 - every error leaves as a problem
+        problem = _problem_for(exc)
+        if problem is None:
+            log.error("unhandled error", route=template, error=type(exc).__name__, exc_info=True)
+            problem = ProblemError(500, "internal-error", "Internal error",
+                                   f"the server failed; quote request id {request_id} when reporting it")
+        response = problem.response()
+    response.headers["X-Request-Id"] = request_id
+    log.info("request", method=request.method, route=template, status=response.status,
+             ms=round((time.perf_counter() - started) * 1000, 2))
+    return response
+
+
+# --- composition --------------------------------------------------------------------
+
+
+async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
+    database = app[DATABASE]
+    settings = app[SETTINGS]
+    conn = await database.connect_owner()
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    pool = await database.create_pool(max_size=settings["pool_size"])
+    store = EventStore(pool, queue_size=settings["queue_size"], max_batch=settings["max_batch"])
+    store.start()
+    app[STORE] = store
+    app[LEDGER] = Ledger(store)
+    try:
+        yield
+    finally:
+        await store.stop()
+        await pool.close()
+
+
+def create_app(
+    database: Database,
+    verifier: Verifier,
+    *,
+    pool_size: int = 10,
+    queue_size: int = 10_000,
+    max_batch: int = 500,
+) -> web.Application:
+    app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context])
+    app[DATABASE] = database
+    app[VERIFIER] = verifier
+    app[SETTINGS] = {"pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch}
+    app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
+    missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
+    if missing:
+        raise RuntimeError(f"operations without a handler: {sorted(missing)}")
+    for op in api.OPERATIONS:
+        app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
+    app.cleanup_ctx.append(_ledger_context)
+    return app

@@ -1,0 +1,54 @@
+"""Structured logging: structlog with contextvars and a JSON renderer.
+
+Nothing logged may contain an NHS number; the handlers never log one, and
+the last processor masks any 10-digit run as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import msgspec
+import structlog
+
+_TEN_DIGITS = re.compile(r"(?<![0-9A-Za-z])\d{3}[ -]?\d{3}[ -]?\d{4}(?![0-9A-Za-z])")
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return _TEN_DIGITS.sub("[nhs-number?]", value)
+    return value
+
+
+def redact_nhs_numbers(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: _mask(v) for k, v in event_dict.items()}
+
+
+def _serialise(obj: Any, **_: Any) -> bytes:
+    return msgspec.json.encode(obj, enc_hook=str)
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory: Any = structlog.PrintLoggerFactory(sys.stderr)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_serialise)
+        factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_nhs_numbers,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,88 @@
+"""RFC 9457 problem details: every error the API returns is one of these."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from contracts.bodies import Problem, ProblemDetail
+
+PROBLEM_TYPE = "application/problem+json"
+T = TypeVar("T")
+
+_encode = msgspec.json.Encoder().encode
+
+
+class ProblemError(Exception):
+    """Raised anywhere in a request to answer with a problem."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        *,
+        errors: list[ProblemDetail] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+
+    def response(self, instance: str | None = None) -> web.Response:
+        problem = Problem(
+            type=f"urn:consent-ledger:problem:{self.slug}",
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            instance=instance,
+            errors=self.errors,
+        )
+        return web.Response(
+            status=self.status, body=_encode(problem), content_type=PROBLEM_TYPE, headers=self.headers
+        )
+
+
+def invalid(detail: str, path: str, *, slug: str = "invalid-request", status: int = 422) -> ProblemError:
+    return ProblemError(
+        status, slug, "The request is not valid", detail, errors=[ProblemDetail(path=path, message=detail)]
+    )
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ProblemError(
+                400, "duplicate-key", "Malformed JSON", f"the key {key!r} appears more than once in one object",
+                errors=[ProblemDetail(path="$", message=f"duplicate key {key!r}")],
+            )
+        seen[key] = value
+    return seen
+
+
+def decode_json(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode and validate a JSON body: 400 if it is not JSON (or repeats a key
+    within an object), 422 naming the offending field if it breaks the schema."""
+    try:
+        value = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `")
+        path = where.rstrip("`") or "$"
+        raise ProblemError(
+            422, "invalid-body", "The request body is not valid", f"{message} (at {path})",
+            errors=[ProblemDetail(path=path, message=message)],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ProblemError(400, "malformed-json", "Malformed JSON", f"the body is not valid JSON: {exc}") from None
+    # msgspec keeps the last of repeated keys; a ledger must not guess which the caller meant.
+    json.loads(body, object_pairs_hook=_reject_duplicates)
+    return value

@@ -1,0 +1,137 @@
+"""Database schema, applied by `consent-ledger migrate` (and on start).
+
+The ledger tables are append-only in the database itself: a trigger refuses
+UPDATE, DELETE and TRUNCATE for everyone (even the owner), and the service
+role only holds INSERT and SELECT on them.  ``ledger_head`` is the one row
+the writer updates; its trigger only lets it move forward onto a real entry.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+APP_ROLE = "consent_ledger_app"
+_LOCK_KEY = 0x434C4447  # "CLDG": serialises concurrent migrations
+
+LEDGER_TABLES = ("ledger_events", "ledger_idempotency", "cohorts")
+
+_V1 = f"""
+CREATE TABLE ledger_events (
+    position          bigint      PRIMARY KEY CHECK (position > 0),
+    event_id          uuid        NOT NULL UNIQUE,
+    event_type        text        NOT NULL,
+    aggregate_id      uuid        NOT NULL,
+    aggregate_version integer     NOT NULL CHECK (aggregate_version > 0),
+    recorded_at       timestamptz NOT NULL,
+    entry             bytea       NOT NULL,
+    leaf_hash         bytea       NOT NULL CHECK (length(leaf_hash) = 32),
+    chain_hash        bytea       NOT NULL CHECK (length(chain_hash) = 32),
+    UNIQUE (aggregate_id, aggregate_version)
+);
+CREATE INDEX ledger_events_type_position ON ledger_events (event_type, position);
+
+CREATE TABLE ledger_head (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    position   bigint  NOT NULL CHECK (position >= 0),
+    chain_hash bytea   NOT NULL CHECK (length(chain_hash) = 32)
+);
+INSERT INTO ledger_head VALUES (true, 0, '\\x{'00' * 32}');
+
+CREATE TABLE ledger_idempotency (
+    scope        text     NOT NULL,
+    key          text     NOT NULL,
+    request_hash bytea    NOT NULL,
+    positions    bigint[] NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+
+-- Cohorts are content-addressed: cohort_id = SHA-256 of the canonical list.
+CREATE TABLE cohorts (
+    cohort_id bytea   PRIMARY KEY CHECK (length(cohort_id) = 32),
+    size      integer NOT NULL CHECK (size >= 0),
+    encoding  text    NOT NULL,
+    members   bytea   NOT NULL
+);
+
+CREATE FUNCTION ledger_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'consent-ledger: % on % refused: the ledger is append-only', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+CREATE FUNCTION ledger_head_advance() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.position < OLD.position THEN
+        RAISE EXCEPTION 'consent-ledger: head may not move back (% -> %)', OLD.position, NEW.position
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF NEW.position > 0 AND NOT EXISTS (
+        SELECT 1 FROM ledger_events WHERE position = NEW.position AND chain_hash = NEW.chain_hash
+    ) THEN
+        RAISE EXCEPTION 'consent-ledger: head (%) does not match a ledger entry', NEW.position
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER ledger_head_forward BEFORE UPDATE ON ledger_head
+    FOR EACH ROW EXECUTE FUNCTION ledger_head_advance();
+CREATE TRIGGER ledger_head_keep BEFORE DELETE ON ledger_head
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER ledger_head_no_truncate BEFORE TRUNCATE ON ledger_head
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+"""
+
+_APPEND_ONLY = "".join(
+    f"""
+CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+"""
+    for t in LEDGER_TABLES
+)
+
+# Roles are cluster-wide, grants per database: this step is safe to re-run.
+_PRIVILEGES = f"""
+DO $$ BEGIN
+    CREATE ROLE {APP_ROLE} LOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO {APP_ROLE};
+REVOKE ALL ON ledger_events, ledger_idempotency, cohorts, ledger_head, schema_migrations FROM PUBLIC;
+GRANT SELECT, INSERT ON ledger_events, ledger_idempotency, cohorts TO {APP_ROLE};
+GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
+GRANT SELECT ON schema_migrations TO {APP_ROLE};
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1 + _APPEND_ONLY),)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations as the schema owner; return the versions applied."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+        await conn.execute(_PRIVILEGES)
+    return applied
+
+
+async def current_version(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1][0]

@@ -1,0 +1,423 @@
+"""The event store: one batching writer per process over a hash-chained log.
+
+Every append goes through a bounded queue to a single writer task.  The
+writer takes whatever is queued, locks the chain-head row once, checks each
+item (idempotency key, aggregate version, append condition) so that a bad
+item is refused alone, then writes the accepted items with consecutive
+positions and their hash links in one transaction, and NOTIFYs listeners.
+
+Because every writer in every process holds the head-row lock from reading
+the head until commit, positions are gap-free and commit-ordered: a reader
+that has seen position N never later finds a new entry below N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from contracts.bodies import Receipt
+from contracts.entry import Entry, chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
+
+log = structlog.get_logger(__name__)
+
+NOTIFY_CHANNEL = "consent_ledger"
+
+
+class StoreError(Exception):
+    """Base of the errors an append can end with."""
+
+
+class VersionConflict(StoreError):
+    """Another write changed the aggregate since it was loaded."""
+
+
+class ConditionFailed(StoreError):
+    """The append condition saw a newer event that invalidates the decision."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IdempotencyConflict(StoreError):
+    """The idempotency key was used before with a different request."""
+
+
+class StoreBusy(StoreError):
+    """The write queue is full; the caller should retry later."""
+
+
+class StoreUnavailable(StoreError):
+    """The batch could not be committed; the outcome of a retry is safe with an idempotency key."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event_id: UUID
+    event_type: str
+    aggregate_id: UUID
+    aggregate_version: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class AppendCondition:
+    """Refuse the append if an event of ``event_types`` after ``after`` makes
+    ``violated`` return a reason (a dynamic consistency boundary)."""
+
+    after: int
+    event_types: frozenset[str]
+    violated: Callable[[Sequence[tuple[str, Any]]], str | None]
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    scope: str
+    key: str
+    request_hash: bytes
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    receipts: list[Receipt]
+    replayed: bool = False
+
+
+SideWrite = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    events: list[NewEvent]
+    condition: AppendCondition | None
+    idempotency: IdempotencyKey | None
+    side_write: SideWrite | None
+    future: asyncio.Future[AppendResult]
+    positions: list[int] = field(default_factory=list)
+    replay_of: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    entry: Entry
+    leaf_hash: bytes
+    chain_hash: bytes
+
+    @property
+    def position(self) -> int:
+        return self.entry.position
+
+    def receipt(self) -> Receipt:
+        return Receipt(
+            position=self.entry.position,
+            event_id=self.entry.event_id,
+            event_type=self.entry.event_type,
+            recorded_at=self.entry.recorded_at,
+            leaf_hash=self.leaf_hash.hex(),
+            chain_hash=self.chain_hash.hex(),
+        )
+
+
+_SELECT = "SELECT entry, leaf_hash, chain_hash FROM ledger_events"
+
+
+def _stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"]))
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, *, queue_size: int = 10_000, max_batch: int = 500):
+        self.pool = pool
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self._max_batch = max_batch
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        # Let queued writes finish before stopping: a graceful shutdown loses nothing.
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # --- writing --------------------------------------------------------------
+
+    async def append(
+        self,
+        events: list[NewEvent],
+        *,
+        condition: AppendCondition | None = None,
+        idempotency: IdempotencyKey | None = None,
+        side_write: SideWrite | None = None,
+    ) -> AppendResult:
+        if not events:
+            raise ValueError("nothing to append")
+        if not self.running:
+            raise StoreUnavailable("the ledger writer is not running")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(events, condition, idempotency, side_write, future))
+        except asyncio.QueueFull:
+            raise StoreBusy("the write queue is full") from None
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            except Exception as exc:  # the transaction rolled back: nobody's write landed
+                log.error("ledger batch failed", error=repr(exc), batch_size=len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(StoreUnavailable("the ledger could not commit the write"))
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                head = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head FOR UPDATE")
+                position, chain = head["position"], bytes(head["chain_hash"])
+                known_keys = await self._known_keys(conn, batch)
+                versions = await self._versions(conn, batch)
+                newer = await self._events_after(conn, batch)
+
+                recorded = datetime.now(timezone.utc)
+                recorded_at = format_recorded_at(recorded)
+                rows: list[tuple[Any, ...]] = []
+                accepted: list[_Pending] = []
+                written: list[tuple[int, str, Any]] = []
+                for item in batch:
+                    refusal = self._check(item, known_keys, versions, newer, written)
+                    if refusal is not None:
+                        item.future.set_exception(refusal)
+                        continue
+                    accepted.append(item)
+                    if item.replay_of is not None:
+                        continue
+                    for event in item.events:
+                        position += 1
+                        entry = encode_entry(
+                            position=position,
+                            event_id=event.event_id,
+                            event_type=event.event_type,
+                            aggregate_id=event.aggregate_id,
+                            aggregate_version=event.aggregate_version,
+                            recorded_at=recorded_at,
+                            payload=event.payload,
+                        )
+                        leaf = leaf_hash(entry)
+                        chain = chain_hash(chain, leaf)
+                        rows.append((
+                            position, event.event_id, event.event_type, event.aggregate_id,
+                            event.aggregate_version, recorded, entry, leaf, chain,
+                        ))
+                        versions[event.aggregate_id] = event.aggregate_version
+                        written.append((position, event.event_type, event.payload))
+                        item.positions.append(position)
+                    if item.idempotency is not None:
+                        k = item.idempotency
+                        known_keys[(k.scope, k.key)] = (k.request_hash, item.positions)
+
+                if rows:
+                    await conn.copy_records_to_table(
+                        "ledger_events",
+                        records=rows,
+                        columns=[
+                            "position", "event_id", "event_type", "aggregate_id",
+                            "aggregate_version", "recorded_at", "entry", "leaf_hash", "chain_hash",
+                        ],
+                    )
+                    fresh = [i for i in accepted if i.replay_of is None]
+                    keys = [(k.scope, k.key, k.request_hash, i.positions) for i in fresh if (k := i.idempotency)]
+                    if keys:
+                        await conn.executemany(
+                            "INSERT INTO ledger_idempotency (scope, key, request_hash, positions)"
+                            " VALUES ($1, $2, $3, $4)",
+                            keys,
+                        )
+                    for item in fresh:
+                        if item.side_write is not None:
+                            await item.side_write(conn)
+                    await conn.execute(
+                        "UPDATE ledger_head SET position = $1, chain_hash = $2", position, chain
+                    )
+                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(position))
+                by_position = {r[0]: r for r in rows}
+                replays = sorted({p for i in accepted if i.replay_of for p in i.replay_of})
+                stored = {s.position: s for s in await self._read_positions(conn, replays)} if replays else {}
+        # Committed: only now may anyone learn their receipt.
+        for item in accepted:
+            if item.future.done():
+                continue
+            if item.replay_of is not None:
+                item.future.set_result(AppendResult([stored[p].receipt() for p in item.replay_of], replayed=True))
+            else:
+                item.future.set_result(AppendResult([_receipt(by_position[p], recorded_at) for p in item.positions]))
+
+    def _check(
+        self,
+        item: _Pending,
+        known_keys: dict[tuple[str, str], tuple[bytes, list[int]]],
+        versions: dict[UUID, int],
+        newer: list[tuple[int, str, Any]],
+        written: list[tuple[int, str, Any]],
+    ) -> StoreError | None:
+        if item.idempotency is not None:
+            k = item.idempotency
+            seen = known_keys.get((k.scope, k.key))
+            if seen is not None:
+                if seen[0] != k.request_hash:
+                    return IdempotencyConflict("this Idempotency-Key was used with a different request")
+                item.replay_of = list(seen[1])
+                return None
+        local: dict[UUID, int] = {}
+        for event in item.events:
+            current = local.get(event.aggregate_id, versions.get(event.aggregate_id, 0))
+            if event.aggregate_version != current + 1:
+                return VersionConflict(f"aggregate {event.aggregate_id} changed concurrently")
+            local[event.aggregate_id] = event.aggregate_version
+        if item.condition is not None:
+            c = item.condition
+            relevant = [(t, p) for pos, t, p in newer + written if pos > c.after and t in c.event_types]
+            reason = c.violated(relevant) if relevant else None
+            if reason is not None:
+                return ConditionFailed(reason)
+        return None
+
+    @staticmethod
+    async def _known_keys(
+        conn: asyncpg.Connection, batch: list[_Pending]
+    ) -> dict[tuple[str, str], tuple[bytes, list[int]]]:
+        keyed = [i.idempotency for i in batch if i.idempotency is not None]
+        if not keyed:
+            return {}
+        rows = await conn.fetch(
+            "SELECT i.scope, i.key, i.request_hash, i.positions FROM ledger_idempotency i"
+            " JOIN unnest($1::text[], $2::text[]) AS k(scope, key) USING (scope, key)",
+            [k.scope for k in keyed],
+            [k.key for k in keyed],
+        )
+        return {(r["scope"], r["key"]): (bytes(r["request_hash"]), list(r["positions"])) for r in rows}
+
+    @staticmethod
+    async def _versions(conn: asyncpg.Connection, batch: list[_Pending]) -> dict[UUID, int]:
+        ids = list({e.aggregate_id for i in batch for e in i.events})
+        rows = await conn.fetch(
+            "SELECT aggregate_id, max(aggregate_version) AS version FROM ledger_events"
+            " WHERE aggregate_id = ANY($1::uuid[]) GROUP BY aggregate_id",
+            ids,
+        )
+        return {r["aggregate_id"]: r["version"] for r in rows}
+
+    @staticmethod
+    async def _events_after(conn: asyncpg.Connection, batch: list[_Pending]) -> list[tuple[int, str, Any]]:
+        conditions = [i.condition for i in batch if i.condition is not None]
+        if not conditions:
+            return []
+        types = sorted({t for c in conditions for t in c.event_types})
+        rows = await conn.fetch(
+            "SELECT position, entry FROM ledger_events WHERE position > $1"
+            " AND event_type = ANY($2::text[]) ORDER BY position",
+            min(c.after for c in conditions),
+            types,
+        )
+        out = []
+        for r in rows:
+            entry = decode_entry(r["entry"])
+            out.append((r["position"], entry.event_type, entry.payload))
+        return out
+
+    # --- reading --------------------------------------------------------------
+
+    async def head(self, conn: asyncpg.Connection | None = None) -> tuple[int, bytes]:
+        if conn is None:
+            async with self.pool.acquire() as conn:
+                return await self.head(conn)
+        row = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head")
+        return row["position"], bytes(row["chain_hash"])
+
+    async def aggregate_events(self, conn: asyncpg.Connection, aggregate_id: UUID) -> list[StoredEvent]:
+        rows = await conn.fetch(
+            f"{_SELECT} WHERE aggregate_id = $1 ORDER BY aggregate_version", aggregate_id
+        )
+        return [_stored(r) for r in rows]
+
+    async def aggregates_events(
+        self, conn: asyncpg.Connection, aggregate_ids: Iterable[UUID], up_to: int
+    ) -> list[StoredEvent]:
+        rows = await conn.fetch(
+            f"{_SELECT} WHERE aggregate_id = ANY($1::uuid[]) AND position <= $2 ORDER BY position",
+            list(aggregate_ids),
+            up_to,
+        )
+        return [_stored(r) for r in rows]
+
+    async def read_positions(self, positions: Sequence[int]) -> list[StoredEvent]:
+        async with self.pool.acquire() as conn:
+            return await self._read_positions(conn, positions)
+
+    @staticmethod
+    async def _read_positions(conn: asyncpg.Connection, positions: Sequence[int]) -> list[StoredEvent]:
+        rows = await conn.fetch(
+            f"{_SELECT} WHERE position = ANY($1::bigint[]) ORDER BY position", list(positions)
+        )
+        return [_stored(r) for r in rows]
+
+    async def read_after(self, after: int, limit: int) -> list[StoredEvent]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"{_SELECT} WHERE position > $1 ORDER BY position LIMIT $2", after, limit
+            )
+        return [_stored(r) for r in rows]
+
+    async def find_idempotent(self, key: IdempotencyKey) -> AppendResult | None:
+        """The earlier result for this key, IdempotencyConflict if the request differs."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT request_hash, positions FROM ledger_idempotency WHERE scope = $1 AND key = $2",
+                key.scope,
+                key.key,
+            )
+            if row is None:
+                return None
+            if bytes(row["request_hash"]) != key.request_hash:
+                raise IdempotencyConflict("this Idempotency-Key was used with a different request")
+            stored = await self._read_positions(conn, row["positions"])
+        return AppendResult([s.receipt() for s in stored], replayed=True)
+
+
+def _receipt(row: tuple[Any, ...], recorded_at: str) -> Receipt:
+    position, event_id, event_type, _, _, _, _, leaf, chain = row
+    return Receipt(
+        position=position,
+        event_id=str(event_id),
+        event_type=event_type,
+        recorded_at=recorded_at,
+        leaf_hash=leaf.hex(),
+        chain_hash=chain.hex(),
+    )

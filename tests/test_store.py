@@ -1,0 +1,174 @@
+"""The event store against a real PostgreSQL: positions, hash chain,
+optimistic concurrency, idempotency, append conditions, append-only."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from contracts.entry import GENESIS_CHAIN_HASH, chain_hash, decode_entry, leaf_hash
+from contracts.events import AccessRevoked, OptOutRegistered
+from contracts.values import Actor
+from service.audit import verify_database
+from service.store import (
+    AppendCondition,
+    ConditionFailed,
+    EventStore,
+    IdempotencyConflict,
+    IdempotencyKey,
+    NewEvent,
+    StoreBusy,
+    VersionConflict,
+)
+
+
+def opt_out(aggregate_id, version: int, nhs: str = "9434765919") -> NewEvent:
+    return NewEvent(
+        event_id=uuid4(),
+        event_type="OptOutRegistered",
+        aggregate_id=aggregate_id,
+        aggregate_version=version,
+        payload=OptOutRegistered(
+            nhs_number=nhs, scope="national", channel="app", actor=Actor(kind="patient"), recorded_by="test"
+        ),
+    )
+
+
+async def test_positions_and_chain_link_from_genesis(store: EventStore, pool: asyncpg.Pool):
+    agg = uuid4()
+    receipts = [(await store.append([opt_out(agg, v)])).receipts[0] for v in (1, 2, 3)]
+    assert [r.position for r in receipts] == [1, 2, 3]
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT position, entry, leaf_hash, chain_hash FROM ledger_events ORDER BY position")
+        verified = await verify_database(conn)
+    previous = GENESIS_CHAIN_HASH
+    for row, receipt in zip(rows, receipts):
+        leaf = leaf_hash(bytes(row["entry"]))
+        previous = chain_hash(previous, leaf)
+        assert receipt.leaf_hash == leaf.hex() == bytes(row["leaf_hash"]).hex()
+        assert receipt.chain_hash == previous.hex()
+        assert decode_entry(bytes(row["entry"])).position == row["position"]
+    assert verified.failure is None and verified.size == 3
+
+
+async def test_concurrent_appends_in_one_process_batch_without_gaps(store: EventStore, pool: asyncpg.Pool):
+    results = await asyncio.gather(*(store.append([opt_out(uuid4(), 1)]) for _ in range(300)))
+    positions = sorted(r.receipts[0].position for r in results)
+    assert positions == list(range(1, 301))
+    async with pool.acquire() as conn:
+        assert (await verify_database(conn)).failure is None
+
+
+async def test_stale_version_is_refused_and_writes_nothing(store: EventStore, pool: asyncpg.Pool):
+    agg = uuid4()
+    await store.append([opt_out(agg, 1)])
+    with pytest.raises(VersionConflict):
+        await store.append([opt_out(agg, 1)])
+    with pytest.raises(VersionConflict):
+        await store.append([opt_out(agg, 3)])
+    assert (await store.head())[0] == 1
+
+
+async def test_a_bad_item_does_not_abort_its_batch(store: EventStore):
+    agg = uuid4()
+    await store.append([opt_out(agg, 1)])
+    outcomes = await asyncio.gather(
+        store.append([opt_out(uuid4(), 1)]),
+        store.append([opt_out(agg, 1)]),  # stale
+        store.append([opt_out(uuid4(), 1)]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], VersionConflict)
+    assert sorted(o.receipts[0].position for o in (outcomes[0], outcomes[2])) == [2, 3]
+
+
+async def test_idempotent_retry_returns_the_same_receipt(store: EventStore):
+    key = IdempotencyKey("caller", "k-1", b"hash-a")
+    first = await store.append([opt_out(uuid4(), 1)], idempotency=key)
+    again = await store.append([opt_out(uuid4(), 1)], idempotency=key)
+    assert again.replayed and again.receipts == first.receipts
+    assert (await store.find_idempotent(key)).receipts == first.receipts
+    with pytest.raises(IdempotencyConflict):
+        await store.append([opt_out(uuid4(), 1)], idempotency=IdempotencyKey("caller", "k-1", b"hash-b"))
+    # The same key from another caller is another key.
+    other = await store.append([opt_out(uuid4(), 1)], idempotency=IdempotencyKey("other", "k-1", b"hash-b"))
+    assert not other.replayed
+    assert (await store.head())[0] == 2
+
+
+async def test_same_key_racing_in_one_batch_writes_once(store: EventStore):
+    key = IdempotencyKey("caller", "race", b"h")
+    results = await asyncio.gather(*(store.append([opt_out(uuid4(), 1)], idempotency=key) for _ in range(10)))
+    assert len({r.receipts[0].position for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    assert (await store.head())[0] == 1
+
+
+async def test_append_condition_sees_events_after_its_position(store: EventStore):
+    await store.append([opt_out(uuid4(), 1)])  # position 1
+    revoked = NewEvent(uuid4(), "AccessRevoked", uuid4(), 1,
+                       AccessRevoked(grant_id="G1", reason="ended", recorded_by="dac"))
+    await store.append([revoked])  # position 2
+
+    def violated(events):
+        return "revoked" if any(t == "AccessRevoked" and p.grant_id == "G1" for t, p in events) else None
+
+    condition = AppendCondition(after=1, event_types=frozenset({"AccessRevoked"}), violated=violated)
+    with pytest.raises(ConditionFailed):
+        await store.append([opt_out(uuid4(), 1)], condition=condition)
+    ok = AppendCondition(after=2, event_types=frozenset({"AccessRevoked"}), violated=violated)
+    assert (await store.append([opt_out(uuid4(), 1)], condition=ok)).receipts[0].position == 3
+
+
+async def test_full_queue_answers_busy_instead_of_growing(pool: asyncpg.Pool):
+    small = EventStore(pool, queue_size=1, max_batch=1)
+    small.start()
+    try:
+        results = await asyncio.gather(*(small.append([opt_out(uuid4(), 1)]) for _ in range(50)),
+                                       return_exceptions=True)
+    finally:
+        await small.stop()
+    busy = [r for r in results if isinstance(r, StoreBusy)]
+    written = [r for r in results if not isinstance(r, Exception)]
+    assert busy and written
+    assert sorted(r.receipts[0].position for r in written) == list(range(1, len(written) + 1))
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE ledger_events SET event_type = 'x'",
+    "DELETE FROM ledger_events",
+    "TRUNCATE ledger_events",
+    "UPDATE ledger_idempotency SET key = 'x'",
+    "DELETE FROM ledger_idempotency",
+    "TRUNCATE cohorts",
+    "DELETE FROM ledger_head",
+    "UPDATE ledger_head SET position = 0",
+    "CREATE TABLE sneaky (x int)",
+])
+async def test_service_role_cannot_rewrite_the_ledger(store: EventStore, pool: asyncpg.Pool, statement: str):
+    await store.append([opt_out(uuid4(), 1)], idempotency=IdempotencyKey("c", "k", b"h"))
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT current_user") == "consent_ledger_app"
+        with pytest.raises((asyncpg.InsufficientPrivilegeError, asyncpg.RaiseError)):
+            await conn.execute(statement)
+        assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 1
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE ledger_events SET event_type = 'x'",
+    "DELETE FROM ledger_events",
+    "TRUNCATE ledger_events",
+    "UPDATE ledger_head SET position = 0",
+])
+async def test_even_the_owner_is_refused_by_the_trigger(store: EventStore, database, statement: str):
+    await store.append([opt_out(uuid4(), 1)])
+    conn = await database.connect_owner()
+    try:
+        with pytest.raises(asyncpg.PostgresError, match="append-only|may not move back"):
+            await conn.execute(statement)
+        assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 1
+    finally:
+        await conn.close()
