@@ -31,7 +31,7 @@ LEEWAY_SECONDS = 60
 DEV_KEY_FILE = "dev-signing-key.jwk.json"
 
 # "EdDSA" is the name most issuers still use; RFC 9864 merely prefers "Ed25519".
-warnings.filterwarnings("ignore", message="EdDSA is deprecated", module="joserfc")
+warnings.filterwarnings("ignore", message="EdDSA is deprecated")
 
 
 class Unauthenticated(Exception):
