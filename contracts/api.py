@@ -13,6 +13,7 @@ import msgspec
 from . import bodies
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
+from .values import MAX_COHORT_SIZE  # noqa: F401 - part of this module's limits, see README
 
 PUBLIC: frozenset[str] = frozenset()
 PATIENT_APP = frozenset({"patient-app"})

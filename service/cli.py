@@ -45,6 +45,7 @@ def _serve(args: argparse.Namespace) -> None:
         pool_size=cfg.pool_size,
         queue_size=cfg.writer_queue_size,
         max_batch=cfg.writer_max_batch,
+        timeout=cfg.request_timeout_seconds,
     )
     log.info("serving", host=args.host, port=args.port)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
