@@ -23,6 +23,7 @@ class Config:
     jwks_refresh_seconds: float = 300.0
     jwks_min_refresh_seconds: float = 30.0
     request_timeout_seconds: float = 60.0
+    service_database_url: str | None = None
 
     @property
     def production(self) -> bool:
@@ -46,5 +47,6 @@ def load(env: dict[str, str] | None = None) -> Config:
         pool_size=int(env.get("CONSENT_LEDGER_POOL_SIZE", "10")),
         jwks_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_REFRESH_SECONDS", "300")),
         jwks_min_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS", "30")),
+        service_database_url=env.get("CONSENT_LEDGER_SERVICE_DATABASE_URL") or None,
         request_timeout_seconds=float(env.get("CONSENT_LEDGER_REQUEST_TIMEOUT_SECONDS", "60")),
     )
