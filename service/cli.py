@@ -33,6 +33,9 @@ def _serve(args: argparse.Namespace) -> None:
     database = asyncio.run(locate(cfg))
     token_verifier, development = verifier(cfg)
     log.info("database", url=describe(database.owner_dsn), embedded=database.embedded)
+    if cfg.production and not cfg.service_database_url:
+        log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
+                    "owner's login; see deploy/POSTGRES-ROLES.md")
     if development:
         log.warning(
             "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
