@@ -251,3 +251,28 @@ async def test_a_separate_service_login_cannot_become_the_owner(database, admin_
     finally:
         await admin.execute(f"DROP ROLE {login}")
         await admin.close()
+
+
+async def test_a_plain_owner_without_createrole_can_migrate(admin_dsn: str):
+    """deploy/POSTGRES-ROLES.md: the owner is not a superuser and cannot create roles."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from service.schema import MIGRATIONS, migrate
+
+    owner, name = f"cl_owner_{uuid4().hex[:8]}", f"cl_roles_{uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'test-only' NOSUPERUSER NOCREATEROLE NOCREATEDB")
+    await admin.execute(f'CREATE DATABASE "{name}" OWNER {owner}')
+    try:
+        parts = urlsplit(admin_dsn)
+        netloc = f"{owner}:test-only@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        conn = await asyncpg.connect(urlunsplit(parts._replace(netloc=netloc, path=f"/{name}")))
+        try:
+            assert await migrate(conn) == [v for v, _ in MIGRATIONS]
+            assert await conn.fetchval("SELECT has_table_privilege('consent_ledger_app', 'ledger_events', 'INSERT')")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f"DROP ROLE {owner}")
+        await admin.close()
