@@ -151,7 +151,11 @@ def openapi(version: str) -> dict[str, Any]:
             responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
             responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
             responses["415"] = _problem_response("body is not application/json")
-            responses["422"] = _problem_response("well-formed but breaks a rule")
+        if op.request is not None or "{nhs}" in op.path:
+            responses["422"] = _problem_response("well-formed but breaks a rule (or an NHS number's check digit)")
+        responses["503"] = _problem_response(
+            "the write queue is full (writes, and reads that are recorded) or the request timed out: "
+            "retry after Retry-After")
         operation: dict[str, Any] = {
             "operationId": op.id,
             "summary": op.summary,
@@ -170,7 +174,9 @@ def openapi(version: str) -> dict[str, Any]:
             }
             operation["parameters"].append(
                 {"name": "Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+                 # What the service accepts: printable ASCII (HTTP strips surrounding spaces).
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                            "pattern": "^[!-~]([ -~]*[!-~])?$"}}
             )
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {
