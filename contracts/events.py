@@ -116,7 +116,9 @@ class PersonalDataRead(Frozen):
     read under.  A read of one patient's data names the patient in
     ``nhs_number`` (entries are private, like every other patient event); a
     bulk read of entries records the position range and count instead, never
-    the NHS numbers in it.
+    the NHS numbers in it.  ``by_patient`` is true when the token was the
+    patient's own (it carried their ``nhs_number``), false for a backend or
+    auditor reading on its own authority.
     """
 
     what: ReadKind
@@ -127,6 +129,7 @@ class PersonalDataRead(Frozen):
     first_position: Position | None = None
     last_position: Position | None = None
     entries: Count = 0
+    by_patient: bool = False
     request_id: ShortText | None = None
 
 

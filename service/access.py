@@ -53,6 +53,7 @@ async def record_read(
         first_position=first_position,
         last_position=last_position,
         entries=entries,
+        by_patient=nhs_number is not None and caller.nhs_number == nhs_number,
         request_id=request_id if isinstance(request_id, str) else None,
     )
     result = await store.append([NewEvent(uuid4(), "PersonalDataRead", uuid4(), 1, event)])

@@ -80,13 +80,13 @@ def _token_issue(args: argparse.Namespace) -> None:
         key,
         issuer=cfg.jwt_issuer,
         audience=cfg.jwt_audience,
-        subject=args.subject or f"dev-{args.role}",
-        roles=[args.role],
+        subject=args.subject or f"dev-{'+'.join(args.role)}",
+        roles=args.role,
         org=args.org,
         nhs_number=args.nhs_number,
         lifetime=args.lifetime,
     )
-    print(f"# development token for role {args.role}, valid {args.lifetime}s", file=sys.stderr)
+    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s", file=sys.stderr)
     print(token)
 
 
@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(dest="token_command", required=True)
     issue = token.add_parser("issue", help="print a development token (last line of output)")
-    issue.add_argument("--role", required=True, choices=ROLES)
+    issue.add_argument("--role", required=True, choices=ROLES, action="append",
+                       help="repeat for a token with several roles (e.g. for fuzzing)")
     issue.add_argument("--org")
     issue.add_argument("--nhs-number")
     issue.add_argument("--subject")

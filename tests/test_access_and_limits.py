@@ -46,6 +46,10 @@ async def test_a_patient_apps_read_of_choices_is_recorded_before_it_is_served(cl
         "what": "choices", "role": "patient-app", "recorded_by": "nhs-app-backend",
         "nhs_number": PATIENT, "request_id": "req-42",
     }
+    own = make_token("patient-app", nhs_number=PATIENT, subject="nhs-app")
+    r = await client.get(f"/v1/patients/{PATIENT}/choices", headers=auth(own))
+    entry = await _entry(client, make_token("auditor"), int(r.headers[READ_HEADER]))
+    assert entry["payload"]["by_patient"] is True and entry["payload"]["recorded_by"] == "nhs-app"
 
 
 async def test_auditor_reads_record_the_range_read_not_the_nhs_numbers(client, make_token, database):

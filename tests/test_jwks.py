@@ -144,3 +144,20 @@ def test_configuration_chooses_file_url_or_development_key(tmp_path: Path):
     assert dev
     with pytest.raises(RuntimeError, match="CONSENT_LEDGER_JWKS"):
         verifier(config_module.load({**base, "CONSENT_LEDGER_ENV": "production"}))
+
+
+async def test_development_tokens_from_the_cli_verify_against_the_development_key(tmp_path: Path, capsys, monkeypatch):
+    from service.cli import main
+
+    monkeypatch.setenv("CONSENT_LEDGER_DATA_DIR", str(tmp_path))
+    for name in ("CONSENT_LEDGER_JWKS", "CONSENT_LEDGER_ENV", "CONSENT_LEDGER_JWT_ISSUER", "CONSENT_LEDGER_JWT_AUDIENCE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["token", "issue", "--role", "sde", "--role", "auditor", "--org", "SDE-NORTH"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    v, development = verifier(config_module.load())
+    assert development
+    caller = await v.authenticate(f"Bearer {token}")
+    assert caller.roles == {"sde", "auditor"} and caller.org == "SDE-NORTH"
+
+    monkeypatch.setenv("CONSENT_LEDGER_ENV", "production")
+    assert main(["token", "issue", "--role", "dac"]) == 2
