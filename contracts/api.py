@@ -98,11 +98,14 @@ def _schema_hook(kind: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def _problem_response(description: str) -> dict[str, Any]:
-    return {
+def _problem_response(description: str, header: str | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
         "description": description,
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
+    if header is not None:
+        response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
+    return response
 
 
 def openapi(version: str) -> dict[str, Any]:
@@ -143,8 +146,9 @@ def openapi(version: str) -> dict[str, Any]:
         if op.request is not None or params:
             responses["400"] = _problem_response("malformed request")
         if op.roles:
-            responses["401"] = _problem_response("missing or invalid credentials")
-            responses["403"] = _problem_response("not allowed for this caller")
+            responses["401"] = _problem_response("missing or invalid credentials (RFC 6750 challenge)",
+                                                 "WWW-Authenticate")
+            responses["403"] = _problem_response("not allowed for this caller", "WWW-Authenticate")
         if "{" in op.path:
             responses["404"] = _problem_response("not found")
         if op.request is not None:
@@ -155,7 +159,11 @@ def openapi(version: str) -> dict[str, Any]:
             responses["422"] = _problem_response("well-formed but breaks a rule (or an NHS number's check digit)")
         responses["503"] = _problem_response(
             "the write queue is full (writes, and reads that are recorded) or the request timed out: "
-            "retry after Retry-After")
+            "retry after Retry-After", "Retry-After")
+        if op.response is bodies.Health:
+            # Readiness reports "unavailable" in its own body.
+            responses["503"]["content"]["application/json"] = {"schema": ok_schema}
+            responses["503"]["headers"]["Retry-After"]["required"] = False
         operation: dict[str, Any] = {
             "operationId": op.id,
             "summary": op.summary,
