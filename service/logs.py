@@ -60,7 +60,8 @@ def _route_stdlib_logging(level: int, fmt: str) -> None:
     ))
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(max(level, logging.INFO))
+    # Libraries are chatty at INFO (pgserver echoes initdb); their warnings and errors are what matter.
+    root.setLevel(max(level, logging.WARNING))
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
