@@ -138,6 +138,11 @@ def openapi(version: str) -> dict[str, Any]:
             "description": "success",
             "content": {"application/json": {"schema": ok_schema}},
         }
+        if op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
+            # Reads of personal data are written to the ledger first (PersonalDataRead).
+            responses[str(op.success)]["headers"] = {"Ledger-Read-Recorded": {
+                "description": "ledger position of the PersonalDataRead event recording this read",
+                "schema": {"type": "integer", "minimum": 1}}}
         if op.success == 201:
             responses["200"] = {
                 "description": "already in force, or an idempotent replay: the existing receipt",

@@ -17,6 +17,7 @@ from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey
 from conftest import AUDIENCE, ISSUER
 from contracts import api
 from samples import VALID, auth, choice, data_use, grant, head_position
+from service.access import READ_HEADER
 from service.auth import Verifier
 from service.database import Database
 from service.http import create_app
@@ -170,12 +171,20 @@ async def test_role_by_endpoint_matrix(client, make_token, signing_key):
             allowed = not op.roles or bool(roles & op.roles)
             if allowed and (r.status in (401, 403) or r.status >= 500):
                 wrong.append(f"{op.id} as {name}: {r.status} {await r.text()}")
+            if allowed and r.status == 200 and _serves_personal_data(op) and READ_HEADER not in r.headers:
+                wrong.append(f"{op.id} as {name}: personal data served without a recorded read "
+                             "(call service.access.record_read before answering)")
             if not allowed and r.status != 403:
                 wrong.append(f"{op.id} as {name}: expected 403, got {r.status}")
             if not allowed and 'error="insufficient_scope"' not in r.headers.get("WWW-Authenticate", ""):
                 wrong.append(f"{op.id} as {name}: 403 without an insufficient_scope challenge")
 
     assert not wrong, "\n".join(wrong)
+
+
+def _serves_personal_data(op: api.Operation) -> bool:
+    """Reads only patient apps and auditors may make hold personal data; each must be recorded."""
+    return op.method == "GET" and bool(op.roles) and op.roles <= {"patient-app", "auditor"}
 
 
 async def test_allowed_calls_in_the_matrix_really_succeed(client, make_token):
