@@ -161,3 +161,18 @@ async def test_development_tokens_from_the_cli_verify_against_the_development_ke
 
     monkeypatch.setenv("CONSENT_LEDGER_ENV", "production")
     assert main(["token", "issue", "--role", "dac"]) == 2
+
+
+async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, database):
+    from aiohttp.test_utils import TestClient
+
+    from service.http import create_app
+
+    state, url = issuer
+    v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
+    async with TestClient(TestServer(create_app(database, v, pool_size=2), host="127.0.0.1")) as client:
+        assert state.requests == 1
+        token = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+        r = await client.get("/v1/events", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == 200
+    assert v._refresher is None  # stopped with the app
