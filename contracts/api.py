@@ -13,6 +13,7 @@ import msgspec
 from . import bodies
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
+from .values import MAX_COHORT_SIZE  # noqa: F401 - part of this module's limits, see README
 
 PUBLIC: frozenset[str] = frozenset()
 PATIENT_APP = frozenset({"patient-app"})
@@ -97,11 +98,14 @@ def _schema_hook(kind: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def _problem_response(description: str) -> dict[str, Any]:
-    return {
+def _problem_response(description: str, header: str | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
         "description": description,
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
+    if header is not None:
+        response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
+    return response
 
 
 def openapi(version: str) -> dict[str, Any]:
@@ -134,6 +138,11 @@ def openapi(version: str) -> dict[str, Any]:
             "description": "success",
             "content": {"application/json": {"schema": ok_schema}},
         }
+        if op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
+            # Reads of personal data are written to the ledger first (PersonalDataRead).
+            responses[str(op.success)]["headers"] = {"Ledger-Read-Recorded": {
+                "description": "ledger position of the PersonalDataRead event recording this read",
+                "schema": {"type": "integer", "minimum": 1}}}
         if op.success == 201:
             responses["200"] = {
                 "description": "already in force, or an idempotent replay: the existing receipt",
@@ -142,15 +151,24 @@ def openapi(version: str) -> dict[str, Any]:
         if op.request is not None or params:
             responses["400"] = _problem_response("malformed request")
         if op.roles:
-            responses["401"] = _problem_response("missing or invalid credentials")
-            responses["403"] = _problem_response("not allowed for this caller")
+            responses["401"] = _problem_response("missing or invalid credentials (RFC 6750 challenge)",
+                                                 "WWW-Authenticate")
+            responses["403"] = _problem_response("not allowed for this caller", "WWW-Authenticate")
         if "{" in op.path:
             responses["404"] = _problem_response("not found")
         if op.request is not None:
             responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
             responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
             responses["415"] = _problem_response("body is not application/json")
-            responses["422"] = _problem_response("well-formed but breaks a rule")
+        if op.request is not None or "{nhs}" in op.path:
+            responses["422"] = _problem_response("well-formed but breaks a rule (or an NHS number's check digit)")
+        responses["503"] = _problem_response(
+            "the write queue is full (writes, and reads that are recorded) or the request timed out: "
+            "retry after Retry-After", "Retry-After")
+        if op.response is bodies.Health:
+            # Readiness reports "unavailable" in its own body.
+            responses["503"]["content"]["application/json"] = {"schema": ok_schema}
+            responses["503"]["headers"]["Retry-After"]["required"] = False
         operation: dict[str, Any] = {
             "operationId": op.id,
             "summary": op.summary,
@@ -169,7 +187,9 @@ def openapi(version: str) -> dict[str, Any]:
             }
             operation["parameters"].append(
                 {"name": "Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+                 # What the service accepts: printable ASCII (HTTP strips surrounding spaces).
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                            "pattern": "^[!-~]([ -~]*[!-~])?$"}}
             )
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {

@@ -13,6 +13,7 @@ from .values import (
     Actor,
     Exemption,
     Frozen,
+    MAX_COHORT_SIZE,
     Identifier,
     Organisation,
     Position,
@@ -72,7 +73,7 @@ class DataUseRequest(Frozen):
     occurred_at: UtcTime
     access_method: AccessMethod
     cohort_id: Sha256Hex | None = None
-    nhs_numbers: list[NhsNumber] | None = None
+    nhs_numbers: Annotated[list[NhsNumber], Meta(max_length=MAX_COHORT_SIZE)] | None = None
     opt_out_state_position: Position | None = None
 
     def __post_init__(self) -> None:

@@ -35,6 +35,9 @@ ExemptionBasis = Literal[
     "overriding-public-interest",
 ]
 AccessMethod = Literal["sde", "extract"]
+Role = Literal["patient-app", "dac", "sde", "auditor"]
+# What a recorded read of personal data looked at (PersonalDataRead.what).
+ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export"]
 
 LABELS: dict[str, str] = {
     "national": "national data opt-out",
@@ -57,6 +60,15 @@ LABELS: dict[str, str] = {
     "overriding-public-interest": "overriding public interest",
     "sde": "analysed inside a Secure Data Environment",
     "extract": "sent as a data extract",
+    "patient-app": "a patient app",
+    "dac": "a data access committee",
+    "auditor": "an auditor",
+    "choices": "your current choices",
+    "history": "your history",
+    "receipt": "a receipt for one of your choices",
+    "entries": "ledger entries",
+    "entry-tiles": "ledger entries",
+    "export": "an export of the ledger",
 }
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose
+from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose, ReadKind, Role
 from .values import (
     Actor,
     Exemption,
@@ -108,6 +108,31 @@ class DataUseRecorded(Frozen):
     caller_filter_position: Position | None = None
 
 
+class PersonalDataRead(Frozen):
+    """Someone read personal data held by the ledger: patients can see who
+    looked at their record, and auditors are audited.
+
+    ``recorded_by`` is the reader (the token's subject), ``role`` the role it
+    read under.  A read of one patient's data names the patient in
+    ``nhs_number`` (entries are private, like every other patient event); a
+    bulk read of entries records the position range and count instead, never
+    the NHS numbers in it.  ``by_patient`` is true when the token was the
+    patient's own (it carried their ``nhs_number``), false for a backend or
+    auditor reading on its own authority.
+    """
+
+    what: ReadKind
+    role: Role
+    recorded_by: ShortText
+    reader_org: Identifier | None = None
+    nhs_number: NhsDigits | None = None
+    first_position: Position | None = None
+    last_position: Position | None = None
+    entries: Count = 0
+    by_patient: bool = False
+    request_id: ShortText | None = None
+
+
 Event = (
     OptOutRegistered
     | OptOutWithdrawn
@@ -116,6 +141,7 @@ Event = (
     | AccessGranted
     | AccessRevoked
     | DataUseRecorded
+    | PersonalDataRead
 )
 
 EVENT_TYPES: dict[str, type[Frozen]] = {
@@ -128,5 +154,6 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         AccessGranted,
         AccessRevoked,
         DataUseRecorded,
+        PersonalDataRead,
     )
 }

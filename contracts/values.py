@@ -20,6 +20,10 @@ Text = Annotated[str, Meta(min_length=1, max_length=2000)]
 ShortText = Annotated[str, Meta(min_length=1, max_length=200)]
 UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 timestamp with offset")]
 Position = Annotated[int, Meta(ge=1, le=2**62)]
+# The most NHS numbers one request may carry (a cohort, a filter call): a
+# large national release fits; bigger sets are sent in several requests.
+MAX_COHORT_SIZE = 5_000_000
+
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="SHA-256, 64 lowercase hex digits")]
 
 

@@ -8,20 +8,25 @@ issue` signs development tokens with it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
 
-from joserfc import jwt
+import aiohttp
+import msgspec
+import structlog
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, OKPKey
 
 from contracts.api import ROLES
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from contracts.values import Identifier, ShortText
 
 from .commands import Caller
 from .config import Config
@@ -33,39 +38,152 @@ DEV_KEY_FILE = "dev-signing-key.jwk.json"
 # "EdDSA" is the name most issuers still use; RFC 9864 merely prefers "Ed25519".
 warnings.filterwarnings("ignore", message="EdDSA is deprecated")
 
+log = structlog.get_logger("consent_ledger.auth")
+
 
 class Unauthenticated(Exception):
-    """No credentials, or credentials that do not verify (HTTP 401)."""
+    """No credentials, or credentials that do not verify (HTTP 401).
+
+    ``invalid_token`` distinguishes a presented-but-refused token (RFC 6750
+    ``error="invalid_token"``) from a request that carried none.
+    """
+
+    def __init__(self, detail: str, *, invalid_token: bool = True):
+        super().__init__(detail)
+        self.invalid_token = invalid_token
+
+    def challenge(self) -> str:
+        if not self.invalid_token:
+            return 'Bearer realm="consent-ledger"'
+        # RFC 6750 3: the description is a quoted-string of visible ASCII without quotes or backslashes.
+        description = "".join(c for c in str(self) if c.isascii() and c.isprintable() and c not in '"\\')
+        return f'Bearer realm="consent-ledger", error="invalid_token", error_description="{description}"'
 
 
 class Forbidden(Exception):
     """Valid credentials without the right to this request (HTTP 403)."""
 
 
-@dataclass(frozen=True)
+class JwksUrl:
+    """Keys published at an http(s) URL: fetched at start, refreshed every
+    ``interval`` seconds, and on a token whose ``kid`` is unknown (key
+    rotation) at most once per ``min_interval`` so that tokens with random
+    kids cannot make the service hammer the issuer."""
+
+    def __init__(self, url: str, *, interval: float = 300.0, min_interval: float = 30.0,
+                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.url = url
+        self.interval = interval
+        self.min_interval = min_interval
+        self.timeout = timeout
+        self.clock = clock
+        self.fetches = 0
+        self._last_fetch: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def fetch(self) -> KeySet:
+        self.fetches += 1
+        self._last_fetch = self.clock()
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(self.url, headers={"Accept": "application/json"}) as response:
+                response.raise_for_status()
+                data = await response.json(content_type=None)
+        return key_set(data)
+
+    def may_fetch(self) -> bool:
+        return self._last_fetch is None or self.clock() - self._last_fetch >= self.min_interval
+
+
+@dataclass
 class Verifier:
     keys: KeySet
     issuer: str
     audience: str
+    source: JwksUrl | None = None
+    _refresher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def caller(self, authorization: str | None) -> Caller:
-        if not authorization:
-            raise Unauthenticated("this endpoint needs `Authorization: Bearer <token>`")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("use the Bearer scheme: `Authorization: Bearer <token>`")
+        token = _bearer(authorization)
         try:
-            decoded = jwt.decode(token.strip(), self.keys, algorithms=list(ALGORITHMS))
+            decoded = jwt.decode(token, self.keys, algorithms=list(ALGORITHMS))
             jwt.JWTClaimsRegistry(
                 leeway=LEEWAY_SECONDS,
                 iss={"essential": True, "value": self.issuer},
                 aud={"essential": True, "value": self.audience},
                 sub={"essential": True},
                 exp={"essential": True},
+                # Checked whenever present; issuers that omit it are common.
+                nbf={"essential": False},
             ).validate(decoded.claims)
-        except (JoseError, ValueError, TypeError) as exc:
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
             raise Unauthenticated(f"the token was refused: {_reason(exc)}") from None
         return _caller_from_claims(decoded.claims)
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """``caller``, after refreshing a URL-published JWKS if the token
+        names a key we do not hold (the issuer may have rotated)."""
+        if self.source is not None:
+            kid = _kid(authorization)
+            if kid is not None and not self._holds(kid) and self.source.may_fetch():
+                await self.refresh()
+        return self.caller(authorization)
+
+    def _holds(self, kid: str) -> bool:
+        return any(k.kid == kid for k in self.keys)
+
+    async def refresh(self) -> None:
+        assert self.source is not None
+        async with self.source._lock:
+            if not self.source.may_fetch():
+                return
+            try:
+                self.keys = await self.source.fetch()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, JoseError) as exc:
+                # Keep the keys we have: an issuer outage must not lock every caller out.
+                log.warning("JWKS refresh failed; keeping the current keys", error=type(exc).__name__)
+            else:
+                log.info("JWKS refreshed", keys=len(self.keys.keys))
+
+    async def start(self) -> None:
+        """Fetch URL-published keys (failing if they cannot be had) and keep them fresh."""
+        if self.source is None or self._refresher is not None:
+            return
+        self.keys = await self.source.fetch()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="jwks-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            try:
+                await self._refresher
+            except asyncio.CancelledError:
+                pass
+            self._refresher = None
+
+    async def _refresh_forever(self) -> None:
+        assert self.source is not None
+        while True:
+            await asyncio.sleep(self.source.interval)
+            await self.refresh()
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthenticated("this endpoint needs `Authorization: Bearer <token>`", invalid_token=False)
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("use the Bearer scheme: `Authorization: Bearer <token>`", invalid_token=False)
+    return token.strip()
+
+
+def _kid(authorization: str | None) -> str | None:
+    try:
+        header = jws.extract_compact(_bearer(authorization).encode()).protected
+    except (Unauthenticated, JoseError, ValueError, TypeError):
+        return None
+    kid = header.get("kid")
+    return kid if isinstance(kid, str) else None
 
 
 def _reason(exc: Exception) -> str:
@@ -73,20 +191,29 @@ def _reason(exc: Exception) -> str:
     return text[:200]
 
 
+class _Claims(msgspec.Struct):
+    """The claims we use, held to the limits of the ledger fields they end up
+    in (``recorded_by``, organisation codes): a token must not be able to
+    write an entry that the ledger's own decoder would later reject."""
+
+    sub: ShortText
+    roles: list[str] = []
+    org: Identifier | None = None
+    nhs_number: str | None = None
+
+
 def _caller_from_claims(claims: dict[str, Any]) -> Caller:
-    roles = claims.get("roles", [])
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise Unauthenticated("the token's `roles` claim must be a list of strings")
-    org = claims.get("org")
-    if org is not None and not isinstance(org, str):
-        raise Unauthenticated("the token's `org` claim must be a string")
-    nhs = claims.get("nhs_number")
-    if nhs is not None:
+    try:
+        c = msgspec.convert(claims, _Claims)
+    except msgspec.ValidationError as exc:
+        raise Unauthenticated(f"the token's claims are not acceptable: {exc}") from None
+    nhs = None
+    if c.nhs_number is not None:
         try:
-            nhs = NhsNumber(nhs)
+            nhs = NhsNumber(c.nhs_number)
         except (InvalidNhsNumber, TypeError):
             raise Unauthenticated("the token's `nhs_number` claim is not a valid NHS number") from None
-    return Caller(subject=str(claims["sub"]), roles=frozenset(roles) & frozenset(ROLES), org=org, nhs_number=nhs)
+    return Caller(subject=c.sub, roles=frozenset(c.roles) & frozenset(ROLES), org=c.org, nhs_number=nhs)
 
 
 def authorise(caller: Caller, allowed: frozenset[str], nhs: str | None = None) -> None:
@@ -116,13 +243,9 @@ def load_or_create_dev_key(config: Config) -> OKPKey:
     return key
 
 
-def load_keys(source: str) -> KeySet:
-    """A JWKS from a file path or an http(s) URL."""
-    if source.startswith(("https://", "http://")):
-        with urlopen(source, timeout=10) as response:  # noqa: S310 - scheme checked above
-            data = json.load(response)
-    else:
-        data = json.loads(Path(source).read_text())
+def key_set(data: Any) -> KeySet:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("a JWKS is a JSON object with a `keys` array")
     keys = KeySet.import_key_set(data)
     private = [k for k in keys if k.is_private]
     if private:
@@ -130,8 +253,24 @@ def load_keys(source: str) -> KeySet:
     return keys
 
 
+def is_url(source: str) -> bool:
+    return source.startswith(("https://", "http://"))
+
+
+def load_keys(path: str) -> KeySet:
+    """A JWKS from a file."""
+    return key_set(json.loads(Path(path).read_text()))
+
+
 def verifier(config: Config) -> tuple[Verifier, bool]:
-    """The token verifier, and whether it uses the generated development key."""
+    """The token verifier, and whether it uses the generated development key.
+
+    A URL-published JWKS is fetched when the app starts (``Verifier.start``).
+    """
+    if config.jwks and is_url(config.jwks):
+        source = JwksUrl(config.jwks, interval=config.jwks_refresh_seconds,
+                         min_interval=config.jwks_min_refresh_seconds)
+        return Verifier(KeySet([]), config.jwt_issuer, config.jwt_audience, source), False
     if config.jwks:
         return Verifier(load_keys(config.jwks), config.jwt_issuer, config.jwt_audience), False
     if config.production:

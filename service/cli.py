@@ -33,6 +33,9 @@ def _serve(args: argparse.Namespace) -> None:
     database = asyncio.run(locate(cfg))
     token_verifier, development = verifier(cfg)
     log.info("database", url=describe(database.owner_dsn), embedded=database.embedded)
+    if cfg.production and not cfg.service_database_url:
+        log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
+                    "owner's login; see deploy/POSTGRES-ROLES.md")
     if development:
         log.warning(
             "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
@@ -45,6 +48,7 @@ def _serve(args: argparse.Namespace) -> None:
         pool_size=cfg.pool_size,
         queue_size=cfg.writer_queue_size,
         max_batch=cfg.writer_max_batch,
+        timeout=cfg.request_timeout_seconds,
     )
     log.info("serving", host=args.host, port=args.port)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
@@ -76,13 +80,13 @@ def _token_issue(args: argparse.Namespace) -> None:
         key,
         issuer=cfg.jwt_issuer,
         audience=cfg.jwt_audience,
-        subject=args.subject or f"dev-{args.role}",
-        roles=[args.role],
+        subject=args.subject or f"dev-{'+'.join(args.role)}",
+        roles=args.role,
         org=args.org,
         nhs_number=args.nhs_number,
         lifetime=args.lifetime,
     )
-    print(f"# development token for role {args.role}, valid {args.lifetime}s", file=sys.stderr)
+    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s", file=sys.stderr)
     print(token)
 
 
@@ -113,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(dest="token_command", required=True)
     issue = token.add_parser("issue", help="print a development token (last line of output)")
-    issue.add_argument("--role", required=True, choices=ROLES)
+    issue.add_argument("--role", required=True, choices=ROLES, action="append",
+                       help="repeat for a token with several roles (e.g. for fuzzing)")
     issue.add_argument("--org")
     issue.add_argument("--nhs-number")
     issue.add_argument("--subject")

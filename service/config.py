@@ -20,6 +20,10 @@ class Config:
     writer_queue_size: int
     writer_max_batch: int
     pool_size: int
+    jwks_refresh_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 30.0
+    request_timeout_seconds: float = 60.0
+    service_database_url: str | None = None
 
     @property
     def production(self) -> bool:
@@ -41,4 +45,8 @@ def load(env: dict[str, str] | None = None) -> Config:
         writer_queue_size=int(env.get("CONSENT_LEDGER_WRITER_QUEUE", "10000")),
         writer_max_batch=int(env.get("CONSENT_LEDGER_WRITER_BATCH", "500")),
         pool_size=int(env.get("CONSENT_LEDGER_POOL_SIZE", "10")),
+        jwks_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_REFRESH_SECONDS", "300")),
+        jwks_min_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS", "30")),
+        service_database_url=env.get("CONSENT_LEDGER_SERVICE_DATABASE_URL") or None,
+        request_timeout_seconds=float(env.get("CONSENT_LEDGER_REQUEST_TIMEOUT_SECONDS", "60")),
     )

@@ -24,6 +24,9 @@ EMBEDDED_DATABASE = "consent_ledger"
 class Database:
     owner_dsn: str
     embedded: bool
+    # In production the service logs in as its own role (see deploy/POSTGRES-ROLES.md)
+    # so that it cannot RESET ROLE back to the schema owner.
+    service_dsn: str | None = None
 
     async def connect_owner(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.owner_dsn)
@@ -32,7 +35,7 @@ class Database:
         # The `role` startup setting survives asyncpg's RESET ALL on release,
         # so every pooled connection keeps acting as the service role.
         return await asyncpg.create_pool(
-            self.owner_dsn,
+            self.service_dsn or self.owner_dsn,
             min_size=min_size,
             max_size=max_size,
             server_settings={"role": APP_ROLE, "application_name": "consent-ledger"},
@@ -54,7 +57,7 @@ def _start_embedded(config: Config) -> str:
 
 async def locate(config: Config) -> Database:
     if config.database_url:
-        return Database(owner_dsn=config.database_url, embedded=False)
+        return Database(owner_dsn=config.database_url, embedded=False, service_dsn=config.service_database_url)
     dsn = await asyncio.to_thread(_start_embedded, config)
     return Database(owner_dsn=dsn, embedded=True)
 

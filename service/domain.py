@@ -48,6 +48,10 @@ class RuleBroken(Exception):
         self.path = path
 
 
+class NotPermitted(Exception):
+    """The caller may not act on this (another organisation's grant): HTTP 403."""
+
+
 class NotFound(Exception):
     pass
 
@@ -271,9 +275,7 @@ class Grant(LedgerAggregate):
         g = self.granted
         assert g is not None
         if g.organisation.code != organisation:
-            raise RuleBroken(
-                "the grant belongs to another organisation", code="grant-of-other-organisation", path="$.grant_id"
-            )
+            raise NotPermitted("the grant belongs to another organisation: an SDE may only record uses under its own")
         status = self.status(now)
         if status != "active":
             raise RuleBroken(f"the grant is {status}; data uses need an active grant", code=f"grant-{status}",

@@ -22,10 +22,12 @@ from contracts import api, bodies
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 
 from . import __version__
+from .access import READ_HEADER, record_read
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
 from .database import Database
-from .domain import AlreadyExists, NotFound, RuleBroken
+from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
+from .limits import request_timeout
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
@@ -173,7 +175,10 @@ async def withdraw_consent(request: web.Request, caller: Caller | None) -> web.R
 
 
 async def get_choices(request: web.Request, caller: Caller | None) -> web.Response:
-    return json_response(await request.app[LEDGER].choices(path_nhs(request)))
+    nhs = path_nhs(request)
+    choices = await request.app[LEDGER].choices(nhs)
+    read = await record_read(request.app[STORE], _caller(caller), "choices", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(choices, headers={READ_HEADER: str(read.position)})
 
 
 async def create_grant(request: web.Request, caller: Caller | None) -> web.Response:
@@ -227,7 +232,14 @@ async def list_events(request: web.Request, caller: Caller | None) -> web.Respon
     limit = _int_query(request, "limit", 100, 1, 1000)
     stored = await request.app[STORE].read_after(after, limit)
     next_after = stored[-1].position if len(stored) == limit else None
-    return json_response(bodies.EventsPage(events=[event_view(s) for s in stored], next_after=next_after))
+    headers = None
+    if stored:
+        read = await record_read(request.app[STORE], _caller(caller), "entries", api.AUDITOR,
+                                 first_position=stored[0].position, last_position=stored[-1].position,
+                                 entries=len(stored))
+        headers = {READ_HEADER: str(read.position)}
+    return json_response(bodies.EventsPage(events=[event_view(s) for s in stored], next_after=next_after),
+                         headers=headers)
 
 
 async def get_event(request: web.Request, caller: Caller | None) -> web.Response:
@@ -238,7 +250,9 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
     found = await request.app[STORE].read_positions([position]) if 1 <= position <= 2**62 else []
     if not found:
         raise NotFound(f"no ledger entry at position {position}")
-    return json_response(event_view(found[0]))
+    read = await record_read(request.app[STORE], _caller(caller), "entries", api.AUDITOR,
+                             first_position=position, last_position=position, entries=1)
+    return json_response(event_view(found[0]), headers={READ_HEADER: str(read.position)})
 
 
 async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
@@ -282,7 +296,7 @@ def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaita
     async def endpoint(request: web.Request) -> web.StreamResponse:
         caller = None
         if op.roles:
-            caller = request.app[VERIFIER].caller(request.headers.get("Authorization"))
+            caller = await request.app[VERIFIER].authenticate(request.headers.get("Authorization"))
             structlog.contextvars.bind_contextvars(caller=caller.subject)
             nhs = path_nhs(request) if "nhs" in request.match_info else None
             authorise(caller, op.roles, nhs)
@@ -301,9 +315,10 @@ def _problem_for(exc: BaseException) -> ProblemError | None:
             return exc
         case Unauthenticated():
             return ProblemError(401, "unauthenticated", "Authentication required", str(exc),
-                                headers={"WWW-Authenticate": 'Bearer realm="consent-ledger"'})
-        case Forbidden():
-            return ProblemError(403, "forbidden", "Not allowed", str(exc))
+                                headers={"WWW-Authenticate": exc.challenge()})
+        case Forbidden() | NotPermitted():
+            return ProblemError(403, "forbidden", "Not allowed", str(exc),
+                                headers={"WWW-Authenticate": 'Bearer realm="consent-ledger", error="insufficient_scope"'})
         case RuleBroken():
             errors = [bodies.ProblemDetail(path=exc.path, message=exc.detail)] if exc.path else None
             return ProblemError(422, exc.code, "Refused by a ledger rule", exc.detail, errors=errors)
@@ -394,8 +409,9 @@ def create_app(
     pool_size: int = 10,
     queue_size: int = 10_000,
     max_batch: int = 500,
+    timeout: float = 60.0,
 ) -> web.Application:
-    app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context])
+    app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
     app[VERIFIER] = verifier
     app[SETTINGS] = {"pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch}
@@ -406,4 +422,14 @@ def create_app(
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
     app.cleanup_ctx.append(_ledger_context)
+    app.cleanup_ctx.append(_verifier_context)
     return app
+
+
+async def _verifier_context(app: web.Application) -> AsyncIterator[None]:
+    # A URL-published JWKS is fetched before the first request and kept fresh.
+    await app[VERIFIER].start()
+    try:
+        yield
+    finally:
+        await app[VERIFIER].stop()

@@ -31,6 +31,39 @@ def _serialise(obj: Any, **_: Any) -> bytes:
     return msgspec.json.encode(obj, enc_hook=str)
 
 
+def _serialise_text(obj: Any, **_: Any) -> str:
+    return msgspec.json.encode(obj, enc_hook=str).decode()
+
+
+def _route_stdlib_logging(level: int, fmt: str) -> None:
+    """Libraries log through the standard library (aiohttp logs the raw bytes
+    of malformed requests, which can hold an NHS number in the path): send
+    those records through the same masking and renderer."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False) if fmt == "console"
+        else structlog.processors.JSONRenderer(serializer=_serialise_text)
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_nhs_numbers,
+            renderer,
+        ],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    # Libraries are chatty at INFO (pgserver echoes initdb); their warnings and errors are what matter.
+    root.setLevel(max(level, logging.WARNING))
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     renderer: Any
     if fmt == "console":
@@ -39,6 +72,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_serialise)
         factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    _route_stdlib_logging(getattr(logging, level.upper(), logging.INFO), fmt)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -94,8 +94,12 @@ CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
 
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
+-- Checked first so that an owner without CREATEROLE can migrate once an
+-- administrator has created the role (deploy/POSTGRES-ROLES.md).
 DO $$ BEGIN
-    CREATE ROLE {APP_ROLE} LOGIN;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+        CREATE ROLE {APP_ROLE} LOGIN;
+    END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
 END $$;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;

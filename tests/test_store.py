@@ -13,6 +13,7 @@ from contracts.entry import GENESIS_CHAIN_HASH, chain_hash, decode_entry, leaf_h
 from contracts.events import AccessRevoked, OptOutRegistered
 from contracts.values import Actor
 from service.audit import verify_database
+from service.database import Database
 from service.store import (
     AppendCondition,
     ConditionFailed,
@@ -185,3 +186,106 @@ async def test_stop_writes_everything_already_queued(pool: asyncpg.Pool):
     assert sorted(r.receipts[0].position for r in results) == list(range(1, 101))
     with pytest.raises(StoreUnavailable):
         await s.append([opt_out(uuid4(), 1)])
+
+
+# --- least privilege: what the service role holds, independent of the triggers ----------------
+
+_LEDGER_TABLES = ("ledger_events", "ledger_idempotency", "cohorts", "ledger_head")
+
+
+@pytest.mark.parametrize("table", _LEDGER_TABLES)
+async def test_service_role_holds_no_rewriting_privilege(pool: asyncpg.Pool, table: str):
+    """The privileges alone refuse rewriting: the triggers are a second wall, not the only one."""
+    async with pool.acquire() as conn:
+        held = {
+            p for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+            if await conn.fetchval("SELECT has_table_privilege(current_user, $1, $2)", table, p)
+        }
+    assert held == ({"SELECT", "UPDATE"} if table == "ledger_head" else {"SELECT", "INSERT"})
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE TABLE public.sneaky (x int)",
+    "CREATE SCHEMA sneaky",
+    "CREATE FUNCTION public.sneaky() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE VIEW public.sneaky AS SELECT 1",
+    "DROP TABLE ledger_events",
+    "ALTER TABLE ledger_events DISABLE TRIGGER USER",
+    "DROP TRIGGER ledger_events_append_only ON ledger_events",
+    "ALTER TABLE ledger_events OWNER TO consent_ledger_app",
+    "INSERT INTO schema_migrations (version) VALUES (999)",
+])
+async def test_service_role_cannot_change_the_schema(pool: asyncpg.Pool, statement: str):
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied|must be owner"):
+            await conn.execute(statement)
+
+
+async def test_service_role_owns_nothing(pool: asyncpg.Pool):
+    async with pool.acquire() as conn:
+        owned = await conn.fetchval("SELECT count(*) FROM pg_class WHERE relowner = current_user::regrole")
+    assert owned == 0
+
+
+async def test_a_separate_service_login_cannot_become_the_owner(database, admin_dsn: str):
+    """The production set-up in deploy/POSTGRES-ROLES.md: the service logs in
+    as its own role, a member of consent_ledger_app, so RESET ROLE gains nothing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    login = f"cl_service_{uuid4().hex[:8]}"
+    admin = await database.connect_owner()
+    await admin.execute(f"CREATE ROLE {login} LOGIN PASSWORD 'test-only' NOINHERIT IN ROLE consent_ledger_app")
+    parts = urlsplit(database.owner_dsn)
+    netloc = f"{login}:test-only@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    service = Database(owner_dsn=database.owner_dsn, embedded=False,
+                       service_dsn=urlunsplit(parts._replace(netloc=netloc)))
+    try:
+        pool = await service.create_pool(min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT current_user") == "consent_ledger_app"
+                assert await conn.fetchval("SELECT session_user") == login
+                # The startup `role` setting is only a default: drop to the login role itself.
+                await conn.execute("SET ROLE NONE")
+                assert await conn.fetchval("SELECT current_user") == login
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetch("SELECT * FROM ledger_events")  # NOINHERIT: nothing without the role
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(f"SET ROLE {urlsplit(admin_dsn).username or 'postgres'}")
+                await conn.execute("RESET ROLE")  # back to the startup default for the store below
+            store = EventStore(pool, queue_size=10, max_batch=10)
+            store.start()
+            try:
+                assert (await store.append([opt_out(uuid4(), 1)])).receipts[0].position == 1
+            finally:
+                await store.stop()
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP ROLE {login}")
+        await admin.close()
+
+
+async def test_a_plain_owner_without_createrole_can_migrate(admin_dsn: str):
+    """deploy/POSTGRES-ROLES.md: the owner is not a superuser and cannot create roles."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from service.schema import MIGRATIONS, migrate
+
+    owner, name = f"cl_owner_{uuid4().hex[:8]}", f"cl_roles_{uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'test-only' NOSUPERUSER NOCREATEROLE NOCREATEDB")
+    await admin.execute(f'CREATE DATABASE "{name}" OWNER {owner}')
+    try:
+        parts = urlsplit(admin_dsn)
+        netloc = f"{owner}:test-only@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        conn = await asyncpg.connect(urlunsplit(parts._replace(netloc=netloc, path=f"/{name}")))
+        try:
+            assert await migrate(conn) == [v for v, _ in MIGRATIONS]
+            assert await conn.fetchval("SELECT has_table_privilege('consent_ledger_app', 'ledger_events', 'INSERT')")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f"DROP ROLE {owner}")
+        await admin.close()

@@ -1,0 +1,178 @@
+"""Keys published at a JWKS URL: fetched at start, refreshed when a token
+names an unknown key (rotation), and never more often than allowed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from joserfc.jwk import KeySet, OKPKey
+
+from conftest import AUDIENCE, ISSUER
+from service import config as config_module
+from service.auth import JwksUrl, Unauthenticated, Verifier, verifier
+
+
+class Issuer:
+    """A token issuer's JWKS endpoint on loopback whose keys can be rotated."""
+
+    def __init__(self) -> None:
+        self.keys = [OKPKey.generate_key("Ed25519", parameters={"kid": "k1"})]
+        self.requests = 0
+        self.fail = False
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.fail:
+            return web.Response(status=500)
+        return web.json_response({"keys": [k.as_dict(private=False) for k in self.keys]})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[tuple[Issuer, str]]:
+    state = Issuer()
+    app = web.Application()
+    app.router.add_get("/.well-known/jwks.json", state.jwks)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield state, str(server.make_url("/.well-known/jwks.json"))
+    await server.close()
+
+
+async def test_rotation_is_picked_up_on_an_unknown_kid_at_most_once_per_interval(issuer, make_token):
+    state, url = issuer
+    clock = Clock()
+    v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url, min_interval=30, clock=clock))
+    await v.start()
+    try:
+        assert state.requests == 1
+        old = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+        assert (await v.authenticate(f"Bearer {old}")).roles == {"auditor"}
+        assert state.requests == 1  # a known kid costs no fetch
+
+        state.keys = [OKPKey.generate_key("Ed25519", parameters={"kid": "k2"})]
+        new = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k2"})
+        # Within the minimum interval an unknown kid does not refetch: refused for now.
+        with pytest.raises(Unauthenticated):
+            await v.authenticate(f"Bearer {new}")
+        assert state.requests == 1
+
+        clock.now += 30
+        assert (await v.authenticate(f"Bearer {new}")).subject == "test-auditor"
+        assert state.requests == 2
+
+        # A flood of random kids cannot make the service hammer the issuer.
+        for i in range(20):
+            forged = make_token("auditor", key=OKPKey.generate_key("Ed25519"), header={"alg": "EdDSA", "kid": f"r{i}"})
+            with pytest.raises(Unauthenticated):
+                await v.authenticate(f"Bearer {forged}")
+        assert state.requests == 2
+        # The rotated-out key no longer verifies.
+        with pytest.raises(Unauthenticated):
+            await v.authenticate(f"Bearer {old}")
+    finally:
+        await v.stop()
+
+
+async def test_a_failed_refresh_keeps_the_current_keys(issuer, make_token):
+    state, url = issuer
+    clock = Clock()
+    v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url, min_interval=30, clock=clock))
+    await v.start()
+    try:
+        state.fail = True
+        clock.now += 60
+        await v.refresh()
+        assert state.requests == 2
+        token = make_token("dac", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+        assert (await v.authenticate(f"Bearer {token}")).roles == {"dac"}
+    finally:
+        await v.stop()
+
+
+async def test_start_fails_when_the_jwks_cannot_be_fetched(issuer):
+    state, url = issuer
+    state.fail = True
+    v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
+    with pytest.raises(Exception):
+        await v.start()
+
+
+async def test_jwks_with_private_keys_is_refused(issuer):
+    state, url = issuer
+
+    async def private(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [k.as_dict(private=True) for k in state.keys]})
+
+    app = web.Application()
+    app.router.add_get("/jwks", private)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        with pytest.raises(ValueError, match="private"):
+            await Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(str(server.make_url("/jwks")))).start()
+    finally:
+        await server.close()
+
+
+def test_configuration_chooses_file_url_or_development_key(tmp_path: Path):
+    key = OKPKey.generate_key("Ed25519", parameters={"kid": "f1"})
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    base = {"CONSENT_LEDGER_DATA_DIR": str(tmp_path / "data")}
+
+    from_file, dev = verifier(config_module.load({**base, "CONSENT_LEDGER_JWKS": str(jwks)}))
+    assert not dev and [k.kid for k in from_file.keys] == ["f1"] and from_file.source is None
+
+    from_url, dev = verifier(config_module.load({**base, "CONSENT_LEDGER_JWKS": "https://idp.example/jwks.json",
+                                                 "CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS": "5"}))
+    assert not dev and from_url.source is not None and from_url.source.min_interval == 5
+
+    _, dev = verifier(config_module.load(base))
+    assert dev
+    with pytest.raises(RuntimeError, match="CONSENT_LEDGER_JWKS"):
+        verifier(config_module.load({**base, "CONSENT_LEDGER_ENV": "production"}))
+
+
+async def test_development_tokens_from_the_cli_verify_against_the_development_key(tmp_path: Path, capsys, monkeypatch):
+    from service.cli import main
+
+    monkeypatch.setenv("CONSENT_LEDGER_DATA_DIR", str(tmp_path))
+    for name in ("CONSENT_LEDGER_JWKS", "CONSENT_LEDGER_ENV", "CONSENT_LEDGER_JWT_ISSUER", "CONSENT_LEDGER_JWT_AUDIENCE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["token", "issue", "--role", "sde", "--role", "auditor", "--org", "SDE-NORTH"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    v, development = verifier(config_module.load())
+    assert development
+    caller = await v.authenticate(f"Bearer {token}")
+    assert caller.roles == {"sde", "auditor"} and caller.org == "SDE-NORTH"
+
+    monkeypatch.setenv("CONSENT_LEDGER_ENV", "production")
+    assert main(["token", "issue", "--role", "dac"]) == 2
+
+
+async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, database):
+    from aiohttp.test_utils import TestClient
+
+    from service.http import create_app
+
+    state, url = issuer
+    v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
+    async with TestClient(TestServer(create_app(database, v, pool_size=2), host="127.0.0.1")) as client:
+        assert state.requests == 1
+        token = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+        r = await client.get("/v1/events", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == 200
+    assert v._refresher is None  # stopped with the app
