@@ -13,6 +13,7 @@ import msgspec
 from . import bodies
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
+from .values import END
 
 PUBLIC: frozenset[str] = frozenset()
 PATIENT_APP = frozenset({"patient-app"})
@@ -86,7 +87,7 @@ BY_ID = {op.id: op for op in OPERATIONS}
 
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
-    "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
+    "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END},
     "position": {"type": "integer", "minimum": 1},
 }
 
