@@ -139,6 +139,16 @@ async def test_malformed_json_is_400(client, database, tokens, raw, slug):
     assert problem["type"].endswith(slug)
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"scope": ' + b"1" * 5000 + b"}",
+    b'{"scope": "national", "channel": "app", "actor": {"kind": "patient"}, "x": ' + b"1" * 5000 + b"}",
+    b"[" * 5000 + b"]" * 5000,
+])
+async def test_hostile_json_is_refused_not_a_server_error(client, database, tokens, raw):
+    await refused(client, database, "POST", f"/v1/patients/{NHS}/opt-out", 422, data=raw,
+                  headers=auth(tokens["app"], **{"Content-Type": "application/json"}))
+
+
 async def test_oversized_body_is_413(client, database, tokens):
     body = json.dumps(choice(actor={"kind": "patient", "id": "x" * SMALL_BODY})).encode()
     assert len(body) > SMALL_BODY
