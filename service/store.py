@@ -139,6 +139,7 @@ class EventStore:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
+        self._writing = False
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -149,8 +150,9 @@ class EventStore:
     async def stop(self) -> None:
         if self._task is None:
             return
-        # Let queued writes finish before stopping: a graceful shutdown loses nothing.
-        while not self._queue.empty():
+        # Let queued writes and the batch in flight finish before stopping:
+        # a graceful shutdown loses nothing and leaves no caller unanswered.
+        while self.running and (self._writing or not self._queue.empty()):
             await asyncio.sleep(0.01)
         self._task.cancel()
         try:
@@ -189,6 +191,7 @@ class EventStore:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._writing = True
             try:
                 await self._write(batch)
             except Exception as exc:  # the transaction rolled back: nobody's write landed
@@ -196,6 +199,8 @@ class EventStore:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(StoreUnavailable("the ledger could not commit the write"))
+            finally:
+                self._writing = False
 
     async def _write(self, batch: list[_Pending]) -> None:
         async with self.pool.acquire() as conn:
@@ -214,7 +219,10 @@ class EventStore:
                 for item in batch:
                     refusal = self._check(item, known_keys, versions, newer, written)
                     if refusal is not None:
-                        item.future.set_exception(refusal)
+                        # A caller that gave up (cancelled) has no one to tell;
+                        # setting its future would abort everyone's batch.
+                        if not item.future.done():
+                            item.future.set_exception(refusal)
                         continue
                     accepted.append(item)
                     if item.replay_of is not None:
