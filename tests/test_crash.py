@@ -56,7 +56,7 @@ class Server:
             "CONSENT_LEDGER_JWT_ISSUER": ISSUER,
             "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
             "CONSENT_LEDGER_DATA_DIR": str(workdir / "data"),
-            "CONSENT_LEDGER_LOG_LEVEL": "warning",
+            "CONSENT_LEDGER_LOG_LEVEL": "info",
         }
         self.log = workdir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -168,3 +168,8 @@ async def test_sigkill_mid_stream_loses_no_receipt(database, tmp_path, jwks, mak
         assert bytes(row["leaf_hash"]).hex() == receipt["leaf_hash"]
         assert bytes(row["chain_hash"]).hex() == receipt["chain_hash"]
     assert len({r["position"] for r in receipts.values()}) == len(receipts)
+    # Request logs name the route template, never the patient in the path.
+    log = server.log.read_text()
+    assert '"route":"/v1/patients/{nhs}/opt-out"' in log
+    leaked = [nhs for nhs in receipts if nhs in log]
+    assert not leaked, f"{len(leaked)} NHS numbers appear in the server log"

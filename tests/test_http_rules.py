@@ -412,3 +412,40 @@ async def test_event_reads_refuse_bad_positions(client, database, tokens):
     await refused(client, database, "GET", "/v1/events?limit=0", 400, headers=auditor)
     await refused(client, database, "GET", "/v1/events?after=-1", 400, headers=auditor)
     await refused(client, database, "GET", "/v1/events", 403, headers=auth(tokens["app"]))
+
+
+# --- racing requests --------------------------------------------------------------
+
+
+async def test_racing_identical_opt_outs_record_one_event(client, database, tokens):
+    responses = await asyncio.gather(*(
+        client.post(f"/v1/patients/{NHS}/opt-out", json=choice(), headers=auth(tokens["app"])) for _ in range(12)
+    ))
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200] * 11 + [201], statuses
+    assert len({json.dumps(await r.json(), sort_keys=True) for r in responses}) == 1
+    assert await head_position(database) == 1
+
+
+async def test_racing_grants_with_one_id_record_one(client, database, tokens):
+    responses = await asyncio.gather(*(
+        client.post("/v1/grants", json=grant(approved_by=f"panel {i}"), headers=auth(tokens["dac"]))
+        for i in range(8)
+    ))
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [201] + [409] * 7, statuses
+    for r in responses:
+        if r.status == 409:
+            assert r.content_type == "application/problem+json"
+    assert await head_position(database) == 1
+
+
+async def test_racing_data_uses_with_one_id_record_one(client, database, tokens):
+    await written(client, "POST", "/v1/grants", json=grant(), headers=auth(tokens["dac"]))
+    cohort = nhs_numbers(20)
+    responses = await asyncio.gather(*(
+        client.post("/v1/data-uses", json=data_use("same", nhs_numbers=cohort[i:]), headers=auth(tokens["sde"]))
+        for i in range(6)
+    ))
+    assert sorted(r.status for r in responses) == [201] + [409] * 5
+    assert await head_position(database) == 2
