@@ -429,6 +429,13 @@ async def test_event_reads_refuse_bad_positions(client, database, tokens):
     await refused(client, database, "GET", "/v1/events?limit=0", 400, headers=auditor)
     await refused(client, database, "GET", "/v1/events?after=-1", 400, headers=auditor)
     await refused(client, database, "GET", "/v1/events", 403, headers=auth(tokens["app"]))
+    # Only plain ASCII digits: Python's int() would also take "١", "1_0", "+1".
+    await written(client, "POST", f"/v1/patients/{NHS}/opt-out", json=choice(), headers=auth(tokens["app"]))
+    assert (await client.get("/v1/events/1", headers=auditor)).status == 200
+    for alias in ("%D9%A1", "+1", "0_1", "%201"):
+        await refused(client, database, "GET", f"/v1/events/{alias}", 400, headers=auditor)
+    for query in ("limit=1_0", "limit=%D9%A1", "after=+0", "limit= 5"):
+        await refused(client, database, "GET", f"/v1/events?{query}", 400, headers=auditor)
 
 
 # --- racing requests --------------------------------------------------------------
