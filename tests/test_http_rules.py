@@ -473,3 +473,19 @@ async def test_racing_data_uses_with_one_id_record_one(client, database, tokens)
     ))
     assert sorted(r.status for r in responses) == [201] + [409] * 5
     assert await head_position(database) == 2
+
+
+async def test_racing_retries_with_one_idempotency_key(client, database, tokens):
+    headers = auth(tokens["app"], **{"Idempotency-Key": "race-1"})
+    same = await asyncio.gather(*(
+        client.post(f"/v1/patients/{NHS}/opt-out", json=choice(), headers=headers) for _ in range(8)
+    ))
+    assert all(r.status in (200, 201) for r in same)
+    assert len({json.dumps(await r.json(), sort_keys=True) for r in same}) == 1
+    assert await head_position(database) == 1
+    others = await asyncio.gather(*(
+        client.post(f"/v1/patients/4010232137/opt-out", json=choice(scope=scope), headers=headers)
+        for scope in ("national", "type-1") * 3
+    ))
+    assert {r.status for r in others} == {409}
+    assert await head_position(database) == 1
