@@ -128,7 +128,7 @@ def test_every_contract_is_covered():
 
 
 @pytest.mark.parametrize("cls", CONTRACTS, ids=lambda c: c.__name__)
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(data=st.data())
 def test_contract_round_trips(cls, data):
     value = data.draw(strategy_for(cls))
@@ -234,6 +234,14 @@ def test_every_operation_has_a_handler_and_a_documented_path():
     assert set(HANDLERS) == {op.id for op in api.OPERATIONS}
     ids = [op.id for op in api.OPERATIONS]
     assert len(ids) == len(set(ids))
+
+
+def test_writes_document_the_idempotency_key():
+    document = api.openapi("test")
+    for op in api.OPERATIONS:
+        if op.response is bodies.Receipt:
+            names = {p["name"] for p in document["paths"][op.path][op.method.lower()]["parameters"]}
+            assert "Idempotency-Key" in names, op.id
 
 
 async def test_served_openapi_is_the_generated_document(client):
