@@ -168,6 +168,9 @@ def openapi(version: str) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.request.__name__}"}}},
             }
+        # Every write answers with a receipt and honours Idempotency-Key,
+        # including writes without a body (withdrawing a consent).
+        if op.response is bodies.Receipt:
             operation["parameters"].append(
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
