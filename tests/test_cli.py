@@ -127,3 +127,13 @@ async def test_demo_can_run_again_on_the_same_data(database, tmp_path):
         assert verified.failure is None and verified.size == head
     finally:
         await conn.close()
+
+
+async def test_concurrent_migrations_apply_once(empty_dsn, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_") and k != "DATABASE_URL"}
+    env.update({"DATABASE_URL": empty_dsn, "CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    processes = [subprocess.Popen([*_command(), "migrate"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, stdin=subprocess.DEVNULL) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert sorted("up to date" in out for out, _ in outputs) == [False, True], outputs
