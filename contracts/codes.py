@@ -24,7 +24,7 @@ LegalBasis = Literal[
     "explicit-consent",
     "public-task-health-care",
     "public-task-research",
-    "public-health",
+    "public-task-public-health",
     "legal-obligation",
     "section-251",
 ]
@@ -48,7 +48,7 @@ LABELS: dict[str, str] = {
     "explicit-consent": "your explicit consent",
     "public-task-health-care": "public task: managing health and care (UK GDPR 6(1)(e), 9(2)(h))",
     "public-task-research": "public task: research in the public interest (UK GDPR 6(1)(e), 9(2)(j))",
-    "public-health": "public health (UK GDPR 6(1)(e), 9(2)(i))",
+    "public-task-public-health": "public task: protecting public health (UK GDPR 6(1)(e), 9(2)(i))",
     "legal-obligation": "a legal obligation (UK GDPR 6(1)(c))",
     "section-251": "section 251 support (NHS Act 2006)",
     "patient-consent": "you consented to this project",

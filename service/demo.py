@@ -29,7 +29,7 @@ _GRANTS = [
      "Heart failure readmissions after discharge", "Fewer avoidable readmissions", ["hes-apc", "gp-prescribing"], None),
     ("DARS-NIC-100002", "ICB-LONDON-NW", "North West London ICB", "planning", "public-task-health-care",
      "Winter bed capacity planning", "Shorter waits for emergency admission", ["hes-apc", "ecds"], None),
-    ("DARS-NIC-100003", "UKHSA", "UK Health Security Agency", "public-health", "public-health",
+    ("DARS-NIC-100003", "UKHSA", "UK Health Security Agency", "public-health", "public-task-public-health",
      "Cancer registration and outcomes", "Earlier diagnosis of cancer", ["cancer-registry", "hes-apc"],
      Exemption(basis="s251-cag", reference="CAG 10-02(d)/2026")),
 ]

@@ -126,6 +126,8 @@ class StoredEvent:
         )
 
 
+_STOP: Any = object()  # queued by stop(): everything before it is still written
+
 _SELECT = "SELECT entry, leaf_hash, chain_hash FROM ledger_events"
 
 
@@ -139,7 +141,7 @@ class EventStore:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
-        self._writing = False
+        self._closing = False
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -148,17 +150,15 @@ class EventStore:
             self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def stop(self) -> None:
+        """Refuse new appends, write everything already queued, then stop.
+
+        The writer is never cancelled mid-batch: a cancelled batch would leave
+        its callers waiting for receipts that never come."""
         if self._task is None:
             return
-        # Let queued writes and the batch in flight finish before stopping:
-        # a graceful shutdown loses nothing and leaves no caller unanswered.
-        while self.running and (self._writing or not self._queue.empty()):
-            await asyncio.sleep(0.01)
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        self._closing = True
+        await self._queue.put(_STOP)
+        await self._task
         self._task = None
 
     @property
@@ -177,7 +177,7 @@ class EventStore:
     ) -> AppendResult:
         if not events:
             raise ValueError("nothing to append")
-        if not self.running:
+        if self._closing or not self.running:
             raise StoreUnavailable("the ledger writer is not running")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         try:
@@ -187,11 +187,16 @@ class EventStore:
         return await future
 
     async def _run(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._writing = True
+            if _STOP in batch:
+                stopping = True
+                batch = [item for item in batch if item is not _STOP]
+                if not batch:
+                    break
             try:
                 await self._write(batch)
             except Exception as exc:  # the transaction rolled back: nobody's write landed
@@ -199,8 +204,6 @@ class EventStore:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(StoreUnavailable("the ledger could not commit the write"))
-            finally:
-                self._writing = False
 
     async def _write(self, batch: list[_Pending]) -> None:
         async with self.pool.acquire() as conn:

@@ -14,7 +14,7 @@ async def test_opt_out_then_opt_in_with_receipts(client, make_token, database):
     assert first["position"] == 1 and first["event_type"] == "OptOutRegistered"
     assert len(first["leaf_hash"]) == 64 and len(first["chain_hash"]) == 64
 
-    again = await client.post(f"/v1/patients/943 476 5919/opt-out", json=choice(channel="phone"), headers=auth(token))
+    again = await client.post("/v1/patients/943 476 5919/opt-out", json=choice(channel="phone"), headers=auth(token))
     assert again.status == 200 and await again.json() == first
 
     choices = await (await client.get(f"/v1/patients/{nhs}/choices", headers=auth(token))).json()

@@ -21,6 +21,7 @@ from service.store import (
     IdempotencyKey,
     NewEvent,
     StoreBusy,
+    StoreUnavailable,
     VersionConflict,
 )
 
@@ -172,3 +173,15 @@ async def test_even_the_owner_is_refused_by_the_trigger(store: EventStore, datab
         assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 1
     finally:
         await conn.close()
+
+
+async def test_stop_writes_everything_already_queued(pool: asyncpg.Pool):
+    s = EventStore(pool, queue_size=1000, max_batch=10)
+    s.start()
+    pending = [asyncio.create_task(s.append([opt_out(uuid4(), 1)])) for _ in range(100)]
+    await asyncio.sleep(0)  # let every task queue its append
+    await s.stop()
+    results = await asyncio.gather(*pending)
+    assert sorted(r.receipts[0].position for r in results) == list(range(1, 101))
+    with pytest.raises(StoreUnavailable):
+        await s.append([opt_out(uuid4(), 1)])
