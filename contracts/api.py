@@ -14,6 +14,7 @@ from . import bodies
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
 from .values import MAX_COHORT_SIZE  # noqa: F401 - part of this module's limits, see README
+from .values import END
 
 PUBLIC: frozenset[str] = frozenset()
 PATIENT_APP = frozenset({"patient-app"})
@@ -87,7 +88,7 @@ BY_ID = {op.id: op for op in OPERATIONS}
 
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
-    "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
+    "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END},
     "position": {"type": "integer", "minimum": 1},
 }
 
@@ -156,8 +157,9 @@ def openapi(version: str) -> dict[str, Any]:
             responses["403"] = _problem_response("not allowed for this caller", "WWW-Authenticate")
         if "{" in op.path:
             responses["404"] = _problem_response("not found")
-        if op.request is not None:
+        if op.response is bodies.Receipt:
             responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
+        if op.request is not None:
             responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
             responses["415"] = _problem_response("body is not application/json")
         if op.request is not None or "{nhs}" in op.path:
@@ -185,6 +187,9 @@ def openapi(version: str) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.request.__name__}"}}},
             }
+        # Every write answers with a receipt and honours Idempotency-Key,
+        # including writes without a body (withdrawing a consent).
+        if op.response is bodies.Receipt:
             operation["parameters"].append(
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  # What the service accepts: printable ASCII (HTTP strips surrounding spaces).

@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose, ReadKind, Role
 from .values import (
+    END,
     Actor,
     Exemption,
     Frozen,
@@ -26,7 +27,7 @@ from .values import (
     UtcTime,
 )
 
-NhsDigits = Annotated[str, Meta(pattern=r"^[0-9]{10}$", description="canonical NHS number")]
+NhsDigits = Annotated[str, Meta(pattern=r"^[0-9]{10}" + END, description="canonical NHS number")]
 Count = Annotated[int, Meta(ge=0)]
 
 

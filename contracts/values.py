@@ -9,10 +9,16 @@ from msgspec import Meta, Struct
 
 from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose
 
+# Patterns end in `(?!\n)$`, not `$`: msgspec matches with Python's `re`,
+# whose `$` also matches before a final newline, so "G1\n" would pass as an
+# identifier that prints like "G1".  In JSON Schema (ECMA-262) the lookahead
+# is a no-op, so the published schema means the same.
+END = r"(?!\n)$"
+
 Identifier = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END,
         description="1-64 characters: letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
     ),
 ]
@@ -24,7 +30,7 @@ Position = Annotated[int, Meta(ge=1, le=2**62)]
 # large national release fits; bigger sets are sent in several requests.
 MAX_COHORT_SIZE = 5_000_000
 
-Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="SHA-256, 64 lowercase hex digits")]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}" + END, description="SHA-256, 64 lowercase hex digits")]
 
 
 class Frozen(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
@@ -78,6 +84,7 @@ def require_unique(items: list[str], field: str) -> None:
 
 
 __all__ = [
+    "END",
     "Actor",
     "Exemption",
     "Frozen",

@@ -16,6 +16,7 @@ from contracts.nhs_number import NhsNumber, check_digit
 from contracts.values import Actor, Exemption, Organisation, PurposeStatement
 
 from .commands import Caller, Ledger
+from .domain import AlreadyExists
 from .config import Config
 from .database import locate
 from .schema import migrate
@@ -61,29 +62,40 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     try:
         people = _patients(patients, rng)
         opted_out = set()
+        # The demo may run again on the same data: say what was already there
+        # instead of failing on the first grant or data use that exists.
+        existing = {"opt-outs": 0, "grants": 0, "study consents": 0, "data uses": 0}
         for nhs in people:
             if rng.random() < OPT_OUT_RATE:
                 proxy = rng.random() < 0.1
                 actor = Actor(kind="proxy", proxy_role="parent") if proxy else Actor(kind="patient")
                 scope = "type-1" if rng.random() < 0.15 else "national"
                 channel = rng.choice(["app", "online", "phone", "post", "gp-practice"])
-                await ledger.choose(app, nhs, True, ChoiceRequest(scope=scope, channel=channel, actor=actor), None)
+                outcome = await ledger.choose(
+                    app, nhs, True, ChoiceRequest(scope=scope, channel=channel, actor=actor), None
+                )
+                existing["opt-outs"] += not outcome.created
                 opted_out.add(nhs)
         for grant_id, org, org_name, purpose, basis, description, benefit, datasets, exemption in _GRANTS:
-            await ledger.create_grant(dac, GrantRequest(
-                grant_id=grant_id,
-                organisation=Organisation(code=org, name=org_name),
-                purpose=PurposeStatement(code=purpose, description=description, patient_benefit=benefit),
-                legal_basis=basis, datasets=datasets, commercial=False, exclusive=False,
-                valid_from=now - timedelta(days=30), valid_until=now + timedelta(days=700),
-                approved_by="Independent Group Advising on the Release of Data",
-                opt_out_exemption=exemption,
-            ), None)
+            try:
+                await ledger.create_grant(dac, GrantRequest(
+                    grant_id=grant_id,
+                    organisation=Organisation(code=org, name=org_name),
+                    purpose=PurposeStatement(code=purpose, description=description, patient_benefit=benefit),
+                    legal_basis=basis, datasets=datasets, commercial=False, exclusive=False,
+                    valid_from=now - timedelta(days=30), valid_until=now + timedelta(days=700),
+                    approved_by="Independent Group Advising on the Release of Data",
+                    opt_out_exemption=exemption,
+                ), None)
+            except AlreadyExists:
+                existing["grants"] += 1
         # A few opted-out patients consent to the research study all the same.
         consenting = rng.sample(sorted(opted_out), k=min(3, len(opted_out)))
         for nhs in consenting:
-            await ledger.give_consent(app, nhs, ConsentRequest(grant_id=_GRANTS[0][0], actor=Actor(kind="patient")),
-                                      None)
+            outcome = await ledger.give_consent(
+                app, nhs, ConsentRequest(grant_id=_GRANTS[0][0], actor=Actor(kind="patient")), None
+            )
+            existing["study consents"] += not outcome.created
         uses = 0
         for i in range(12):
             grant_id, org, *_rest, datasets, exemption = _GRANTS[i % len(_GRANTS)]
@@ -91,19 +103,24 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
             if exemption is None:
                 cohort = [n for n in cohort if n not in opted_out or (grant_id == _GRANTS[0][0] and n in consenting)]
             sde = Caller(subject=f"demo-{org.lower()}", roles=frozenset({"sde"}), org=org)
-            await ledger.record_data_use(sde, DataUseRequest(
-                use_id=f"{grant_id}-use-{i + 1:03d}", grant_id=grant_id,
-                purpose=_GRANTS[i % len(_GRANTS)][3], datasets=datasets[:1],
-                occurred_at=now - timedelta(hours=12 - i), access_method="sde" if i % 2 else "extract",
-                nhs_numbers=cohort,
-            ), None)
+            try:
+                await ledger.record_data_use(sde, DataUseRequest(
+                    use_id=f"{grant_id}-use-{i + 1:03d}", grant_id=grant_id,
+                    purpose=_GRANTS[i % len(_GRANTS)][3], datasets=datasets[:1],
+                    occurred_at=now - timedelta(hours=12 - i), access_method="sde" if i % 2 else "extract",
+                    nhs_numbers=cohort,
+                ), None)
+            except AlreadyExists:
+                existing["data uses"] += 1
             uses += 1
         head, _ = await store.head()
     finally:
         await store.stop()
         await pool.close()
+    already = ", ".join(f"{count} {what}" for what, count in existing.items() if count)
     return (
         f"demo loaded: {len(people)} patients, {len(opted_out)} opt-outs "
         f"({len(opted_out) / max(1, len(people)):.1%}), {len(_GRANTS)} grants, {len(consenting)} study consents, "
         f"{uses} data uses; ledger head at position {head}"
+        + (f"; already recorded before this run: {already}" if already else "")
     )

@@ -112,13 +112,19 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid(f"`{name}` must be an integer", f"query.{name}", status=400) from None
+    value = _plain_int(raw)
+    if value is None:
+        raise invalid(f"`{name}` must be an integer", f"query.{name}", status=400)
     if not low <= value <= high:
         raise invalid(f"`{name}` must be between {low} and {high}", f"query.{name}", status=400)
     return value
+
+
+def _plain_int(raw: str) -> int | None:
+    # int() also accepts "١", "1_0", "+1" and spaces: one number, one spelling.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        return None
+    return int(raw)
 
 
 class Body:
@@ -243,10 +249,9 @@ async def list_events(request: web.Request, caller: Caller | None) -> web.Respon
 
 
 async def get_event(request: web.Request, caller: Caller | None) -> web.Response:
-    try:
-        position = int(request.match_info["position"])
-    except ValueError:
-        raise invalid("position must be an integer", "path.position", status=400) from None
+    position = _plain_int(request.match_info["position"])
+    if position is None:
+        raise invalid("position must be an integer", "path.position", status=400)
     found = await request.app[STORE].read_positions([position]) if 1 <= position <= 2**62 else []
     if not found:
         raise NotFound(f"no ledger entry at position {position}")

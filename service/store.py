@@ -222,7 +222,10 @@ class EventStore:
                 for item in batch:
                     refusal = self._check(item, known_keys, versions, newer, written)
                     if refusal is not None:
-                        item.future.set_exception(refusal)
+                        # A caller that gave up (cancelled) has no one to tell;
+                        # setting its future would abort everyone's batch.
+                        if not item.future.done():
+                            item.future.set_exception(refusal)
                         continue
                     accepted.append(item)
                     if item.replay_of is not None:
