@@ -76,6 +76,27 @@ OPERATIONS: tuple[Operation, ...] = (
               query=(_after, _limit)),
     Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
               AUDITOR, None, bodies.EventView),
+    Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
+              "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
+              PATIENT_APP, None, bodies.ReceiptProof),
+    Operation("get_checkpoint", "GET", "/checkpoint",
+              "The latest signed checkpoint (C2SP tlog-checkpoint, text/plain)", PUBLIC),
+    Operation("get_entry_bundle", "GET", "/tile/entries/{tile_path:.+}",
+              "Entry bundle (C2SP tlog-tiles): big-endian uint16 length-prefixed entries", AUDITOR),
+    Operation("get_tile", "GET", r"/tile/{level:\d+}/{tile_path:.+}",
+              "Merkle hash tile (C2SP tlog-tiles): 32-byte hashes", PUBLIC),
+    Operation("inclusion_proof", "GET", "/v1/proofs/inclusion",
+              "RFC 9162 inclusion proof of the entry at `position` in the tree of `tree_size` (default: latest checkpoint)",
+              PUBLIC, None, bodies.InclusionProof,
+              query=(("position", {"type": "integer", "minimum": 1}, True),
+                     ("tree_size", {"type": "integer", "minimum": 1}, False))),
+    Operation("consistency_proof", "GET", "/v1/proofs/consistency",
+              "RFC 9162 consistency proof between tree sizes `from` and `to`",
+              PUBLIC, None, bodies.ConsistencyProof,
+              query=(("from", {"type": "integer", "minimum": 1}, True),
+                     ("to", {"type": "integer", "minimum": 1}, True))),
+    Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
+              PUBLIC, None, bodies.LogKeys),
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running",
               PUBLIC, None, bodies.Health),
@@ -88,6 +109,8 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
     "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
     "position": {"type": "integer", "minimum": 1},
+    "level": {"type": "integer", "minimum": 0, "maximum": 63},
+    "tile_path": {"type": "string", "pattern": r"^(x\d{3}/)*\d{3}(\.p/\d{1,3})?$"},
 }
 
 
@@ -171,7 +194,7 @@ def openapi(version: str) -> dict[str, Any]:
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
             )
-        paths.setdefault(op.path, {})[op.method.lower()] = operation
+        paths.setdefault(_openapi_path(op.path), {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "consent-ledger", "version": version},
@@ -184,4 +207,10 @@ def openapi(version: str) -> dict[str, Any]:
 
 
 def _path_names(path: str) -> list[str]:
-    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [part[1:-1].split(":")[0] for part in path.split("/") if part.startswith("{")]
+
+
+def _openapi_path(path: str) -> str:
+    """The route without aiohttp's regex parts: /tile/{level:\\d+}/... -> /tile/{level}/..."""
+    return "/".join("{" + part[1:-1].split(":")[0] + "}" if part.startswith("{") else part
+                    for part in path.split("/"))

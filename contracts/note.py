@@ -92,7 +92,7 @@ class Signer:
 
 
 def parse_vkey(text: str) -> Verifier:
-    parts = text.strip().split("+")
+    parts = text.strip().split("+", 2)  # base64 may itself hold '+'
     if len(parts) != 3:
         raise NoteError("a vkey is name+keyid+base64key")
     name, hex_id, b64 = parts
@@ -107,7 +107,7 @@ def parse_vkey(text: str) -> Verifier:
 
 
 def parse_signer(text: str) -> Signer:
-    parts = text.strip().split("+")
+    parts = text.strip().split("+", 4)
     if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
         raise NoteError("a private key is PRIVATE+KEY+name+keyid+base64key")
     name, hex_id, b64 = parts[2:]

@@ -20,6 +20,10 @@ class Config:
     writer_queue_size: int
     writer_max_batch: int
     pool_size: int
+    log_origin: str = "consent-ledger.example/log"
+    log_key_file: Path | None = None
+    log_extra_key_files: tuple[Path, ...] = ()
+    checkpoint_interval: float = 1.0
 
     @property
     def production(self) -> bool:
@@ -41,4 +45,12 @@ def load(env: dict[str, str] | None = None) -> Config:
         writer_queue_size=int(env.get("CONSENT_LEDGER_WRITER_QUEUE", "10000")),
         writer_max_batch=int(env.get("CONSENT_LEDGER_WRITER_BATCH", "500")),
         pool_size=int(env.get("CONSENT_LEDGER_POOL_SIZE", "10")),
+        # The checkpoint origin and the log key's name: a schema-less URL of the log.
+        log_origin=env.get("CONSENT_LEDGER_LOG_ORIGIN", "consent-ledger.example/log"),
+        log_key_file=Path(env["CONSENT_LEDGER_LOG_KEY"]) if env.get("CONSENT_LEDGER_LOG_KEY") else None,
+        # During a key rotation the old and new keys both sign every checkpoint.
+        log_extra_key_files=tuple(
+            Path(p) for p in env.get("CONSENT_LEDGER_LOG_EXTRA_KEYS", "").split(",") if p.strip()
+        ),
+        checkpoint_interval=float(env.get("CONSENT_LEDGER_CHECKPOINT_INTERVAL", "1.0")),
     )

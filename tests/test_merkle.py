@@ -226,7 +226,7 @@ def test_tile_paths_follow_tlog_tiles():
 def independent_open(note_text: str, vkey: str) -> list[str]:
     """signed-note: text, blank line, lines "— name base64(keyid4||sig)";
     vkey: name+hex(keyid)+base64(0x01||pubkey); key ID = SHA-256(name||0x0A||0x01||pub)[:4]."""
-    name, hexid, b64 = vkey.split("+")
+    name, hexid, b64 = vkey.split("+", 2)
     raw = base64.b64decode(b64)
     assert raw[0] == 1
     assert hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4].hex() == hexid
