@@ -331,8 +331,8 @@ async def _tree_size(request: web.Request, name: str, required: bool) -> int:
     return (await request.app[CHECKPOINTS].latest()).size
 
 
-async def _head(request: web.Request, conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT position FROM ledger_head")
+async def _head(request: web.Request, conn: asyncpg.Pool | asyncpg.Connection, at_least: int) -> int:
+    return await request.app[TILES].head(conn, at_least)
 
 
 async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Response:
@@ -342,10 +342,10 @@ async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Re
     size = await _tree_size(request, "tree_size", False)
     if position > size:
         raise invalid(f"position {position} is not in a tree of size {size}", "query.position", status=400)
-    async with request.app[STORE].pool.acquire() as conn:
-        if size > await _head(request, conn):
-            raise NotFound(f"the log is not yet {size} entries long")
-        hashes = await request.app[TILES].inclusion(conn, position - 1, size)
+    pool = request.app[STORE].pool  # the reader takes a connection only for what it has not cached
+    if size > await _head(request, pool, size):
+        raise NotFound(f"the log is not yet {size} entries long")
+    hashes = await request.app[TILES].inclusion(pool, position - 1, size)
     return json_response(bodies.InclusionProof(leaf_index=position - 1, tree_size=size, hashes=[h.hex() for h in hashes]))
 
 
@@ -356,10 +356,10 @@ async def consistency_proof(request: web.Request, caller: Caller | None) -> web.
     old, new = _int_query(request, "from", 0, 1, 2**62), _int_query(request, "to", 0, 1, 2**62)
     if old > new:
         raise invalid("`from` must not exceed `to`", "query.from", status=400)
-    async with request.app[STORE].pool.acquire() as conn:
-        if new > await _head(request, conn):
-            raise NotFound(f"the log is not yet {new} entries long")
-        hashes = await request.app[TILES].consistency(conn, old, new)
+    pool = request.app[STORE].pool
+    if new > await _head(request, pool, new):
+        raise NotFound(f"the log is not yet {new} entries long")
+    hashes = await request.app[TILES].consistency(pool, old, new)
     return json_response(bodies.ConsistencyProof(from_size=old, to_size=new, hashes=[h.hex() for h in hashes]))
 
 

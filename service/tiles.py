@@ -71,6 +71,31 @@ class TileReader:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, int], bytes] = {}
+        # A partial tile of a given width never changes either: the hashes
+        # before the tree's edge are fixed once written.
+        self._partial: dict[tuple[int, int, int], bytes] = {}
+        self._known_head = 0
+        # A perfect subtree's hash is fixed once its last leaf exists: warm
+        # proofs are dictionary lookups.
+        self._nodes: dict[Node, bytes] = {}
+
+    async def head(self, conn: asyncpg.Connection, at_least: int) -> int:
+        """The committed tree size, read only when `at_least` is beyond what we saw (it only grows)."""
+        if at_least > self._known_head:
+            self._known_head = await conn.fetchval("SELECT position FROM ledger_head")
+        return self._known_head
+
+    async def _partial_tile(self, conn: asyncpg.Connection, level: int, n: int, width: int) -> bytes:
+        key = (level, n, width)
+        data = self._partial.get(key)
+        if data is None:
+            hashes = await _level_hashes(conn, level, n * TILE_WIDTH, n * TILE_WIDTH + width)
+            data = b"".join(hashes)
+            if len(hashes) == width:
+                if len(self._partial) > _CACHE_LIMIT:
+                    self._partial.clear()
+                self._partial[key] = data
+        return data
 
     async def full_tiles(self, conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         wanted = set(wanted)
@@ -93,11 +118,24 @@ class TileReader:
         """Tile bytes, or None if the tree does not (yet) have that many hashes there."""
         if width == TILE_WIDTH:
             return (await self.full_tiles(conn, [(level, n)])).get((level, n))
-        hashes = await _level_hashes(conn, level, n * TILE_WIDTH, n * TILE_WIDTH + width)
-        return b"".join(hashes) if len(hashes) == width else None
+        data = await self._partial_tile(conn, level, n, width)
+        return data if len(data) == width * 32 else None
 
     async def nodes(self, conn: asyncpg.Connection, size: int, wanted: set[Node]) -> dict[Node, bytes]:
-        """Hashes of perfect subtrees (level, index) of the tree of `size` leaves."""
+        """Hashes of perfect subtrees (level, index) of the tree of `size` leaves.
+
+        `conn` may be a pool: then a connection is taken only if something is not cached."""
+        out = {node: self._nodes[node] for node in wanted if node in self._nodes}
+        missing = wanted - out.keys()
+        if missing:
+            found = await self._read_nodes(conn, size, missing)
+            if len(self._nodes) > 32 * _CACHE_LIMIT:
+                self._nodes.clear()
+            self._nodes.update(found)
+            out.update(found)
+        return out
+
+    async def _read_nodes(self, conn: asyncpg.Connection, size: int, wanted: set[Node]) -> dict[Node, bytes]:
         by_tile: dict[tuple[int, int], list[Node]] = {}
         for level, index in wanted:
             t, r = divmod(level, TILE_HEIGHT)
@@ -105,9 +143,7 @@ class TileReader:
         full = [k for k in by_tile if merkle.tile_width(k[0], k[1], size) == TILE_WIDTH]
         tiles = await self.full_tiles(conn, full)
         for key in by_tile.keys() - set(full):
-            width = merkle.tile_width(key[0], key[1], size)
-            hashes = await _level_hashes(conn, key[0], key[1] * TILE_WIDTH, key[1] * TILE_WIDTH + width)
-            tiles[key] = b"".join(hashes)
+            tiles[key] = await self._partial_tile(conn, key[0], key[1], merkle.tile_width(key[0], key[1], size))
         out: dict[Node, bytes] = {}
         for key, nodes in by_tile.items():
             data = tiles.get(key)
