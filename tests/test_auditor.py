@@ -179,3 +179,53 @@ async def test_forked_and_rolled_back_checkpoints_are_refused(live, tmp_path, cl
     assert code == 0, out  # without memory, a consistent forgery by the key holder is undetectable...
     code, out = await cli("verify", "--export", str(export), "--key", key, "--state", str(state))
     assert code == 1 and f"first bad position {SIZE}: consistency" in out, out  # ...with --state it is
+
+
+async def test_keys_generate_and_rotation_overlap(tmp_path, database, verifier):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service import config
+    from service.checkpoints import load_signers
+    from service.http import create_app
+
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "old.key"), "--name", "log.example/a")
+    assert code == 0, out
+    old_vkey = out.strip().splitlines()[-1]
+    assert (tmp_path / "old.key").stat().st_mode & 0o077 == 0
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "old.key"))
+    assert code == 2 and "refusing to overwrite" in out
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "new.key"), "--name", "log.example/a")
+    new_vkey = out.strip().splitlines()[-1]
+
+    cfg = config.load({"CONSENT_LEDGER_LOG_KEY": str(tmp_path / "new.key"),
+                       "CONSENT_LEDGER_LOG_EXTRA_KEYS": str(tmp_path / "old.key"),
+                       "CONSENT_LEDGER_LOG_ORIGIN": "log.example/a",
+                       "CONSENT_LEDGER_DATA_DIR": str(tmp_path / "data")})
+    signers, development = load_signers(cfg)
+    assert not development and [s.verifier.vkey for s in signers] == [new_vkey, old_vkey]
+
+    app = create_app(database, verifier, log_signers=signers, log_origin=cfg.log_origin)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await client.server.app[STORE].append(opt_outs(3))
+        await client.server.app[CHECKPOINTS].sign()
+        keys = await (await client.get("/v1/log-key")).json()
+        assert keys == {"origin": "log.example/a", "keys": [new_vkey, old_vkey]}
+        url = str(client.make_url("/")).rstrip("/")
+        token_free_checkpoint = await (await client.get("/checkpoint")).text()
+        for vkey in (old_vkey, new_vkey):  # either key alone verifies during the overlap
+            assert note.open_checkpoint(token_free_checkpoint, [note.parse_vkey(vkey)]).size == 3
+        assert url.startswith("http://127.0.0.1:")
+
+
+def test_development_log_key_is_generated_once_and_production_needs_one(tmp_path):
+    from service import config
+    from service.checkpoints import load_signers
+
+    dev = config.load({"CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    first, development = load_signers(dev)
+    again, _ = load_signers(dev)
+    assert development and first[0].verifier == again[0].verifier
+    assert first[0].name == "consent-ledger.example/log"
+    with pytest.raises(RuntimeError, match="CONSENT_LEDGER_LOG_KEY"):
+        load_signers(config.load({"CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_ENV": "production",
+                                  "CONSENT_LEDGER_JWKS": "x"}))
