@@ -66,7 +66,7 @@ class HttpSource:
         self._prefix = parts.path
         self._token = token
 
-    def get(self, path: str, *, auth: bool = False) -> bytes:
+    def get(self, path: str, *, auth: bool = False, missing_ok: bool = False) -> bytes | None:
         headers = {"Accept-Encoding": "identity"}
         if auth:
             if not self._token:
@@ -78,22 +78,30 @@ class HttpSource:
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:
             raise SourceError(f"GET {path}: {exc}") from None
+        if response.status == 404 and missing_ok:
+            return None
         if response.status != 200:
             raise SourceError(f"GET {path}: HTTP {response.status}: {body[:200].decode(errors='replace')}")
         return body
 
     def checkpoint(self) -> str:
-        return self.get("/checkpoint").decode()
+        return self._must("/checkpoint").decode()
+
+    def _must(self, path: str, *, auth: bool = False) -> bytes:
+        body = self.get(path, auth=auth)
+        assert body is not None
+        return body
 
     def consistency(self, old: int, new: int) -> list[bytes] | None:
-        body = json.loads(self.get(f"/v1/proofs/consistency?from={old}&to={new}"))
+        body = json.loads(self._must(f"/v1/proofs/consistency?from={old}&to={new}"))
         return [bytes.fromhex(h) for h in body["hashes"]]
 
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]:
         for n in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
             width = min(TILE_WIDTH, size - n * TILE_WIDTH)
-            bundle = self.get("/" + merkle.tile_path("entries", n, width), auth=True)
-            tile = self.get("/" + merkle.tile_path(0, n, width))
+            bundle = self._must("/" + merkle.tile_path("entries", n, width), auth=True)
+            # A log that lost leaves cannot serve their tile: then there is no claim to compare with.
+            tile = self.get("/" + merkle.tile_path(0, n, width), missing_ok=True) or b""
             leaves = [tile[i:i + 32] for i in range(0, len(tile), 32)]
             offset, i = 0, 0
             while offset < len(bundle):
@@ -141,11 +149,11 @@ class ExportSource:
                         line = decode(raw)
                         if line.position > size:
                             return
-                        yield line.position, line.entry, line.leaf
+                        yield line.position, line.entry, line.leaf or None
                 if rest.strip():
                     line = decode(rest)
                     if line.position <= size:
-                        yield line.position, line.entry, line.leaf
+                        yield line.position, line.entry, line.leaf or None
         except (OSError, EOFError, msgspec.DecodeError) as exc:
             raise SourceError(f"{self._path}: unreadable export: {exc}") from None
 

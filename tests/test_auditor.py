@@ -100,6 +100,7 @@ TAMPERING = {
          " WHERE (e.position, o.position) IN ((300, 301), (301, 300))"],
         300, "entry"),
     "tail truncated": (["DELETE FROM ledger_events WHERE position > 500"], 501, "size"),
+    "last entries truncated": (["DELETE FROM ledger_events WHERE position > 590"], 591, "size"),
 }
 
 
