@@ -115,8 +115,29 @@ async def measure(dsn: str, size: int, samples: int) -> None:
         await pool.close()
 
 
+_CLIENT = r"""
+import http.client, json, random, sys, time
+host, port, size, samples = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+conn = http.client.HTTPConnection(host, port)
+rng = random.Random(11)
+out = {"inclusion": [], "consistency": []}
+for _ in range(samples):
+    for kind, path in (("inclusion", f"/v1/proofs/inclusion?position={rng.randrange(1, size + 1)}&tree_size={size}"),
+                       ("consistency", f"/v1/proofs/consistency?from={rng.randrange(1, size)}&to={size}")):
+        t = time.perf_counter()
+        conn.request("GET", path)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200, r.status
+        out[kind].append(time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
 async def measure_http(dsn: str, size: int, samples: int) -> None:
-    from aiohttp import ClientSession
+    """End to end: the service in this process, a keep-alive client in another."""
+    import json
+
     from aiohttp.test_utils import TestServer
 
     from service import logs
@@ -124,31 +145,19 @@ async def measure_http(dsn: str, size: int, samples: int) -> None:
     from service.http import create_app
 
     logs.configure("warning", "json")  # request logs would be timed too
-
     app = create_app(Database(owner_dsn=dsn, embedded=False), verifier=None, pool_size=4)  # type: ignore[arg-type]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    rng = random.Random(11)
-    inc, con = [], []
     try:
-        async with ClientSession() as session:
-            base = str(server.make_url("/"))
-            for _ in range(samples):
-                t = time.perf_counter()
-                async with session.get(f"{base}v1/proofs/inclusion?position={rng.randrange(1, size + 1)}"
-                                       f"&tree_size={size}") as r:
-                    await r.read()
-                    assert r.status == 200
-                inc.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                async with session.get(f"{base}v1/proofs/consistency?from={rng.randrange(1, size)}&to={size}") as r:
-                    await r.read()
-                    assert r.status == 200
-                con.append(time.perf_counter() - t)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLIENT, "127.0.0.1", str(server.port), str(size), str(samples),
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
     finally:
         await server.close()
-    print(summary("inclusion (HTTP, loopback)", inc))
-    print(summary("consistency (HTTP, loopback)", con))
+    results = json.loads(out)
+    print(summary("inclusion (HTTP, loopback client)", results["inclusion"]))
+    print(summary("consistency (HTTP, loopback client)", results["consistency"]))
 
 
 async def main() -> None:
