@@ -176,3 +176,79 @@ async def test_signer_refuses_a_tree_inconsistent_with_the_last_checkpoint(datab
     with pytest.raises(CheckpointRefused):
         await restarted.sign()
     assert (await restarted.latest()) == first
+
+
+async def test_tile_store_matches_the_reference_at_the_tlog_tiles_example_size(database):
+    """70,000 leaves (the tlog-tiles spec's example), loaded in uneven chunks
+    through the writer's tile step: full and partial tiles on three levels."""
+    import hashlib as h
+    import uuid
+    from datetime import datetime, timezone
+
+    from service import tiles
+
+    size = 70_000
+    entries = [b'{"position":%d}' % p for p in range(1, size + 1)]
+    leaves = [h.sha256(b"\x00" + e).digest() for e in entries]
+    conn = await database.connect_owner()
+    try:
+        now, done, step = datetime.now(timezone.utc), 0, 1
+        while done < size:
+            upto = min(size, done + step)
+            rows = [(p, uuid.UUID(int=p), "Bench", uuid.UUID(int=p), 1, now, entries[p - 1], leaves[p - 1], bytes(32))
+                    for p in range(done + 1, upto + 1)]
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "ledger_events", records=rows,
+                    columns=["position", "event_id", "event_type", "aggregate_id", "aggregate_version",
+                             "recorded_at", "entry", "leaf_hash", "chain_hash"])
+                await tiles.extend(conn, done, upto)
+            done, step = upto, step * 3 + 1  # 1, 4, 13, ... crosses boundaries at odd offsets
+        stored = {(r["level"], r["n"]) for r in await conn.fetch("SELECT level, n FROM merkle_tiles")}
+        assert stored == {(lv, n) for lv, n, w in merkle.tiles_for(size) if w == merkle.TILE_WIDTH}
+
+        reader = TileReader()
+        assert await reader.tile(conn, 1, 0, 256) == b"".join(ref_mth(entries[i:i + 256]) for i in range(0, 65536, 256))
+        assert await reader.tile(conn, 2, 0, 1) == ref_mth(entries[:65536])
+        assert await reader.tile(conn, 1, 1, 18) is None  # the tree has only 17 there
+        assert await reader.root(conn, size) == ref_mth(entries)
+        for index in (0, 255, 256, 65535, 65536, 69_999, 12_345):
+            assert await reader.inclusion(conn, index, size) == ref_path(index, entries)
+        for old in (1, 256, 65535, 65536, 65537, 69_999):
+            assert await reader.consistency(conn, old, size) == ref_proof(old, entries)
+        assert await reader.consistency(conn, 1000, 66_000) == ref_proof(1000, entries[:66_000])
+    finally:
+        await conn.close()
+
+
+async def test_tiles_and_checkpoints_are_append_only_and_never_shrink(database, pool):
+    import asyncpg
+    import pytest
+
+    from service.checkpoints import CheckpointRefused
+
+    store = EventStore(pool)
+    store.start()
+    try:
+        await store.append(opt_outs(260))
+    finally:
+        await store.stop()
+    log = CheckpointLog(pool, TileReader(), [note.Signer.generate("x.example/log")], "x.example/log")
+    signed = await log.sign()
+    async with pool.acquire() as conn:  # the service role
+        for sql in ("UPDATE merkle_tiles SET root = root", "DELETE FROM checkpoints", "TRUNCATE merkle_tiles"):
+            with pytest.raises(asyncpg.PostgresError):
+                await conn.execute(sql)
+    owner = await database.connect_owner()
+    try:
+        for sql in ("UPDATE checkpoints SET note = ''", "DELETE FROM merkle_tiles", "TRUNCATE checkpoints"):
+            with pytest.raises(asyncpg.PostgresError, match="append-only"):
+                await owner.execute(sql)
+        # A superuser winds the head back behind the signed checkpoint: the signer refuses.
+        await owner.execute("SET session_replication_role = replica")
+        await owner.execute("UPDATE ledger_head SET position = 100")
+    finally:
+        await owner.close()
+    with pytest.raises(CheckpointRefused, match="behind"):
+        await log.sign()
+    assert await log.latest() == signed
