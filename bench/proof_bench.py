@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import os
 import random
-import statistics
 import sys
 import time
 import uuid

@@ -213,13 +213,15 @@ class Outcome:
     root: bytes
     seconds: float
     failure: Failure | None = None
+    chain: bytes = b""
 
     def report(self) -> str:
         if self.failure is not None:
             return f"FAILED: first bad position {self.failure.position}: {self.failure.what}: {self.failure.detail}"
         rate = self.size / self.seconds if self.seconds > 0 else 0
+        # The chain head lets anyone holding the last write receipt compare it too.
         return (f"OK: {self.size} entries verified; root {base64.b64encode(self.root).decode()}; "
-                f"{self.seconds:.2f}s ({rate:,.0f} entries/s)")
+                f"chain {self.chain.hex()}; {self.seconds:.2f}s ({rate:,.0f} entries/s)")
 
 
 def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | None = None,
@@ -276,7 +278,7 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
                       f"position {first - 1})")
     if state_path is not None:
         save_state(state_path, cp, checkpoint_text)
-    return Outcome(True, cp.size, root, time.perf_counter() - started)
+    return Outcome(True, cp.size, root, time.perf_counter() - started, chain=checker.chain)
 
 
 def read_key(value: str) -> list[note.Verifier]:

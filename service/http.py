@@ -18,21 +18,20 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from contracts import api, bodies
+from contracts import api, bodies, merkle, note
 from contracts.entry import decode_entry
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 
 from . import __version__
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
+from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
 from .database import Database
 from .domain import AlreadyExists, NotFound, RuleBroken
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
-from .checkpoints import CheckpointLog
 from .tiles import TileReader
-from contracts import merkle, note
 
 log = structlog.get_logger("consent_ledger.http")
 
@@ -325,10 +324,10 @@ async def get_entry_bundle(request: web.Request, caller: Caller | None) -> web.R
     return _binary(bytes(out), width == merkle.TILE_WIDTH)
 
 
-async def _tree_size(request: web.Request, name: str, required: bool) -> int:
-    if name in request.query or required:
-        return _int_query(request, name, 0, 1, 2**62)
-    return (await request.app[CHECKPOINTS].latest()).size
+def _required_int(request: web.Request, name: str) -> int:
+    if name not in request.query:
+        raise invalid(f"`{name}` is required", f"query.{name}", status=400)
+    return _int_query(request, name, 0, 1, 2**62)
 
 
 async def _head(request: web.Request, conn: asyncpg.Pool | asyncpg.Connection, at_least: int) -> int:
@@ -336,10 +335,11 @@ async def _head(request: web.Request, conn: asyncpg.Pool | asyncpg.Connection, a
 
 
 async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Response:
-    position = _int_query(request, "position", 0, 1, 2**62) if "position" in request.query else None
-    if position is None:
-        raise invalid("`position` is required", "query.position", status=400)
-    size = await _tree_size(request, "tree_size", False)
+    position = _required_int(request, "position")
+    if "tree_size" in request.query:
+        size = _required_int(request, "tree_size")
+    else:
+        size = (await request.app[CHECKPOINTS].latest()).size
     if position > size:
         raise invalid(f"position {position} is not in a tree of size {size}", "query.position", status=400)
     pool = request.app[STORE].pool  # the reader takes a connection only for what it has not cached
@@ -350,10 +350,7 @@ async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Re
 
 
 async def consistency_proof(request: web.Request, caller: Caller | None) -> web.Response:
-    for name in ("from", "to"):
-        if name not in request.query:
-            raise invalid(f"`{name}` is required", f"query.{name}", status=400)
-    old, new = _int_query(request, "from", 0, 1, 2**62), _int_query(request, "to", 0, 1, 2**62)
+    old, new = _required_int(request, "from"), _required_int(request, "to")
     if old > new:
         raise invalid("`from` must not exceed `to`", "query.from", status=400)
     pool = request.app[STORE].pool

@@ -66,6 +66,9 @@ async def test_honest_log_verifies_live_and_exported_and_state_advances(live, tm
     code, out = await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token)
     assert code == 0, out
     assert f"OK: {SIZE} entries verified" in out
+    async with client.server.app[STORE].pool.acquire() as conn:
+        head_chain = bytes(await conn.fetchval("SELECT chain_hash FROM ledger_head")).hex()
+    assert f"chain {head_chain}" in out
     assert json.loads(state.read_text())["size"] == SIZE
 
     await client.server.app[STORE].append(opt_outs(5))

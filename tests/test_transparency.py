@@ -12,7 +12,7 @@ from contracts import merkle, note
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
 from service.checkpoints import CheckpointLog
-from service.http import CHECKPOINTS, SETTINGS, STORE, TILES, create_app
+from service.http import CHECKPOINTS, STORE, create_app
 from service.store import EventStore, NewEvent
 from service.tiles import TileReader
 
@@ -80,6 +80,8 @@ async def test_checkpoint_tiles_and_proofs_match_the_reference(client, make_toke
     assert (await client.get("/v1/proofs/inclusion?position=557")).status == 400
     assert (await client.get("/v1/proofs/inclusion?position=1&tree_size=900")).status == 404
     assert (await client.get("/v1/proofs/consistency?from=9&to=3")).status == 400
+    missing = await client.get("/v1/proofs/inclusion")
+    assert missing.status == 400 and (await missing.json())["errors"][0]["path"] == "query.position"
 
 
 async def test_patient_receipt_proves_only_their_own_event(client, make_token):
