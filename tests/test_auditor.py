@@ -123,7 +123,7 @@ async def test_tampering_is_caught_at_the_first_bad_position(attack, live, datab
     assert code == 1 and f"first bad position {position}: {what}" in out, out
 
 
-async def test_replaced_tail_with_fresh_hashes_is_caught(live, database):
+async def test_replaced_tail_with_fresh_hashes_is_caught(live, database, tmp_path):
     """Rewrite entries 400.. with a different history and recompute every leaf,
     chain link and the head, as an attacker with the database would."""
     url, key, token = live
@@ -142,6 +142,10 @@ async def test_replaced_tail_with_fresh_hashes_is_caught(live, database):
     finally:
         await conn.close()
     code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 1 and "first bad position 400: leaf" in out, out
+    export = tmp_path / "rewritten.jsonl.gz"
+    assert (await cli("export", "--url", url, "--out", str(export), token=token))[0] == 0
+    code, out = await cli("verify", "--export", str(export), "--key", key)
     assert code == 1 and "first bad position 400: leaf" in out, out
 
 
