@@ -237,3 +237,32 @@ def test_development_log_key_is_generated_once_and_production_needs_one(tmp_path
     with pytest.raises(RuntimeError, match="CONSENT_LEDGER_LOG_KEY"):
         load_signers(config.load({"CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_ENV": "production",
                                   "CONSENT_LEDGER_JWKS": "x"}))
+
+
+async def test_rewritten_entries_and_tree_still_fail_against_the_signed_root(live, database, client):
+    """An attacker who also rebuilds the Merkle tiles leaves no unsigned hash to
+    compare with: verify still refuses, bounded by the last remembered checkpoint."""
+    from service import tiles
+    from service.http import TILES
+
+    url, key, token = live
+    conn = await database.connect_owner()
+    try:
+        rows = await conn.fetch("SELECT position, entry, chain_hash FROM ledger_events ORDER BY position")
+        chain = bytes(rows[398]["chain_hash"])
+        await conn.execute("SET session_replication_role = replica")
+        for r in rows[399:]:
+            entry = _rewrite(bytes(r["entry"]))
+            chain = chain_hash(chain, leaf_hash(entry))
+            await conn.execute("UPDATE ledger_events SET entry = $2, leaf_hash = $3, chain_hash = $4"
+                               " WHERE position = $1", r["position"], entry, leaf_hash(entry), chain)
+        await conn.execute("UPDATE ledger_head SET chain_hash = $1", chain)
+        await conn.execute("DELETE FROM merkle_tiles")
+        await tiles.extend(conn, 0, SIZE)
+    finally:
+        await conn.close()
+    reader = client.server.app[TILES]
+    for cache in (reader._cache, reader._partial, reader._nodes):  # as after a restart
+        cache.clear()
+    code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 1 and "first bad position 1: root" in out, out
