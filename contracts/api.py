@@ -40,6 +40,10 @@ class Operation(NamedTuple):
     success: int = 200
     body_limit: int = SMALL_BODY
     query: tuple[tuple[str, dict[str, Any], bool], ...] = ()
+    # Media type of the success body, when it is not a JSON Struct.
+    media_type: str = "application/json"
+    # 404 is also possible without path parameters (e.g. a proof for a tree not yet that large).
+    may_be_missing: bool = False
 
 
 _after = ("after", {"type": "integer", "minimum": 0}, False)
@@ -78,6 +82,30 @@ OPERATIONS: tuple[Operation, ...] = (
               query=(_after, _limit)),
     Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
               AUDITOR, None, bodies.EventView),
+    Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
+              "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
+              PATIENT_APP, None, bodies.ReceiptProof),
+    Operation("get_checkpoint", "GET", "/checkpoint",
+              "The latest signed checkpoint (C2SP tlog-checkpoint, text/plain)", PUBLIC,
+              media_type="text/plain"),
+    Operation("get_entry_bundle", "GET", "/tile/entries/{tile_path:.+}",
+              "Entry bundle (C2SP tlog-tiles): big-endian uint16 length-prefixed entries", AUDITOR,
+              media_type="application/octet-stream"),
+    Operation("get_tile", "GET", r"/tile/{level:\d+}/{tile_path:.+}",
+              "Merkle hash tile (C2SP tlog-tiles): 32-byte hashes", PUBLIC,
+              media_type="application/octet-stream"),
+    Operation("inclusion_proof", "GET", "/v1/proofs/inclusion",
+              "RFC 9162 inclusion proof of the entry at `position` in the tree of `tree_size` (default: latest checkpoint)",
+              PUBLIC, None, bodies.InclusionProof,
+              query=(("position", {"type": "integer", "minimum": 1}, True),
+                     ("tree_size", {"type": "integer", "minimum": 1}, False)), may_be_missing=True),
+    Operation("consistency_proof", "GET", "/v1/proofs/consistency",
+              "RFC 9162 consistency proof between tree sizes `from` and `to`",
+              PUBLIC, None, bodies.ConsistencyProof,
+              query=(("from", {"type": "integer", "minimum": 1}, True),
+                     ("to", {"type": "integer", "minimum": 1}, True)), may_be_missing=True),
+    Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
+              PUBLIC, None, bodies.LogKeys),
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running",
               PUBLIC, None, bodies.Health),
@@ -90,6 +118,8 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
     "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END},
     "position": {"type": "integer", "minimum": 1},
+    "level": {"type": "integer", "minimum": 0, "maximum": 63},
+    "tile_path": {"type": "string", "pattern": r"^(x\d{3}/)*\d{3}(\.p/\d{1,3})?$"},
 }
 
 
@@ -137,7 +167,9 @@ def openapi(version: str) -> dict[str, Any]:
         )
         responses[str(op.success)] = {
             "description": "success",
-            "content": {"application/json": {"schema": ok_schema}},
+            "content": {op.media_type: {"schema": ok_schema if op.media_type == "application/json" else
+                                        {"type": "string", "format": "binary"}
+                                        if op.media_type == "application/octet-stream" else {"type": "string"}}},
         }
         if op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
             # Reads of personal data are written to the ledger first (PersonalDataRead).
@@ -155,7 +187,7 @@ def openapi(version: str) -> dict[str, Any]:
             responses["401"] = _problem_response("missing or invalid credentials (RFC 6750 challenge)",
                                                  "WWW-Authenticate")
             responses["403"] = _problem_response("not allowed for this caller", "WWW-Authenticate")
-        if "{" in op.path:
+        if "{" in op.path or op.may_be_missing:
             responses["404"] = _problem_response("not found")
         if op.response is bodies.Receipt:
             responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
@@ -196,7 +228,7 @@ def openapi(version: str) -> dict[str, Any]:
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200,
                             "pattern": "^[!-~]([ -~]*[!-~])?$"}}
             )
-        paths.setdefault(op.path, {})[op.method.lower()] = operation
+        paths.setdefault(openapi_path(op.path), {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "consent-ledger", "version": version},
@@ -209,4 +241,10 @@ def openapi(version: str) -> dict[str, Any]:
 
 
 def _path_names(path: str) -> list[str]:
-    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [part[1:-1].split(":")[0] for part in path.split("/") if part.startswith("{")]
+
+
+def openapi_path(path: str) -> str:
+    """The route without aiohttp's regex parts: /tile/{level:\\d+}/... -> /tile/{level}/..."""
+    return "/".join("{" + part[1:-1].split(":")[0] + "}" if part.startswith("{") else part
+                    for part in path.split("/"))

@@ -188,3 +188,37 @@ __all__ = [
     "RevokeRequest",
     "ScopeChoice",
 ]
+
+
+# --- transparency: proofs and keys ----------------------------------------------
+
+
+class InclusionProof(Struct, frozen=True, kw_only=True):
+    """RFC 9162 inclusion proof of the leaf at `leaf_index` (= position - 1)."""
+
+    leaf_index: int
+    tree_size: int
+    hashes: list[str]
+
+
+class ConsistencyProof(Struct, frozen=True, kw_only=True, rename={"from_size": "from", "to_size": "to"}):
+    from_size: int
+    to_size: int
+    hashes: list[str]
+
+
+class LogKeys(Struct, frozen=True, kw_only=True):
+    """The checkpoint origin and the signed-note verifier keys (vkeys) that sign it."""
+
+    origin: str
+    keys: list[str]
+
+
+class ReceiptProof(Struct, frozen=True, kw_only=True):
+    """A patient's own ledger entry, its inclusion proof and the signed checkpoint it leads to."""
+
+    event: EventView
+    entry: str
+    leaf_hash: str
+    proof: InclusionProof
+    checkpoint: str

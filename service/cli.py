@@ -15,6 +15,7 @@ from contracts.api import ROLES
 from . import config as config_module
 from . import logs
 from .auth import issue_token, load_or_create_dev_key, verifier
+from .checkpoints import load_signers
 from .database import describe, locate
 from .schema import migrate
 
@@ -32,6 +33,10 @@ def _serve(args: argparse.Namespace) -> None:
     logs.configure(cfg.log_level, cfg.log_format)
     database = asyncio.run(locate(cfg))
     token_verifier, development = verifier(cfg)
+    signers, dev_log_key = load_signers(cfg)
+    if dev_log_key:
+        log.warning("DEVELOPMENT LOG KEY: checkpoints are signed by a key generated in the data directory;"
+                    " set CONSENT_LEDGER_LOG_KEY (see `consent-ledger keys generate`)", vkey=signers[0].verifier.vkey)
     log.info("database", url=describe(database.owner_dsn), embedded=database.embedded)
     if cfg.production and not cfg.service_database_url:
         log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
@@ -49,6 +54,9 @@ def _serve(args: argparse.Namespace) -> None:
         queue_size=cfg.writer_queue_size,
         max_batch=cfg.writer_max_batch,
         timeout=cfg.request_timeout_seconds,
+        log_signers=signers,
+        log_origin=cfg.log_origin,
+        checkpoint_interval=cfg.checkpoint_interval,
     )
     log.info("serving", host=args.host, port=args.port)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
@@ -99,6 +107,57 @@ def _demo(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def _keys_generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from contracts.note import Signer
+
+    from .checkpoints import write_key
+
+    cfg = config_module.load()
+    signer = Signer.generate(args.name or cfg.log_origin)
+    try:
+        write_key(Path(args.out), signer)
+    except FileExistsError:
+        raise CommandError(f"{args.out} exists: refusing to overwrite a signing key") from None
+    print(f"# private key written to {args.out}; publish this verifier key:", file=sys.stderr)
+    print(signer.verifier.vkey)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.token or os.environ.get("CONSENT_LEDGER_TOKEN") or None
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from . import auditor
+
+    try:
+        keys = auditor.read_key(args.key)
+        source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
+        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream())
+    except (auditor.SourceError, ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    print(outcome.report())
+    if not outcome.ok:
+        raise SystemExit(1)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from . import auditor
+
+    try:
+        size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out), auditor.progress_stream())
+    except (auditor.SourceError, ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"exported {size} entries and their checkpoint to {args.out}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="consent-ledger", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +183,27 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--subject")
     issue.add_argument("--lifetime", type=int, default=3600)
     issue.set_defaults(run=_token_issue)
+
+    keys = sub.add_parser("keys", help="checkpoint signing keys").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser("generate", help="write a new Ed25519 log key; print its vkey")
+    generate.add_argument("--out", required=True, help="private key file to create (mode 0600)")
+    generate.add_argument("--name", help="key name = checkpoint origin (default CONSENT_LEDGER_LOG_ORIGIN)")
+    generate.set_defaults(run=_keys_generate)
+
+    verify = sub.add_parser("verify", help="verify the log (live or exported) against its signed checkpoint")
+    where = verify.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="base URL of a running service")
+    where.add_argument("--export", help="file written by `consent-ledger export`")
+    verify.add_argument("--key", required=True, help="verifier key (vkey text) or a file holding vkeys")
+    verify.add_argument("--state", help="file remembering the last verified checkpoint (refuses rollback/fork)")
+    verify.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
+    verify.set_defaults(run=_verify)
+
+    exp = sub.add_parser("export", help="write the checkpoint and every entry to a gzip file")
+    exp.add_argument("--url", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
+    exp.set_defaults(run=_export)
     return p
 
 

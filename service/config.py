@@ -24,6 +24,10 @@ class Config:
     jwks_min_refresh_seconds: float = 30.0
     request_timeout_seconds: float = 60.0
     service_database_url: str | None = None
+    log_origin: str = "consent-ledger.example/log"
+    log_key_file: Path | None = None
+    log_extra_key_files: tuple[Path, ...] = ()
+    checkpoint_interval: float = 1.0
 
     @property
     def production(self) -> bool:
@@ -49,4 +53,12 @@ def load(env: dict[str, str] | None = None) -> Config:
         jwks_min_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS", "30")),
         service_database_url=env.get("CONSENT_LEDGER_SERVICE_DATABASE_URL") or None,
         request_timeout_seconds=float(env.get("CONSENT_LEDGER_REQUEST_TIMEOUT_SECONDS", "60")),
+        # The checkpoint origin and the log key's name: a schema-less URL of the log.
+        log_origin=env.get("CONSENT_LEDGER_LOG_ORIGIN", "consent-ledger.example/log"),
+        log_key_file=Path(env["CONSENT_LEDGER_LOG_KEY"]) if env.get("CONSENT_LEDGER_LOG_KEY") else None,
+        # During a key rotation the old and new keys both sign every checkpoint.
+        log_extra_key_files=tuple(
+            Path(p) for p in env.get("CONSENT_LEDGER_LOG_EXTRA_KEYS", "").split(",") if p.strip()
+        ),
+        checkpoint_interval=float(env.get("CONSENT_LEDGER_CHECKPOINT_INTERVAL", "1.0")),
     )

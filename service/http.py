@@ -18,12 +18,14 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from contracts import api, bodies
+from contracts import api, bodies, merkle, note
+from contracts.entry import decode_entry
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 
 from . import __version__
 from .access import READ_HEADER, record_read
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
+from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
 from .database import Database
 from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
@@ -31,6 +33,7 @@ from .limits import request_timeout
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
+from .tiles import TileReader
 
 log = structlog.get_logger("consent_ledger.http")
 
@@ -40,6 +43,8 @@ LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 SETTINGS = web.AppKey("settings", dict)
 OPENAPI = web.AppKey("openapi", bytes)
+CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
+TILES = web.AppKey("tiles", TileReader)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -279,6 +284,139 @@ async def openapi(request: web.Request, caller: Caller | None) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+# --- transparency: checkpoints, tiles, proofs ---------------------------------------
+
+
+def _tile_request(request: web.Request) -> tuple[int, int]:
+    """(tile index N, width W) from <N>[.p/<W>], refusing non-canonical spellings."""
+    raw = request.match_info["tile_path"]
+    index_part, partial, width_part = raw.partition(".p/")
+    try:
+        n = merkle.parse_tile_index(index_part)
+        width = int(width_part) if partial else merkle.TILE_WIDTH
+        if partial and (not 1 <= width < merkle.TILE_WIDTH or str(width) != width_part):
+            raise ValueError
+    except ValueError:
+        raise NotFound("not a tlog-tiles path: use <N> as x###/.../### and .p/<W> with W in 1..255") from None
+    return n, width
+
+
+def _binary(data: bytes, immutable: bool) -> web.Response:
+    cache = "public, max-age=31536000, immutable" if immutable else "public, max-age=1"
+    return web.Response(body=data, content_type="application/octet-stream", headers={"Cache-Control": cache})
+
+
+async def get_checkpoint(request: web.Request, caller: Caller | None) -> web.Response:
+    latest = await request.app[CHECKPOINTS].latest()
+    return web.Response(text=latest.note, content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-cache, max-age=1"})
+
+
+async def get_tile(request: web.Request, caller: Caller | None) -> web.Response:
+    level_text = request.match_info["level"]
+    level = int(level_text)
+    if level > 63 or str(level) != level_text:
+        raise NotFound("tile level must be 0..63 without leading zeroes")
+    n, width = _tile_request(request)
+    async with request.app[STORE].pool.acquire() as conn:
+        data = await request.app[TILES].tile(conn, level, n, width)
+    if data is None:
+        raise NotFound(f"the tree has no tile {merkle.tile_path(level, n, width)} (yet)")
+    return _binary(data, width == merkle.TILE_WIDTH)
+
+
+async def get_entry_bundle(request: web.Request, caller: Caller | None) -> web.Response:
+    n, width = _tile_request(request)
+    start = n * merkle.TILE_WIDTH
+    async with request.app[STORE].pool.acquire() as conn:
+        head = await conn.fetchval("SELECT position FROM ledger_head")
+        if start + width > head:
+            raise NotFound(f"the log has no bundle {merkle.tile_path('entries', n, width)} (yet)")
+        rows = await conn.fetch(
+            "SELECT entry FROM ledger_events WHERE position > $1 AND position <= $2 ORDER BY position",
+            start, start + width,
+        )
+    out = bytearray()
+    for r in rows:
+        entry = bytes(r[0])
+        out += len(entry).to_bytes(2, "big") + entry
+    read = await record_read(request.app[STORE], _caller(caller), "entry-tiles", api.AUDITOR,
+                             first_position=start + 1, last_position=start + width, entries=width)
+    response = _binary(bytes(out), width == merkle.TILE_WIDTH)
+    response.headers[READ_HEADER] = str(read.position)
+    return response
+
+
+def _required_int(request: web.Request, name: str) -> int:
+    if name not in request.query:
+        raise invalid(f"`{name}` is required", f"query.{name}", status=400)
+    return _int_query(request, name, 0, 1, 2**62)
+
+
+async def _head(request: web.Request, conn: asyncpg.Pool | asyncpg.Connection, at_least: int) -> int:
+    return await request.app[TILES].head(conn, at_least)
+
+
+async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Response:
+    position = _required_int(request, "position")
+    if "tree_size" in request.query:
+        size = _required_int(request, "tree_size")
+    else:
+        size = (await request.app[CHECKPOINTS].latest()).size
+    if position > size:
+        raise invalid(f"position {position} is not in a tree of size {size}", "query.position", status=400)
+    pool = request.app[STORE].pool  # the reader takes a connection only for what it has not cached
+    if size > await _head(request, pool, size):
+        raise NotFound(f"the log is not yet {size} entries long")
+    hashes = await request.app[TILES].inclusion(pool, position - 1, size)
+    return json_response(bodies.InclusionProof(leaf_index=position - 1, tree_size=size, hashes=[h.hex() for h in hashes]))
+
+
+async def consistency_proof(request: web.Request, caller: Caller | None) -> web.Response:
+    old, new = _required_int(request, "from"), _required_int(request, "to")
+    if old > new:
+        raise invalid("`from` must not exceed `to`", "query.from", status=400)
+    pool = request.app[STORE].pool
+    if new > await _head(request, pool, new):
+        raise NotFound(f"the log is not yet {new} entries long")
+    hashes = await request.app[TILES].consistency(pool, old, new)
+    return json_response(bodies.ConsistencyProof(from_size=old, to_size=new, hashes=[h.hex() for h in hashes]))
+
+
+async def log_key(request: web.Request, caller: Caller | None) -> web.Response:
+    checkpoints = request.app[CHECKPOINTS]
+    return json_response(bodies.LogKeys(origin=checkpoints.origin, keys=[v.vkey for v in checkpoints.verifiers]))
+
+
+async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    position = _plain_int(request.match_info["position"])
+    if position is None:
+        raise invalid("position must be an integer", "path.position", status=400)
+    checkpoints = request.app[CHECKPOINTS]
+    latest = await checkpoints.latest()
+    if position > latest.size:
+        latest = await checkpoints.sign()  # on demand: a fresh receipt is provable at once
+    async with request.app[STORE].pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT entry, leaf_hash, chain_hash FROM ledger_events WHERE position = $1", position
+        ) if 1 <= position <= latest.size else None
+        stored = StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"])) \
+            if row is not None else None
+        # Another patient's entry is reported exactly like a missing one.
+        if stored is None or getattr(stored.entry.payload, "nhs_number", None) != nhs:
+            raise NotFound(f"no entry of this patient at position {position}")
+        hashes = await request.app[TILES].inclusion(conn, position - 1, latest.size)
+    read = await record_read(request.app[STORE], _caller(caller), "receipt", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(bodies.ReceiptProof(
+        event=event_view(stored),
+        entry=bytes(row["entry"]).decode(),
+        leaf_hash=stored.leaf_hash.hex(),
+        proof=bodies.InclusionProof(leaf_index=position - 1, tree_size=latest.size, hashes=[h.hex() for h in hashes]),
+        checkpoint=latest.note,
+    ), headers={READ_HEADER: str(read.position)})
+
+
 HANDLERS: dict[str, Handler] = {
     "opt_out": opt_out,
     "opt_in": opt_in,
@@ -294,6 +432,13 @@ HANDLERS: dict[str, Handler] = {
     "healthz": healthz,
     "readyz": readyz,
     "openapi": openapi,
+    "get_checkpoint": get_checkpoint,
+    "get_tile": get_tile,
+    "get_entry_bundle": get_entry_bundle,
+    "inclusion_proof": inclusion_proof,
+    "consistency_proof": consistency_proof,
+    "log_key": log_key,
+    "get_receipt_proof": get_receipt_proof,
 }
 
 
@@ -400,9 +545,15 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
     store.start()
     app[STORE] = store
     app[LEDGER] = Ledger(store)
+    app[TILES] = TileReader()
+    checkpoints = CheckpointLog(pool, app[TILES], settings["log_signers"], settings["log_origin"],
+                                settings["checkpoint_interval"])
+    app[CHECKPOINTS] = checkpoints
+    checkpoints.start()
     try:
         yield
     finally:
+        await checkpoints.stop()
         await store.stop()
         await pool.close()
 
@@ -415,11 +566,19 @@ def create_app(
     queue_size: int = 10_000,
     max_batch: int = 500,
     timeout: float = 60.0,
+    log_signers: list[note.Signer] | None = None,
+    log_origin: str = "consent-ledger.example/log",
+    checkpoint_interval: float = 1.0,
 ) -> web.Application:
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
     app[VERIFIER] = verifier
-    app[SETTINGS] = {"pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch}
+    app[SETTINGS] = {
+        "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
+        # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.
+        "log_signers": log_signers or [note.Signer.generate(log_origin)],
+        "log_origin": log_origin, "checkpoint_interval": checkpoint_interval,
+    }
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
     if missing:

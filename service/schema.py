@@ -92,6 +92,32 @@ CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
     for t in LEDGER_TABLES
 )
 
+# Merkle tiles (full ones only) and signed checkpoints: both append-only.
+_V2 = """
+CREATE TABLE merkle_tiles (
+    level  smallint NOT NULL CHECK (level >= 0 AND level < 64),
+    n      bigint   NOT NULL CHECK (n >= 0),
+    hashes bytea    NOT NULL CHECK (length(hashes) = 8192),
+    root   bytea    NOT NULL CHECK (length(root) = 32),
+    PRIMARY KEY (level, n)
+);
+
+CREATE TABLE checkpoints (
+    tree_size bigint      PRIMARY KEY CHECK (tree_size >= 0),
+    root      bytea       NOT NULL CHECK (length(root) = 32),
+    note      text        NOT NULL,
+    signed_at timestamptz NOT NULL DEFAULT now()
+);
+""" + "".join(
+    f"""
+CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+"""
+    for t in ("merkle_tiles", "checkpoints")
+)
+
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
 -- Checked first so that an owner without CREATEROLE can migrate once an
@@ -108,9 +134,11 @@ REVOKE ALL ON ledger_events, ledger_idempotency, cohorts, ledger_head, schema_mi
 GRANT SELECT, INSERT ON ledger_events, ledger_idempotency, cohorts TO {APP_ROLE};
 GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
 GRANT SELECT ON schema_migrations TO {APP_ROLE};
+REVOKE ALL ON merkle_tiles, checkpoints FROM PUBLIC;
+GRANT SELECT, INSERT ON merkle_tiles, checkpoints TO {APP_ROLE};
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1 + _APPEND_ONLY),)
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1 + _APPEND_ONLY), (2, _V2))
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:

@@ -26,6 +26,8 @@ import structlog
 from contracts.bodies import Receipt
 from contracts.entry import Entry, chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
 
+from . import tiles
+
 log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "consent_ledger"
@@ -210,6 +212,7 @@ class EventStore:
             async with conn.transaction():
                 head = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head FOR UPDATE")
                 position, chain = head["position"], bytes(head["chain_hash"])
+                tree_size = position
                 known_keys = await self._known_keys(conn, batch)
                 versions = await self._versions(conn, batch)
                 newer = await self._events_after(conn, batch)
@@ -263,6 +266,7 @@ class EventStore:
                             "aggregate_version", "recorded_at", "entry", "leaf_hash", "chain_hash",
                         ],
                     )
+                    await tiles.extend(conn, tree_size, position)
                     fresh = [i for i in accepted if i.replay_of is None]
                     keys = [(k.scope, k.key, k.request_hash, i.positions) for i in fresh if (k := i.idempotency)]
                     if keys:

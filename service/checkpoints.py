@@ -1,0 +1,134 @@
+"""Signed checkpoints: a new one at most every interval while the log grows.
+
+Every checkpoint is signed under a PostgreSQL advisory lock after checking,
+from the stored tree, that it is at least as large as the last one and
+consistent with it, so no two processes (or restarts) ever sign two
+checkpoints that disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+from contracts import merkle, note
+
+from .config import Config
+from .tiles import TileReader
+
+log = structlog.get_logger(__name__)
+
+_LOCK_KEY = 0x434B5054  # "CKPT": one signer at a time across processes
+DEV_LOG_KEY_FILE = "log-signing.key"
+
+
+class CheckpointRefused(Exception):
+    """The stored tree disagrees with the last signed checkpoint: never sign."""
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+
+
+def load_signers(config: Config) -> tuple[list[note.Signer], bool]:
+    """The log's signing keys, and whether the development key was generated."""
+    paths = ([config.log_key_file] if config.log_key_file else []) + list(config.log_extra_key_files)
+    development = False
+    if not paths:
+        if config.production:
+            raise RuntimeError("CONSENT_LEDGER_LOG_KEY must be set when CONSENT_LEDGER_ENV=production")
+        path = config.data_dir / DEV_LOG_KEY_FILE
+        if not path.exists():
+            write_key(path, note.Signer.generate(config.log_origin))
+        paths, development = [path], True
+    signers = [note.parse_signer(p.read_text()) for p in paths]
+    return signers, development
+
+
+def write_key(path: Path, signer: note.Signer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=False)
+    path.write_text(signer.private_text + "\n")
+
+
+class CheckpointLog:
+    def __init__(self, pool: asyncpg.Pool, reader: TileReader, signers: list[note.Signer], origin: str,
+                 interval: float = 1.0):
+        if not signers:
+            raise ValueError("a checkpoint needs at least one signing key")
+        self.pool, self.reader, self.signers, self.origin, self.interval = pool, reader, signers, origin, interval
+        self._task: asyncio.Task[None] | None = None
+        self._latest: SignedCheckpoint | None = None
+
+    @property
+    def verifiers(self) -> list[note.Verifier]:
+        return [s.verifier for s in self.signers]
+
+    async def latest(self) -> SignedCheckpoint:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT tree_size, root, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1")
+        if row is None:
+            return await self.sign()
+        return SignedCheckpoint(row["tree_size"], bytes(row["root"]), row["note"])
+
+    async def sign(self) -> SignedCheckpoint:
+        """Sign the current head if it is new; return the latest checkpoint."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+                size = await conn.fetchval("SELECT position FROM ledger_head")
+                last = await conn.fetchrow(
+                    "SELECT tree_size, root, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+                )
+                if last is not None and size <= last["tree_size"]:
+                    if size < last["tree_size"]:
+                        raise CheckpointRefused(
+                            f"the ledger head ({size}) is behind the last checkpoint ({last['tree_size']})"
+                        )
+                    return SignedCheckpoint(last["tree_size"], bytes(last["root"]), last["note"])
+                try:
+                    root = await self.reader.root(conn, size)
+                    if last is not None and last["tree_size"] > 0:
+                        proof = await self.reader.consistency(conn, last["tree_size"], size)
+                        merkle.verify_consistency(last["tree_size"], size, bytes(last["root"]), root, proof)
+                except merkle.ProofError as exc:
+                    raise CheckpointRefused(f"the stored tree is not consistent with the last checkpoint: {exc}") \
+                        from None
+                except LookupError as exc:  # hashes missing: the tree (or the log under it) was damaged
+                    raise CheckpointRefused(f"the stored tree is incomplete: {exc}") from None
+                text = note.sign(note.Checkpoint(self.origin, size, root).body(), self.signers)
+                await conn.execute(
+                    "INSERT INTO checkpoints (tree_size, root, note) VALUES ($1, $2, $3)", size, root, text
+                )
+        log.info("checkpoint signed", tree_size=size)
+        return SignedCheckpoint(size, root, text)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="checkpoint-signer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sign()
+            except CheckpointRefused as exc:
+                log.error("checkpoint refused", reason=str(exc))
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("checkpoint signing failed", error=type(exc).__name__)
+            await asyncio.sleep(self.interval)

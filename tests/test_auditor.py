@@ -1,0 +1,274 @@
+"""`consent-ledger verify` and `export` as subprocesses against a live server on
+loopback: an honest log verifies; each kind of tampering done as a superuser
+in PostgreSQL (bypassing the append-only triggers) is caught at its first bad
+position, live and in an export; forks and rollbacks are refused by --state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import gzip
+
+import msgspec
+import pytest
+
+from contracts import note
+from contracts.entry import chain_hash, leaf_hash
+from service.http import CHECKPOINTS, SETTINGS, STORE
+
+from test_merkle import ref_mth
+from test_transparency import opt_outs
+
+SIZE = 600
+
+
+async def cli(*args: str, token: str | None = None) -> tuple[int, str]:
+    env = {**os.environ, "CONSENT_LEDGER_TOKEN": token or ""}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()
+
+
+@pytest.fixture
+async def live(client, make_token, tmp_path):
+    """A served log of SIZE entries with a signed checkpoint over all of them."""
+    store = client.server.app[STORE]
+    for chunk in (250, 250, 100):
+        await store.append(opt_outs(chunk, nhs="9434765919"))
+    await client.server.app[CHECKPOINTS].sign()
+    vkey = client.server.app[SETTINGS]["log_signers"][0].verifier.vkey
+    key_file = tmp_path / "log.vkey"
+    key_file.write_text(vkey + "\n")
+    url = str(client.make_url("")).rstrip("/")
+    return url, str(key_file), make_token("auditor")
+
+
+async def superuser(database, *statements: str, args=()) -> None:
+    conn = await database.connect_owner()
+    try:
+        await conn.execute("SET session_replication_role = replica")  # triggers off: a superuser attack
+        for sql in statements:
+            await conn.execute(sql, *args) if args else await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_honest_log_verifies_live_and_exported_and_state_advances(live, tmp_path, client):
+    url, key, token = live
+    state = tmp_path / "state.json"
+    code, out = await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token)
+    assert code == 0, out
+    assert f"OK: {SIZE} entries verified" in out
+    async with client.server.app[STORE].pool.acquire() as conn:
+        # The auditor's own reads are recorded after the checkpoint it verified.
+        head_chain = bytes(await conn.fetchval(
+            "SELECT chain_hash FROM ledger_events WHERE position = $1", SIZE)).hex()
+    assert f"chain {head_chain}" in out
+    assert json.loads(state.read_text())["size"] == SIZE
+
+    await client.server.app[STORE].append(opt_outs(5))
+    grown = (await client.server.app[CHECKPOINTS].sign()).size
+    assert grown >= SIZE + 5  # plus the PersonalDataRead events of the first verify
+    export = tmp_path / "log.jsonl.gz"
+    code, out = await cli("export", "--url", url, "--out", str(export), token=token)
+    assert code == 0 and f"exported {grown} entries" in out, out
+    vkey = Path(key).read_text().strip()
+    code, out = await cli("verify", "--export", str(export), "--key", vkey, "--state", str(state))
+    assert code == 0 and f"OK: {grown} entries verified" in out, out
+    assert json.loads(state.read_text())["size"] == grown
+
+    other = note.Signer.generate("consent-ledger.example/log").verifier.vkey
+    code, out = await cli("verify", "--export", str(export), "--key", other)
+    assert code == 1 and "signature" in out and "first bad position 0" in out, out
+    code, out = await cli("verify", "--url", url, "--key", key)  # no token: a one-line reason
+    assert code == 2 and "auditor token" in out, out
+
+
+def _rewrite(entry: bytes) -> bytes:
+    return entry.replace(b'"recorded_by":"test"', b'"recorded_by":"evil"')
+
+
+TAMPERING = {
+    "one byte changed": (
+        ["UPDATE ledger_events SET entry = overlay(entry placing 'T'::bytea"
+         " from position('\"test\"'::bytea in entry) + 1 for 1) WHERE position = 300"],
+        300, "leaf"),
+    "entry deleted": (["DELETE FROM ledger_events WHERE position = 300"], 300, "entry"),
+    "two entries swapped": (
+        ["UPDATE ledger_events e SET entry = o.entry FROM ledger_events o"
+         " WHERE (e.position, o.position) IN ((300, 301), (301, 300))"],
+        300, "entry"),
+    "tail truncated": (["DELETE FROM ledger_events WHERE position > 500"], 501, "size"),
+    "last entries truncated": (["DELETE FROM ledger_events WHERE position > 590"], 591, "size"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(TAMPERING))
+async def test_tampering_is_caught_at_the_first_bad_position(attack, live, database, tmp_path):
+    url, key, token = live
+    statements, position, what = TAMPERING[attack]
+    await superuser(database, *statements)
+    code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 1, out
+    assert f"first bad position {position}: {what}" in out, out
+
+    export = tmp_path / "after.jsonl.gz"
+    code, out = await cli("export", "--url", url, "--out", str(export), token=token)
+    assert code == 0, out
+    code, out = await cli("verify", "--export", str(export), "--key", key)
+    assert code == 1 and f"first bad position {position}: {what}" in out, out
+
+
+async def test_replaced_tail_with_fresh_hashes_is_caught(live, database, tmp_path):
+    """Rewrite entries 400.. with a different history and recompute every leaf,
+    chain link and the head, as an attacker with the database would."""
+    url, key, token = live
+    conn = await database.connect_owner()
+    try:
+        rows = await conn.fetch("SELECT position, entry, chain_hash FROM ledger_events ORDER BY position")
+        chain = bytes(rows[398]["chain_hash"])
+        await conn.execute("SET session_replication_role = replica")
+        for r in rows[399:]:
+            entry = _rewrite(bytes(r["entry"]))
+            leaf = leaf_hash(entry)
+            chain = chain_hash(chain, leaf)
+            await conn.execute("UPDATE ledger_events SET entry = $2, leaf_hash = $3, chain_hash = $4"
+                               " WHERE position = $1", r["position"], entry, leaf, chain)
+        await conn.execute("UPDATE ledger_head SET chain_hash = $1", chain)
+    finally:
+        await conn.close()
+    code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 1 and "first bad position 400: leaf" in out, out
+    export = tmp_path / "rewritten.jsonl.gz"
+    assert (await cli("export", "--url", url, "--out", str(export), token=token))[0] == 0
+    code, out = await cli("verify", "--export", str(export), "--key", key)
+    assert code == 1 and "first bad position 400: leaf" in out, out
+
+
+async def test_forked_and_rolled_back_checkpoints_are_refused(live, tmp_path, client):
+    url, key, token = live
+    state = tmp_path / "state.json"
+    assert (await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token))[0] == 0
+    remembered = json.loads(state.read_text())
+
+    # A fork: the same size signed with a different root (e.g. shown to someone else).
+    forked = dict(remembered, root="A" * 43 + "=")
+    state.write_text(json.dumps(forked))
+    code, out = await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token)
+    # The live log has grown by the auditor's recorded reads, so the fork shows as
+    # a newer checkpoint that does not extend the remembered one.
+    assert code == 1 and ("not consistent" in out or "forked" in out), out
+    assert json.loads(state.read_text()) == forked  # state untouched on failure
+
+    # A rollback: we remember a bigger tree than the log now shows.
+    state.write_text(json.dumps(dict(remembered, size=SIZE + 10_000)))
+    code, out = await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token)
+    assert code == 1 and "consistency: rolled back" in out, out
+
+    # The operator rewrites the whole history and signs a bigger checkpoint over it:
+    # signature and hashes check out, but not against what we verified before.
+    signer = client.server.app[SETTINGS]["log_signers"][0]
+    state.write_text(json.dumps(remembered))
+    conn = await client.server.app[STORE].pool.acquire()
+    try:
+        entries = [bytes(r[0]) for r in await conn.fetch(
+            "SELECT entry FROM ledger_events WHERE position <= $1 ORDER BY position", SIZE)]
+    finally:
+        await client.server.app[STORE].pool.release(conn)
+    forged = [_rewrite(e) for e in entries] + [_rewrite(entries[-1]).replace(b'"position":600', b'"position":601')]
+    lying = note.sign(note.Checkpoint(remembered["origin"], SIZE + 1, ref_mth(forged)).body(), [signer])
+    export = tmp_path / "forged.jsonl.gz"
+    with gzip.open(export, "wb") as f:
+        f.write(json.dumps({"format": "consent-ledger-export/1", "checkpoint": lying}).encode() + b"\n")
+        for i, e in enumerate(forged, 1):
+            f.write(msgspec.json.encode([i, e, leaf_hash(e)]) + b"\n")
+    code, out = await cli("verify", "--export", str(export), "--key", key)
+    assert code == 0, out  # without memory, a consistent forgery by the key holder is undetectable...
+    code, out = await cli("verify", "--export", str(export), "--key", key, "--state", str(state))
+    assert code == 1 and f"first bad position {SIZE}: consistency" in out, out  # ...with --state it is
+
+
+async def test_keys_generate_and_rotation_overlap(tmp_path, database, verifier):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service import config
+    from service.checkpoints import load_signers
+    from service.http import create_app
+
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "old.key"), "--name", "log.example/a")
+    assert code == 0, out
+    old_vkey = out.strip().splitlines()[-1]
+    assert (tmp_path / "old.key").stat().st_mode & 0o077 == 0
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "old.key"))
+    assert code == 2 and "refusing to overwrite" in out
+    code, out = await cli("keys", "generate", "--out", str(tmp_path / "new.key"), "--name", "log.example/a")
+    new_vkey = out.strip().splitlines()[-1]
+
+    cfg = config.load({"CONSENT_LEDGER_LOG_KEY": str(tmp_path / "new.key"),
+                       "CONSENT_LEDGER_LOG_EXTRA_KEYS": str(tmp_path / "old.key"),
+                       "CONSENT_LEDGER_LOG_ORIGIN": "log.example/a",
+                       "CONSENT_LEDGER_DATA_DIR": str(tmp_path / "data")})
+    signers, development = load_signers(cfg)
+    assert not development and [s.verifier.vkey for s in signers] == [new_vkey, old_vkey]
+
+    app = create_app(database, verifier, log_signers=signers, log_origin=cfg.log_origin)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await client.server.app[STORE].append(opt_outs(3))
+        await client.server.app[CHECKPOINTS].sign()
+        keys = await (await client.get("/v1/log-key")).json()
+        assert keys == {"origin": "log.example/a", "keys": [new_vkey, old_vkey]}
+        url = str(client.make_url("/")).rstrip("/")
+        token_free_checkpoint = await (await client.get("/checkpoint")).text()
+        for vkey in (old_vkey, new_vkey):  # either key alone verifies during the overlap
+            assert note.open_checkpoint(token_free_checkpoint, [note.parse_vkey(vkey)]).size == 3
+        assert url.startswith("http://127.0.0.1:")
+
+
+def test_development_log_key_is_generated_once_and_production_needs_one(tmp_path):
+    from service import config
+    from service.checkpoints import load_signers
+
+    dev = config.load({"CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    first, development = load_signers(dev)
+    again, _ = load_signers(dev)
+    assert development and first[0].verifier == again[0].verifier
+    assert first[0].name == "consent-ledger.example/log"
+    with pytest.raises(RuntimeError, match="CONSENT_LEDGER_LOG_KEY"):
+        load_signers(config.load({"CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_ENV": "production",
+                                  "CONSENT_LEDGER_JWKS": "x"}))
+
+
+async def test_rewritten_entries_and_tree_still_fail_against_the_signed_root(live, database, client):
+    """An attacker who also rebuilds the Merkle tiles leaves no unsigned hash to
+    compare with: verify still refuses, bounded by the last remembered checkpoint."""
+    from service import tiles
+    from service.http import TILES
+
+    url, key, token = live
+    conn = await database.connect_owner()
+    try:
+        rows = await conn.fetch("SELECT position, entry, chain_hash FROM ledger_events ORDER BY position")
+        chain = bytes(rows[398]["chain_hash"])
+        await conn.execute("SET session_replication_role = replica")
+        for r in rows[399:]:
+            entry = _rewrite(bytes(r["entry"]))
+            chain = chain_hash(chain, leaf_hash(entry))
+            await conn.execute("UPDATE ledger_events SET entry = $2, leaf_hash = $3, chain_hash = $4"
+                               " WHERE position = $1", r["position"], entry, leaf_hash(entry), chain)
+        await conn.execute("UPDATE ledger_head SET chain_hash = $1", chain)
+        await conn.execute("DELETE FROM merkle_tiles")
+        await tiles.extend(conn, 0, SIZE)
+    finally:
+        await conn.close()
+    reader = client.server.app[TILES]
+    for cache in (reader._cache, reader._partial, reader._nodes):  # as after a restart
+        cache.clear()
+    code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 1 and "first bad position 1: root" in out, out
