@@ -113,3 +113,31 @@ def require_durable(pg: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     print_machine()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 if it is gone).
+
+    CPU per request or per event is the figure that stays meaningful when
+    other work shares the machine; wall-clock throughput does not.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+async def backend_pids(admin_dsn: str, database: str) -> list[int]:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", database)
+        return [r["pid"] for r in rows]
+    finally:
+        await conn.close()
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
