@@ -28,6 +28,8 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import warnings
+
 from joserfc import jwt
 from joserfc.jwk import OKPKey
 
@@ -47,6 +49,7 @@ from .machine import (
 from .scratch_db import scratch_database, server_dsn
 
 ISSUER = "https://idp.bench.invalid"
+warnings.filterwarnings("ignore", message="EdDSA is deprecated")
 AUDIENCE = "consent-ledger"
 BODY = json.dumps({"scope": "national", "channel": "app", "actor": {"kind": "patient"}}).encode()
 
