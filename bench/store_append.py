@@ -31,7 +31,16 @@ from contracts.values import Actor
 from service.database import Database
 from service.store import EventStore, NewEvent
 
-from .machine import peak_rss_mib, postgres_details, print_machine, load_average, require_durable
+from .machine import (
+    backend_pids,
+    cpu_seconds,
+    load_average,
+    peak_rss_mib,
+    postgres_details,
+    print_machine,
+    require_durable,
+    self_cpu_seconds,
+)
 from .scratch_db import scratch_database, server_dsn
 
 
@@ -53,10 +62,11 @@ class ProcessResult:
     last_end: float
     peak_rss_mib: float
     errors: int
+    cpu_seconds: float
 
 
 async def _produce(dsn: str, producers: int, start_at: float, duration: float, max_events: int,
-                   max_batch: int) -> ProcessResult:
+                   max_batch: int, out: mp.Queue, release) -> None:
     database = Database(owner_dsn=dsn, embedded=False)
     pool = await database.create_pool(min_size=1, max_size=2)
     store = EventStore(pool, queue_size=max(10_000, producers * 2), max_batch=max_batch)
@@ -90,19 +100,23 @@ async def _produce(dsn: str, producers: int, start_at: float, duration: float, m
         await asyncio.gather(*(producer(i, time.time() + 0.5, 20, False) for i in range(producers)))
         errors = 0
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu_start = self_cpu_seconds()
         t_start = time.time()
         await asyncio.gather(*(producer(i, start_at + duration, per_producer, True) for i in range(producers)))
         t_end = time.time()
+        cpu = self_cpu_seconds() - cpu_start
+        flat = np.fromiter((x for xs in latencies for x in xs), dtype=np.float64)
+        out.put(ProcessResult(len(flat), flat.tobytes(), t_start, t_end, peak_rss_mib(), errors, cpu))
+        # Keep the connections (and so their backends' CPU counters) until the parent has read them.
+        await asyncio.to_thread(release.wait, 120)
     finally:
         await store.stop()
         await pool.close()
-    flat = np.fromiter((x for xs in latencies for x in xs), dtype=np.float64)
-    return ProcessResult(len(flat), flat.tobytes(), t_start, t_end, peak_rss_mib(), errors)
 
 
 def _child(dsn: str, producers: int, start_at: float, duration: float, max_events: int, max_batch: int,
-           out: mp.Queue) -> None:
-    out.put(asyncio.run(_produce(dsn, producers, start_at, duration, max_events, max_batch)))
+           out: mp.Queue, release) -> None:
+    asyncio.run(_produce(dsn, producers, start_at, duration, max_events, max_batch, out, release))
 
 
 async def _verify(dsn: str, expected: int) -> str:
@@ -125,20 +139,29 @@ def run_config(admin_dsn: str, processes: int, producers: int, duration: float, 
         async with scratch_database(admin_dsn) as db:
             ctx = mp.get_context("spawn")
             queue: mp.Queue = ctx.Queue()
+            release = ctx.Event()
             start_at = time.time() + 3.0  # time for every child to start, connect and warm up
             children = [
                 ctx.Process(target=_child, args=(db.owner_dsn, producers, start_at, duration,
-                                                 max_events // processes, max_batch, queue))
+                                                 max_events // processes, max_batch, queue, release))
                 for _ in range(processes)
             ]
             load_before = load_average()
             for c in children:
                 c.start()
+            await asyncio.sleep(max(0.0, start_at - 0.1 - time.time()))
+            database_name = db.owner_dsn.rsplit("/", 1)[1]
+            backends = await backend_pids(admin_dsn, database_name)
+            pg_cpu_start = sum(cpu_seconds(p) for p in backends)
             results: list[ProcessResult] = []
-            for _ in children:
-                results.append(await asyncio.to_thread(queue.get, True, duration + 120))
-            for c in children:
-                c.join(timeout=30)
+            try:
+                for _ in children:
+                    results.append(await asyncio.to_thread(queue.get, True, duration + 120))
+                pg_cpu = sum(cpu_seconds(p) for p in backends) - pg_cpu_start
+            finally:
+                release.set()
+                for c in children:
+                    c.join(timeout=30)
             load_after = load_average()
             verified = await _verify(db.owner_dsn, sum(r.events for r in results))
         lat = np.concatenate([np.frombuffer(r.latencies, dtype=np.float64) for r in results]) * 1000
@@ -150,11 +173,16 @@ def run_config(admin_dsn: str, processes: int, producers: int, duration: float, 
             "p99_ms": float(np.percentile(lat, 99)) if events else float("nan"),
             "max_ms": float(lat.max()) if events else float("nan"),
             "peak_rss_mib": max(r.peak_rss_mib for r in results),
+            "python_cpu_us": sum(r.cpu_seconds for r in results) / max(1, events) * 1e6,
+            "postgres_cpu_us": pg_cpu / max(1, events) * 1e6,
         }
         print(f"{processes} proc x {producers:>2} producers: {events:>7} events in {wall:5.1f} s = "
               f"{figures['events_per_s']:>8.0f} events/s | p50 {figures['p50_ms']:.2f} ms | "
               f"p99 {figures['p99_ms']:.2f} ms | max {figures['max_ms']:.1f} ms | "
               f"peak RSS {figures['peak_rss_mib']:.0f} MiB/process | errors {sum(r.errors for r in results)}")
+        total_cpu = figures["python_cpu_us"] + figures["postgres_cpu_us"]
+        print(f"    CPU per event: python {figures['python_cpu_us']:.0f} us, postgres {figures['postgres_cpu_us']:.0f} us"
+              f" (2 cores bound this at ~{2e6 / max(total_cpu, 1e-9):.0f} events/s if nothing else ran)")
         print(f"    load before {load_before}; after {load_after}; log check {verified}", flush=True)
         return figures
 
