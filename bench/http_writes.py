@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -201,7 +202,7 @@ async def main_async(args: argparse.Namespace) -> None:
             try:
                 base = f"http://127.0.0.1:{port}"
                 await wait_ready(base, proc)
-                database_name = db.owner_dsn.rsplit("/", 1)[1]
+                database_name = urlsplit(db.owner_dsn).path.lstrip("/")
 
                 async def cpu_now() -> dict[str, float]:
                     # Server processes, this database's PostgreSQL backends, and this client.
@@ -233,8 +234,8 @@ async def main_async(args: argparse.Namespace) -> None:
           f"client peak RSS {peak_rss_mib():.0f} MiB")
     n = max(1, result["requests"])
     print("    CPU per request: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in result["cpu"].items())
-          + f" (total {sum(result['cpu'].values()) / n * 1e6:.0f} us; 2 cores bound this at "
-          f"~{2 * n / max(1e-9, sum(result['cpu'].values())):.0f} req/s if nothing else ran)")
+          + f" (total {sum(result['cpu'].values()) / n * 1e6:.0f} us; at this CPU cost 2 idle cores could do at most "
+          f"~{2 * n / max(1e-9, sum(result['cpu'].values())):.0f} req/s)")
     print(f"    load before {load_before}; after {load_after}", flush=True)
     if ok != result["requests"]:
         print("    NOTE: not every request got 201; see statuses above and the server log")

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 import numpy as np
@@ -150,7 +151,7 @@ def run_config(admin_dsn: str, processes: int, producers: int, duration: float, 
             for c in children:
                 c.start()
             await asyncio.sleep(max(0.0, start_at - 0.1 - time.time()))
-            database_name = db.owner_dsn.rsplit("/", 1)[1]
+            database_name = urlsplit(db.owner_dsn).path.lstrip("/")
             backends = await backend_pids(admin_dsn, database_name)
             pg_cpu_start = sum(cpu_seconds(p) for p in backends)
             results: list[ProcessResult] = []
@@ -182,7 +183,7 @@ def run_config(admin_dsn: str, processes: int, producers: int, duration: float, 
               f"peak RSS {figures['peak_rss_mib']:.0f} MiB/process | errors {sum(r.errors for r in results)}")
         total_cpu = figures["python_cpu_us"] + figures["postgres_cpu_us"]
         print(f"    CPU per event: python {figures['python_cpu_us']:.0f} us, postgres {figures['postgres_cpu_us']:.0f} us"
-              f" (2 cores bound this at ~{2e6 / max(total_cpu, 1e-9):.0f} events/s if nothing else ran)")
+              f" (at this CPU cost 2 idle cores could do at most ~{2e6 / max(total_cpu, 1e-9):.0f} events/s)")
         print(f"    load before {load_before}; after {load_after}; log check {verified}", flush=True)
         return figures
 
