@@ -66,6 +66,11 @@ def test_compose_wires_postgres_migration_and_service(compose: dict):
         assert env["DATABASE_URL"].endswith("@postgres:5432/consent_ledger")
         mounted = {v.split(":")[1]: v for v in svc["volumes"]}
         assert env["CONSENT_LEDGER_JWKS"] in mounted and mounted[env["CONSENT_LEDGER_JWKS"]].endswith(":ro")
+    # The service's pool logs in as the NOINHERIT service role, not the owner.
+    service_url = app["environment"]["CONSENT_LEDGER_SERVICE_DATABASE_URL"]
+    assert service_url.startswith("postgresql://consent_ledger_service:")
+    assert service_url.endswith("@postgres:5432/consent_ledger")
+    assert "CONSENT_LEDGER_SERVICE_DATABASE_URL" not in migrate["environment"]
     # Published on loopback only: exposing it is a deliberate operator choice.
     assert app["ports"] == ["127.0.0.1:8080:8080"]
 
@@ -81,12 +86,25 @@ def test_compose_postgres_is_durable_and_documented(compose: dict):
     assert not undocumented, f"settings used in compose.yaml but not explained in POSTGRES.md: {undocumented}"
 
 
-def test_init_script_creates_the_roles_the_service_uses(compose: dict):
+def _sql(text: str) -> list[str]:
+    return [" ".join(stmt.split()) for stmt in text.split(";") if stmt.strip()]
+
+
+def test_init_script_provisions_the_documented_roles(compose: dict):
     script = (DEPLOY / "postgres-init.sh").read_text()
-    assert f"CREATE ROLE {APP_ROLE} LOGIN;" in script
-    assert f"GRANT {APP_ROLE} TO consent_ledger_owner;" in script
-    assert "CREATE DATABASE consent_ledger OWNER consent_ledger_owner;" in script
-    assert "SUPERUSER" not in script
+    body = script[script.index("<<'SQL'") + len("<<'SQL'"):script.rindex("SQL")]
+    statements = _sql(body)
+    assert f"CREATE ROLE {APP_ROLE} NOLOGIN" in statements
+    assert ("CREATE ROLE consent_ledger_service LOGIN NOINHERIT PASSWORD :'service_password' "
+            f"IN ROLE {APP_ROLE}") in statements
+    assert "CREATE DATABASE consent_ledger OWNER consent_ledger_owner" in statements
+    assert "SUPERUSER" not in script and "CREATEROLE" not in script
+    # The same provisioning as deploy/POSTGRES-ROLES.md, statement for statement.
+    documented = (DEPLOY / "POSTGRES-ROLES.md").read_text()
+    block = re.search(r"```sql\n(.*?)```", documented, re.S)
+    assert block
+    doc_statements = _sql("\n".join(line.split("--")[0] for line in block.group(1).splitlines()))
+    assert statements == doc_statements
     mounts = compose["services"]["postgres"]["volumes"]
     assert "./postgres-init.sh:/docker-entrypoint-initdb.d/10-consent-ledger.sh:ro" in mounts
 
