@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -16,7 +18,7 @@ from . import config as config_module
 from . import logs
 from .auth import issue_token, load_or_create_dev_key, verifier
 from .checkpoints import load_signers
-from .database import describe, locate
+from .database import Database, describe, locate
 from .schema import migrate
 
 log = structlog.get_logger("consent_ledger")
@@ -27,13 +29,11 @@ class CommandError(Exception):
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from .http import create_app
-
     cfg = config_module.load()
     logs.configure(cfg.log_level, cfg.log_format)
     database = asyncio.run(locate(cfg))
-    token_verifier, development = verifier(cfg)
-    signers, dev_log_key = load_signers(cfg)
+    verifier(cfg)  # fail fast on bad auth configuration, before any worker starts
+    signers, dev_log_key = load_signers(cfg)  # creates the development key once, before any worker starts
     if dev_log_key:
         log.warning("DEVELOPMENT LOG KEY: checkpoints are signed by a key generated in the data directory;"
                     " set CONSENT_LEDGER_LOG_KEY (see `consent-ledger keys generate`)", vkey=signers[0].verifier.vkey)
@@ -41,6 +41,18 @@ def _serve(args: argparse.Namespace) -> None:
     if cfg.production and not cfg.service_database_url:
         log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
                     "owner's login; see deploy/POSTGRES-ROLES.md")
+    if args.workers > 1:
+        _serve_workers(database, args)
+        return
+    _run_app(database, args.host, args.port, reuse_port=False)
+
+
+def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> None:
+    from .http import create_app
+
+    cfg = config_module.load()
+    token_verifier, development = verifier(cfg)
+    signers, _ = load_signers(cfg)
     if development:
         log.warning(
             "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
@@ -58,8 +70,57 @@ def _serve(args: argparse.Namespace) -> None:
         log_origin=cfg.log_origin,
         checkpoint_interval=cfg.checkpoint_interval,
     )
-    log.info("serving", host=args.host, port=args.port)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    log.info("serving", host=host, port=port)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
+
+
+def _worker(database: Database, host: str, port: int) -> None:
+    cfg = config_module.load()
+    logs.configure(cfg.log_level, cfg.log_format)
+    try:
+        _run_app(database, host, port, reuse_port=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _serve_workers(database: Database, args: argparse.Namespace) -> None:
+    """N processes share the port (SO_REUSEPORT; the kernel spreads
+    connections).  Each has its own pool and batching writer; the chain-head
+    row lock keeps their appends gap-free and correctly chained."""
+    import multiprocessing
+    import signal
+
+    async def migrate_once() -> None:
+        conn = await database.connect_owner()
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate_once())  # once here rather than racing in every worker
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(database, args.host, args.port), name=f"worker-{i}")
+               for i in range(args.workers)]
+    for w in workers:
+        w.start()
+    log.info("workers started", workers=args.workers, pids=[w.pid for w in workers])
+
+    def forward(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signum)  # type: ignore[arg-type]
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    # If one worker dies the others stop too: the orchestrator restarts the whole unit.
+    while all(w.is_alive() for w in workers):
+        time.sleep(0.2)
+    forward(signal.SIGTERM, None)
+    for w in workers:
+        w.join(timeout=30)
+    failed = [w.name for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    if failed:
+        raise CommandError(f"worker(s) {', '.join(failed)} failed; all workers stopped")
 
 
 def _migrate(args: argparse.Namespace) -> None:
@@ -165,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes sharing the port (SO_REUSEPORT); default 1")
     serve.set_defaults(run=_serve)
 
     sub.add_parser("migrate", help="create or upgrade the database schema").set_defaults(run=_migrate)

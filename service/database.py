@@ -39,7 +39,21 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             server_settings={"role": APP_ROLE, "application_name": "consent-ledger"},
+            reset=_keep_session,
         )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's default reset query.
+
+    The pool still rolls back an open transaction before calling this.  The
+    default reset (RESET ALL; CLOSE ALL; UNLISTEN *; advisory unlock) is one
+    more round trip on every release — about 30 us of Python and 20 us of
+    PostgreSQL CPU, more under load — and guards against session state this
+    service never leaves on pooled connections: settings are per
+    transaction, cursors live inside transactions, LISTEN uses a lone
+    connection.  Keep it that way, or restore the default here.
+    """
 
 
 def _start_embedded(config: Config) -> str:

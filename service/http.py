@@ -34,6 +34,7 @@ from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
 from .tiles import TileReader
+from .verified_tokens import VerifiedTokens
 
 log = structlog.get_logger("consent_ledger.http")
 
@@ -41,6 +42,7 @@ DATABASE = web.AppKey("database", Database)
 STORE = web.AppKey("store", EventStore)
 LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
+TOKENS = web.AppKey("tokens", VerifiedTokens)
 SETTINGS = web.AppKey("settings", dict)
 OPENAPI = web.AppKey("openapi", bytes)
 CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
@@ -446,7 +448,7 @@ def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaita
     async def endpoint(request: web.Request) -> web.StreamResponse:
         caller = None
         if op.roles:
-            caller = await request.app[VERIFIER].authenticate(request.headers.get("Authorization"))
+            caller = await request.app[TOKENS].authenticate(request.headers.get("Authorization"))
             structlog.contextvars.bind_contextvars(caller=caller.subject)
             nhs = path_nhs(request) if "nhs" in request.match_info else None
             authorise(caller, op.roles, nhs)
@@ -573,6 +575,7 @@ def create_app(
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
     app[VERIFIER] = verifier
+    app[TOKENS] = VerifiedTokens(verifier)
     app[SETTINGS] = {
         "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
         # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.

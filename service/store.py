@@ -342,12 +342,17 @@ class EventStore:
     @staticmethod
     async def _versions(conn: asyncpg.Connection, batch: list[_Pending]) -> dict[UUID, int]:
         ids = list({e.aggregate_id for i in batch for e in i.events})
+        # One index probe per aggregate.  The obvious `aggregate_id = ANY($1)
+        # GROUP BY` form let PostgreSQL cache a generic sequential-scan plan
+        # while the table was small, and every later batch then scanned the
+        # whole log (6 ms per batch at 35k events, growing with the log).
         rows = await conn.fetch(
-            "SELECT aggregate_id, max(aggregate_version) AS version FROM ledger_events"
-            " WHERE aggregate_id = ANY($1::uuid[]) GROUP BY aggregate_id",
+            "SELECT k.id AS aggregate_id, (SELECT e.aggregate_version FROM ledger_events e"
+            " WHERE e.aggregate_id = k.id ORDER BY e.aggregate_version DESC LIMIT 1) AS version"
+            " FROM unnest($1::uuid[]) AS k(id)",
             ids,
         )
-        return {r["aggregate_id"]: r["version"] for r in rows}
+        return {r["aggregate_id"]: r["version"] for r in rows if r["version"] is not None}
 
     @staticmethod
     async def _events_after(conn: asyncpg.Connection, batch: list[_Pending]) -> list[tuple[int, str, Any]]:
