@@ -11,6 +11,7 @@ In memory and storage a cohort is the sorted array of 9-digit stems
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 import numpy as np
 
@@ -46,11 +47,29 @@ def cohort_id(stems: np.ndarray) -> str:
     return hashlib.sha256(canonical_bytes(stems)).hexdigest()
 
 
-def encode_members(stems: np.ndarray) -> tuple[str, bytes]:
-    return "u32le-sorted", stems.astype(STEM_DTYPE).tobytes()
+RAW = "u32le-sorted"
+# Gaps between sorted stems, their 4 byte planes stored one after another
+# (high planes are nearly all zero), then zlib level 1: about 1 byte per
+# member for a 1M cohort drawn from 65M patients, 0.7 for 5M (raw: 4 bytes).
+DELTA_ZLIB = "u32le-delta-planes-zlib1"
+
+
+def encode_members(stems: np.ndarray, encoding: str = DELTA_ZLIB) -> tuple[str, bytes]:
+    stems = np.asarray(stems).astype(STEM_DTYPE)
+    if encoding == RAW:
+        return RAW, stems.tobytes()
+    if encoding == DELTA_ZLIB:
+        gaps = np.diff(stems, prepend=STEM_DTYPE.type(0)).astype(STEM_DTYPE)
+        planes = gaps.view(np.uint8).reshape(-1, 4).T.tobytes()
+        return DELTA_ZLIB, zlib.compress(planes, 1)
+    raise ValueError(f"unknown cohort encoding {encoding!r}")
 
 
 def decode_members(encoding: str, data: bytes) -> np.ndarray:
-    if encoding != "u32le-sorted":
-        raise ValueError(f"unknown cohort encoding {encoding!r}")
-    return np.frombuffer(data, dtype=STEM_DTYPE)
+    if encoding == RAW:
+        return np.frombuffer(data, dtype=STEM_DTYPE)
+    if encoding == DELTA_ZLIB:
+        planes = np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(4, -1)
+        gaps = np.ascontiguousarray(planes.T).view(STEM_DTYPE).ravel()
+        return np.cumsum(gaps, dtype=STEM_DTYPE)
+    raise ValueError(f"unknown cohort encoding {encoding!r}")

@@ -20,6 +20,8 @@ class Config:
     writer_queue_size: int
     writer_max_batch: int
     pool_size: int
+    projection_poll_interval: float = 1.0
+    filter_wait: float = 5.0
 
     @property
     def production(self) -> bool:
@@ -41,4 +43,8 @@ def load(env: dict[str, str] | None = None) -> Config:
         writer_queue_size=int(env.get("CONSENT_LEDGER_WRITER_QUEUE", "10000")),
         writer_max_batch=int(env.get("CONSENT_LEDGER_WRITER_BATCH", "500")),
         pool_size=int(env.get("CONSENT_LEDGER_POOL_SIZE", "10")),
+        # Projections also poll, so a lost NOTIFY only delays them by this much.
+        projection_poll_interval=float(env.get("CONSENT_LEDGER_PROJECTION_POLL", "1.0")),
+        # How long an opt-out filter call waits for `min_position` before 503.
+        filter_wait=float(env.get("CONSENT_LEDGER_FILTER_WAIT", "5.0")),
     )

@@ -8,6 +8,8 @@ handler.  Errors of every kind leave as RFC 9457 problems.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,11 +21,18 @@ import structlog
 from aiohttp import web
 
 from contracts import api, bodies
+from contracts.codes import Purpose, values
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from projections import reads as projection_reads
+from projections.choices import ChoicesProjection
+from projections.optout_filter import OptOutFilter
+from projections.runner import Runner
+from projections.uses import UsesProjection
 
 from . import __version__
+from . import numbers_body
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
-from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
+from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
 from .database import Database
 from .domain import AlreadyExists, NotFound, RuleBroken
 from .problems import ProblemError, decode_json, invalid
@@ -38,6 +47,8 @@ LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 SETTINGS = web.AppKey("settings", dict)
 OPENAPI = web.AppKey("openapi", bytes)
+RUNNER = web.AppKey("projection_runner", Runner)
+OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -241,6 +252,94 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
     return json_response(event_view(found[0]))
 
 
+# --- projections: opt-out filter, cohorts, history, register ----------------------
+
+
+async def latest_checkpoint_size(pool: asyncpg.Pool) -> int:
+    """PLACEHOLDER until signed checkpoints land (built on another branch):
+    the tree size of the newest row of a `checkpoints` table if one exists, else 0."""
+    async with pool.acquire() as conn:
+        column = await conn.fetchval(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'checkpoints'"
+            " AND column_name IN ('tree_size', 'size') ORDER BY column_name DESC LIMIT 1"
+        )
+        if column is None:
+            return 0
+        return await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM checkpoints")
+
+
+async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
+    raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
+    parsed = numbers_body.parse(request.content_type, raw, json_list=True)
+    if len(parsed.stems) == 0:
+        raise invalid("a cohort needs at least one NHS number", "$")
+    cohort_id, size = await request.app[LEDGER].store_cohort(parsed.stems)
+    return json_response(bodies.Cohort(cohort_id=cohort_id, size=size), 201)
+
+
+async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
+    app = request.app
+    purpose = request.query.get("purpose")
+    if purpose is not None and purpose not in values(Purpose):
+        raise invalid(f"`purpose` must be one of {', '.join(values(Purpose))}", "query.purpose", status=400)
+    grant_id = request.query.get("grant_id") or None
+    min_position = _int_query(request, "min_position", 0, 0, 2**62)
+    raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
+    parsed = numbers_body.parse(request.content_type, raw)
+    optouts = app[OPT_OUT_FILTER]
+    if optouts.position < min_position and not await app[RUNNER].wait_for(
+        min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
+    ):
+        raise ProblemError(503, "not-yet-reflected", "Opt-out state not yet reflected",
+                           f"the filter reflects position {optouts.position}, not yet {min_position}; retry",
+                           headers={"Retry-After": "1"})
+    if grant_id is not None and grant_id not in optouts.grants:
+        raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
+    result = optouts.filter(parsed.stems, grant_id)
+    kept = parsed.stems[result.keep]
+    checkpoint = await latest_checkpoint_size(app[STORE].pool)
+    if parsed.media_type == numbers_body.JSON:
+        body = numbers_body.render_json(kept, {
+            "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
+            "consented_kept": result.consented_kept, "exemption": result.exemption,
+        })
+        return web.Response(body=body, content_type="application/json")
+    headers = {
+        "Ledger-As-Of": str(result.as_of),
+        "Ledger-Removed": str(result.removed),
+        "Ledger-Checkpoint": str(checkpoint),
+        "Ledger-Consented-Kept": str(result.consented_kept),
+    }
+    if result.exemption is not None:
+        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
+    return web.Response(body=numbers_body.render_lines(parsed.media_type, kept),
+                        content_type=parsed.media_type, headers=headers)
+
+
+async def get_history(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    cursor = request.query.get("cursor")
+    if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
+        raise invalid("`cursor` must be the next_cursor of an earlier page", "query.cursor", status=400)
+    limit = _int_query(request, "limit", 50, 1, 1000)
+    async with request.app[STORE].pool.acquire() as conn:
+        page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, limit)
+    return json_response(page)
+
+
+async def get_register(request: web.Request, caller: Caller | None) -> web.Response:
+    async with request.app[STORE].pool.acquire() as conn:
+        reg = await projection_reads.register(conn)
+    wants_csv = request.query.get("format") == "csv" or (
+        "format" not in request.query and "text/csv" in request.headers.get("Accept", "")
+    )
+    if not wants_csv:
+        return json_response(reg)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(projection_reads.register_rows(reg))
+    return web.Response(text=out.getvalue(), content_type="text/csv", headers={"Ledger-As-Of": str(reg.as_of)})
+
+
 async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
     return json_response(bodies.Health(status="ok"))
 
@@ -270,6 +369,10 @@ HANDLERS: dict[str, Handler] = {
     "revoke_grant": revoke_grant,
     "get_grant": get_grant,
     "record_data_use": record_data_use,
+    "create_cohort": create_cohort,
+    "opt_out_filter": opt_out_filter,
+    "get_history": get_history,
+    "get_register": get_register,
     "list_events": list_events,
     "get_event": get_event,
     "healthz": healthz,
@@ -387,6 +490,28 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
+async def _projections_context(app: web.Application) -> AsyncIterator[None]:
+    """Compose the projections: runner, in-memory filter, projection-backed assessor."""
+    store = app[STORE]
+    async with store.pool.acquire() as conn:
+        optouts = await OptOutFilter.load(conn)
+    runner = Runner(
+        store.pool,
+        [ChoicesProjection(), UsesProjection()],
+        followers=[optouts],
+        listen=app[DATABASE].connect_app,
+        poll_interval=app[SETTINGS]["projection_poll_interval"],
+    )
+    await runner.start()
+    app[RUNNER] = runner
+    app[OPT_OUT_FILTER] = optouts
+    app[LEDGER].assessor = ProjectedOptOutAssessor(optouts, runner)
+    try:
+        yield
+    finally:
+        await runner.stop()
+
+
 def create_app(
     database: Database,
     verifier: Verifier,
@@ -394,11 +519,14 @@ def create_app(
     pool_size: int = 10,
     queue_size: int = 10_000,
     max_batch: int = 500,
+    projection_poll_interval: float = 1.0,
+    filter_wait: float = 5.0,
 ) -> web.Application:
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context])
     app[DATABASE] = database
     app[VERIFIER] = verifier
-    app[SETTINGS] = {"pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch}
+    app[SETTINGS] = {"pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
+                     "projection_poll_interval": projection_poll_interval, "filter_wait": filter_wait}
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
     if missing:
@@ -406,4 +534,5 @@ def create_app(
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
     app.cleanup_ctx.append(_ledger_context)
+    app.cleanup_ctx.append(_projections_context)
     return app
