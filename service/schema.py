@@ -201,7 +201,7 @@ CREATE INDEX data_uses_view_grant ON data_uses_view (grant_id);
 CREATE TABLE cohort_blocks (
     block     integer NOT NULL,
     cohort_id bytea   NOT NULL,
-    kind      "char"  NOT NULL,
+    kind      text    NOT NULL CHECK (kind IN ('a', 'b')),
     members   bytea   NOT NULL,
     PRIMARY KEY (block, cohort_id)
 );
