@@ -236,3 +236,29 @@ async def test_service_role_cannot_change_ledger_tables_but_can_write_views(pool
         await conn.execute("DELETE FROM projection_positions WHERE name = 'probe'")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("DELETE FROM ledger_events")
+
+
+async def test_cli_status_and_rebuild(store, pool, database, tmp_path):
+    import asyncio
+    import os
+    import sys
+
+    await _random_ledger(store, nhs_numbers(10, seed=17), seed=17, steps=40)
+    head, _ = await store.head()
+    env = {**os.environ, "DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_DATA_DIR": str(tmp_path)}
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, _ = await cli("projections", "status")
+    assert code == 0 and f"choices\tposition=0\tlag={head}" in out
+    code, out, _ = await cli("projections", "rebuild", "choices")
+    assert code == 0 and f"rebuilt from position 0 to {head}" in out
+    code, out, _ = await cli("projections", "status")
+    assert "choices\tposition=%d\tlag=0" % head in out and f"uses\tposition=0\tlag={head}" in out
+    code, _, err = await cli("projections", "rebuild", "nope")
+    assert code != 0 and "no projection 'nope'" in err and len(err.strip().splitlines()) == 1
