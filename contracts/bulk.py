@@ -29,20 +29,28 @@ class Parsed:
 
     stems: np.ndarray  # uint32, one per non-blank line, input order
     invalid_lines: np.ndarray  # int64, ascending, 1-based
+    # For fixed-width input: the lines themselves, (n, width) bytes, so an
+    # answer can echo the caller's own lines without formatting them again.
+    rows: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
         return len(self.invalid_lines) == 0
 
 
-_CHECK_WEIGHTS = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2], dtype=np.int32)
-
-
 def _from_digit_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stems and a 'check digit wrong' mask from an (n, 10) table of digit values."""
-    stems = table[:, :9].astype(np.int64) @ _DIGIT_POWERS[1:]
-    check = 11 - (table[:, :9].astype(np.int32) @ _CHECK_WEIGHTS) % 11
-    check = np.where(check == 11, 0, check)
+    """Stems and a 'check digit wrong' mask from an (n, 10) table of digit values.
+
+    Column by column in uint32 (a stem is < 10**9 < 2**32): no (n, 9) int64 temporaries."""
+    stems = np.zeros(len(table), dtype=np.uint32)
+    total = np.zeros(len(table), dtype=np.uint32)
+    for column in range(9):
+        digit = table[:, column].astype(np.uint32)
+        stems *= np.uint32(10)
+        stems += digit
+        total += digit * np.uint32(10 - column)
+    check = np.uint32(11) - total % np.uint32(11)
+    check[check == 11] = 0
     return stems, check != table[:, 9]
 
 
@@ -58,12 +66,12 @@ def _fixed_width(raw: np.ndarray, dat: bool) -> Parsed | None:
         if dat and not (table[:, 10] == _COMMA).all():
             continue
         digits = table[:, :10] - np.uint8(_ZERO)
-        if not (digits <= 9).all():
+        if digits.max(initial=0) > 9:
             return None
         stems, wrong = _from_digit_table(digits)
         if wrong.any():
             return Parsed(np.empty(0, np.uint32), np.flatnonzero(wrong).astype(np.int64) + 1)
-        return Parsed(stems.astype(np.uint32), np.empty(0, np.int64))
+        return Parsed(stems.astype(np.uint32), np.empty(0, np.int64), table)
     return None
 
 
@@ -102,7 +110,7 @@ def parse_lines(body: bytes, *, dat: bool = False) -> Parsed:
         has = last >= 0
         ends_with_comma[has] = raw[last[has]] == _COMMA
         blank = blank & (commas == 0)
-        bad = ~blank & (bad | (commas != 1) | ~ends_with_comma)
+        bad = ~blank & ((digits_per_line != 10) | (other_per_line != 0) | (commas != 1) | ~ends_with_comma)
     digit_bytes = raw[kept & is_digit]
     digit_line = line_of[kept & is_digit]
     good_lines = ~blank & ~bad
@@ -146,6 +154,14 @@ def number_table(stems: np.ndarray, width: int) -> np.ndarray:
     table[:, 9] = check
     table[:, :10] += np.uint8(_ZERO)
     return table
+
+
+def select_lines(parsed: Parsed, keep: np.ndarray, *, dat: bool = False) -> bytes:
+    """The kept lines, in order: the caller's own bytes when the input was
+    fixed-width in the same format, else freshly formatted."""
+    if parsed.rows is not None and (parsed.rows.shape[1] - 11 - (parsed.rows[:1, -2] == _CR).all()) == dat:
+        return parsed.rows[keep].tobytes()
+    return format_lines(parsed.stems[keep], dat=dat)
 
 
 def format_lines(stems: np.ndarray, *, dat: bool = False) -> bytes:

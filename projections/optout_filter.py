@@ -41,11 +41,36 @@ def _member(sorted_set: np.ndarray, stems: np.ndarray) -> np.ndarray:
     return sorted_set[i] == stems
 
 
+class Bitmap:
+    """One bit per stem between the smallest and largest member: 3.5M
+    opt-outs spread over 72M stems is 9 MB, and a million random lookups
+    take ~10 ms where ``searchsorted`` takes ~100 ms."""
+
+    def __init__(self, members: np.ndarray):
+        self.low = int(members[0]) if len(members) else 0
+        span = int(members[-1]) - self.low + 1 if len(members) else 0
+        self.bits = np.zeros((span + 7) // 8, dtype=np.uint8)
+        if len(members):
+            rel = members.astype(np.int64) - self.low
+            byte = rel >> 3
+            starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+            # Members are unique, so per byte the sum of their bits is their OR.
+            self.bits[byte[starts]] = np.add.reduceat((1 << (rel & 7)).astype(np.uint8), starts)
+        self.span = span
+
+    def contains(self, stems: np.ndarray) -> np.ndarray:
+        rel = stems.astype(np.int64) - self.low
+        inside = (rel >= 0) & (rel < self.span)
+        rel = np.where(inside, rel, 0)
+        return inside & ((self.bits[rel >> 3] >> (rel & 7).astype(np.uint8)) & 1).astype(bool)
+
+
 class StemSet:
-    """A sorted array plus pending changes (stem -> member?)."""
+    """A sorted array (with a bitmap index) plus pending changes (stem -> member?)."""
 
     def __init__(self, base: np.ndarray = _EMPTY):
         self.base = np.asarray(base, dtype=np.uint32)
+        self.index = Bitmap(self.base)
         self.changes: dict[int, bool] = {}
         self._added = self._removed = _EMPTY
 
@@ -60,6 +85,7 @@ class StemSet:
         added = np.array(sorted(s for s, m in self.changes.items() if m), dtype=np.uint32)
         removed = np.array(sorted(s for s, m in self.changes.items() if not m), dtype=np.uint32)
         self.base = np.union1d(np.setdiff1d(self.base, removed, assume_unique=True), added).astype(np.uint32)
+        self.index = Bitmap(self.base)
         self.changes.clear()
         self._added = self._removed = _EMPTY
 
@@ -70,7 +96,7 @@ class StemSet:
         return self._added, self._removed
 
     def contains(self, stems: np.ndarray) -> np.ndarray:
-        mask = _member(self.base, stems)
+        mask = self.index.contains(stems) if len(self.base) else np.zeros(len(stems), dtype=bool)
         if self.changes:
             added, removed = self._pending()
             if len(removed):

@@ -312,7 +312,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     }
     if result.exemption is not None:
         headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
-    return web.Response(body=numbers_body.render_lines(parsed.media_type, kept),
+    return web.Response(body=numbers_body.render_lines(parsed, result.keep),
                         content_type=parsed.media_type, headers=headers)
 
 

@@ -28,7 +28,11 @@ _number_list = msgspec.json.Decoder(list[str])
 @dataclass(frozen=True)
 class NumbersBody:
     media_type: str
-    stems: np.ndarray
+    parsed: bulk.Parsed
+
+    @property
+    def stems(self) -> np.ndarray:
+        return self.parsed.stems
 
 
 def parse(content_type: str, body: bytes, *, json_list: bool = False) -> NumbersBody:
@@ -54,11 +58,11 @@ def parse(content_type: str, body: bytes, *, json_list: bool = False) -> Numbers
             f"check digit; spaces and dashes allowed){shown}; nothing was processed",
             errors=[ProblemDetail(path=p, message="not a valid NHS number") for p in positions],
         )
-    return NumbersBody(content_type, parsed.stems)
+    return NumbersBody(content_type, parsed)
 
 
-def render_lines(media_type: str, stems: np.ndarray) -> bytes:
-    return bulk.format_lines(stems, dat=media_type == bulk.DAT)
+def render_lines(body: NumbersBody, keep: np.ndarray) -> bytes:
+    return bulk.select_lines(body.parsed, keep, dat=body.media_type == bulk.DAT)
 
 
 def render_json(stems: np.ndarray, rest: dict[str, object]) -> bytes:
