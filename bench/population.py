@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contracts.cohort import check_digits
+from contracts.cohort import check_digits, sorted_unique
 
 BASE = 400_000_000
 
@@ -18,9 +18,11 @@ def random_stems(rng: np.random.Generator, count: int, span: int = 72_000_000) -
     out = np.empty(0, dtype=np.int64)
     while len(out) < count:
         draw = valid(rng.integers(BASE, BASE + span, int((count - len(out)) * 1.15) + 100))
-        out = np.unique(np.concatenate([out, draw]))
-    return rng.choice(out, count, replace=False) if len(out) > count else out
+        out = sorted_unique(np.concatenate([out, draw]))
+    if len(out) > count:
+        out = np.sort(out[rng.permutation(len(out))[:count]])
+    return out
 
 
 def sorted_unique(stems: np.ndarray) -> np.ndarray:
-    return np.unique(stems).astype(np.uint32)
+    return sorted_unique(stems).astype(np.uint32)

@@ -28,19 +28,31 @@ def check_digits(stems: np.ndarray) -> np.ndarray:
     return np.where(check == 10, -1, check)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sort then drop repeats.  (numpy 2.4's np.unique takes ~12 s on 5M
+    uint32 here against ~0.06 s for this.)"""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]]
+
+
 def normalise(stems: np.ndarray) -> np.ndarray:
     """Sorted, unique stems as little-endian uint32."""
-    return np.unique(np.asarray(stems, dtype=np.int64)).astype(STEM_DTYPE)
+    stems = np.asarray(stems)
+    if stems.dtype != STEM_DTYPE:
+        stems = stems.astype(np.int64)
+        if len(stems) and (stems.min() < 0 or stems.max() >= 10**9):
+            raise ValueError("a stem has 9 digits")
+        stems = stems.astype(STEM_DTYPE)
+    return sorted_unique(stems)
 
 
 def canonical_bytes(stems: np.ndarray) -> bytes:
     """The canonical list for already-normalised stems."""
-    numbers = stems.astype(np.int64) * 10 + check_digits(stems)
-    digits = (numbers[:, None] // (10 ** np.arange(9, -1, -1, dtype=np.int64))) % 10
-    table = np.empty((len(stems), 11), dtype=np.uint8)
-    table[:, :10] = digits + ord("0")
-    table[:, 10] = ord("\n")
-    return table.tobytes()
+    from .bulk import format_lines  # bulk builds on this module's encoding rules
+
+    return format_lines(stems)
 
 
 def cohort_id(stems: np.ndarray) -> str:

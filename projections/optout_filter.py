@@ -23,6 +23,7 @@ import asyncpg
 import numpy as np
 
 from contracts.codes import OptOutScope, values
+from contracts.cohort import sorted_unique
 from contracts.entry import Entry, decode_entry
 from contracts.values import Exemption
 
@@ -84,7 +85,8 @@ class StemSet:
     def compact(self) -> None:
         added = np.array(sorted(s for s, m in self.changes.items() if m), dtype=np.uint32)
         removed = np.array(sorted(s for s, m in self.changes.items() if not m), dtype=np.uint32)
-        self.base = np.union1d(np.setdiff1d(self.base, removed, assume_unique=True), added).astype(np.uint32)
+        kept = self.base[~_member(removed, self.base)] if len(removed) else self.base
+        self.base = sorted_unique(np.concatenate([kept, added])).astype(np.uint32)
         self.index = Bitmap(self.base)
         self.changes.clear()
         self._added = self._removed = _EMPTY
@@ -214,4 +216,4 @@ class OptOutFilter(Follower):
         return self.position, int(out.sum()), int(consented.sum())
 
     def opted_out_count(self) -> int:
-        return int(len(np.union1d(*(s.array() for s in self.scopes.values()))))
+        return int(len(sorted_unique(np.concatenate([s.array() for s in self.scopes.values()]))))

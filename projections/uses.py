@@ -82,7 +82,7 @@ class UsesProjection(Projection):
             f"SELECT encoding, members FROM {self.t('grant_coverage')} WHERE grant_id = $1", p.grant_id
         )
         if row is not None:
-            stems = np.union1d(cohorts.decode_members(row["encoding"], row["members"]), stems)
+            stems = cohorts.sorted_unique(np.concatenate([cohorts.decode_members(row["encoding"], row["members"]), stems]))
         encoding, members = cohorts.encode_members(stems)
         await conn.execute(
             f"INSERT INTO {self.t('grant_coverage')} (grant_id, patients, encoding, members)"
