@@ -22,7 +22,3 @@ def random_stems(rng: np.random.Generator, count: int, span: int = 72_000_000) -
     if len(out) > count:
         out = np.sort(out[rng.permutation(len(out))[:count]])
     return out
-
-
-def sorted_unique(stems: np.ndarray) -> np.ndarray:
-    return sorted_unique(stems).astype(np.uint32)

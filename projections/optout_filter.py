@@ -16,6 +16,7 @@ are grant-aware.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,6 +119,20 @@ class StemSet:
         return self.base
 
 
+_COPY_ROW = np.dtype([("fields", ">i2"), ("length", ">i4"), ("stem", ">i4")])
+
+
+async def _copy_stems(conn: asyncpg.Connection, query: str, *args: object) -> np.ndarray:
+    """One integer column via binary COPY, parsed by numpy: millions of rows
+    without a Python object each (seconds and hundreds of MB saved)."""
+    buffer = io.BytesIO()
+    await conn.copy_from_query(query, *args, output=buffer, format="binary")
+    data = buffer.getbuffer()
+    header = 19 + int.from_bytes(data[15:19], "big")  # signature, flags, extension length
+    rows = np.frombuffer(data[header:len(data) - 2], dtype=_COPY_ROW)
+    return rows["stem"].astype(np.uint32)
+
+
 @dataclass
 class GrantRule:
     exemption: Exemption | None
@@ -149,10 +164,11 @@ class OptOutFilter(Follower):
                 "SELECT coalesce((SELECT position FROM projection_positions WHERE name = $1), 0)", projection
             )
             for scope in f.scopes:
-                rows = await conn.fetch(
-                    "SELECT stem FROM patient_choices WHERE scope = $1 AND opted_out ORDER BY stem", scope
-                )
-                f.scopes[scope] = StemSet(np.fromiter((r[0] for r in rows), dtype=np.uint32, count=len(rows)))
+                # Sorted here, not by the server: a sequential scan beats an
+                # index scan in stem order over a heap in arrival order.
+                f.scopes[scope] = StemSet(np.sort(await _copy_stems(
+                    conn, "SELECT stem FROM patient_choices WHERE scope = $1 AND opted_out", scope
+                )))
             consents: dict[str, list[int]] = {}
             for r in await conn.fetch("SELECT grant_id, stem FROM patient_consents ORDER BY grant_id, stem"):
                 consents.setdefault(r[0], []).append(r[1])

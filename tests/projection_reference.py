@@ -16,6 +16,7 @@ from contracts.entry import Entry, decode_entry
 from contracts.nhs_number import NhsNumber
 from samples import grant as grant_body
 from service.commands import Caller, Ledger
+from service.commands import Contended
 from service.domain import NotFound, RuleBroken
 from service.store import StoreError
 
@@ -121,7 +122,7 @@ async def random_operation(rng: random.Random, ledger: Ledger, patients: list[st
             outcome = await ledger.record_data_use(SDE, req, None)
             entry = (await ledger.store.read_positions([outcome.receipt.position]))[0].entry
             cohorts[entry.payload.cohort_id] = {int(m[:9]) for m in members}
-    except (RuleBroken, NotFound, StoreError):
+    except (RuleBroken, NotFound, StoreError, Contended):
         pass
 
 

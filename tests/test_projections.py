@@ -88,7 +88,7 @@ async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed
         optouts = await OptOutFilter.load(conn)
     runner = make_runner(pool, database, optouts)
     await runner.start()
-    ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner, wait=0))
+    ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner, wait=0.05))
     grants: list[str] = []
     cohorts: dict[str, set[int]] = {}
     counter = [0]
