@@ -136,6 +136,8 @@ class Runner:
         # Test hook: called inside the transaction after the view rows are
         # written and before the position commits.
         self.before_commit: Callable[[Projection, int], None] | None = None
+        # Metrics hook: called with each batch once every consumer has it.
+        self.on_applied: Callable[[Sequence[Entry]], None] | None = None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -200,9 +202,12 @@ class Runner:
                 log.error("projection step failed", error=repr(exc))
                 await asyncio.sleep(min(self.poll_interval, 0.5))
             self._wake.clear()
+            # asyncio.timeout rather than wait_for: on Python 3.11 wait_for can
+            # lose a cancellation that races with the event (stop() then hangs).
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+            except TimeoutError:
                 await self._ensure_listening()
 
     def _lowest(self) -> int:
@@ -216,6 +221,13 @@ class Runner:
             entries = await read_entries(conn, self._lowest(), self.batch_size)
             if not entries:
                 return False
+            # Followers first: the in-memory filter keeps answering even if a
+            # view's transaction keeps failing.
+            for f in self.followers:
+                if f.position < entries[-1].position:
+                    f.follow([e for e in entries if e.position > f.position])
+            async with self._advanced:
+                self._advanced.notify_all()
             for p in self.projections:
                 if self.positions.get(p.name, 0) >= entries[-1].position:
                     continue
@@ -224,9 +236,8 @@ class Runner:
                     if self.before_commit is not None:
                         self.before_commit(p, new)
                 self.positions[p.name] = new
-        for f in self.followers:
-            if f.position < entries[-1].position:
-                f.follow([e for e in entries if e.position > f.position])
+        if self.on_applied is not None:
+            self.on_applied(entries)
         async with self._advanced:
             self._advanced.notify_all()
         return True
@@ -250,7 +261,8 @@ class Runner:
                 if left <= 0:
                     return False
                 try:
-                    await asyncio.wait_for(self._advanced.wait(), timeout=min(left, self.poll_interval))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(min(left, self.poll_interval)):
+                        await self._advanced.wait()
+                except TimeoutError:
                     self._wake.set()
         return True
