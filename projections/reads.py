@@ -31,10 +31,14 @@ async def projection_position(conn: asyncpg.Connection, *names: str) -> int:
 
 async def cohorts_containing(conn: asyncpg.Connection, stem: int) -> list[bytes]:
     block, low = blocks.block_of(stem)
+    # The server tests bitmaps itself and pre-screens arrays with a byte
+    # search (which may also match across two members: checked below), so
+    # only candidate rows travel.
     rows = await conn.fetch(
         "SELECT cohort_id, kind, CASE WHEN kind = 'a' THEN members END AS members FROM cohort_blocks"
-        " WHERE block = $1 AND (kind = 'a' OR get_bit(members, $2) = 1)",
-        block, low,
+        " WHERE block = $1 AND CASE WHEN kind = 'b' THEN get_bit(members, $2) = 1"
+        " ELSE position($3::bytea IN members) > 0 END",
+        block, low, low.to_bytes(2, "little"),
     )
     return [
         bytes(r["cohort_id"])
