@@ -262,3 +262,46 @@ async def test_cli_status_and_rebuild(store, pool, database, tmp_path):
     assert "choices\tposition=%d\tlag=0" % head in out and f"uses\tposition=0\tlag={head}" in out
     code, _, err = await cli("projections", "rebuild", "nope")
     assert code != 0 and "no projection 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_rebuild_while_the_live_runner_keeps_applying_new_events(store, pool, database):
+    import asyncio
+
+    patients = nhs_numbers(20, seed=23)
+    grants, cohorts = await _random_ledger(store, patients, seed=23, steps=100)
+    live = make_runner(pool, database)
+    await live.start()
+    rng = random.Random(24)
+    ledger = Ledger(store)
+    stop = asyncio.Event()
+
+    async def keep_writing() -> None:
+        counter = [1000]
+        while not stop.is_set():
+            await random_operation(rng, ledger, patients, grants, cohorts, counter)
+            await asyncio.sleep(0)
+
+    writing = asyncio.create_task(keep_writing())
+    owner = await database.connect_owner()
+    try:
+        before, _ = await store.head()
+        for name in admin.PROJECTIONS:
+            await admin.rebuild(owner, name, batch=11)
+        during, _ = await store.head()
+        assert during > before, "no event was written while rebuilding: the test proved little"
+        stop.set()
+        await writing
+        head, _ = await store.head()
+        assert await live.wait_for(head, 20, live._lowest)
+        async with pool.acquire() as conn:
+            fresh = OptOutFilter()
+            fresh.follow(await all_entries(conn))
+            await check_against_reference(conn, fresh, patients, grants, cohorts)
+        served = await dump_views(owner)
+        for name in admin.PROJECTIONS:
+            await admin.rebuild(owner, name)
+        assert await dump_views(owner) == served
+    finally:
+        stop.set()
+        await live.stop()
+        await owner.close()
