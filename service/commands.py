@@ -141,7 +141,7 @@ class LedgerOptOutAssessor(OptOutAssessor):
 
 class ProjectedOptOutAssessor(OptOutAssessor):
     """Answers from the in-memory opt-out filter: a 5M cohort is a few
-    hundred milliseconds of searchsorted, not millions of ledger reads.
+    hundred milliseconds of bitmap lookups, not millions of ledger reads.
 
     The filter may be behind ``as_of`` (then the data use's AppendCondition
     covers the gap up to commit) or ahead of it (then it already reflects
