@@ -38,6 +38,8 @@ class Operation(NamedTuple):
     success: int = 200
     body_limit: int = SMALL_BODY
     query: tuple[tuple[str, dict[str, Any], bool], ...] = ()
+    # Bulk NHS-number bodies: also text/plain and MESH .dat, answered in kind.
+    bulk: bool = False
 
 
 _after = ("after", {"type": "integer", "minimum": 0}, False)
@@ -73,13 +75,13 @@ OPERATIONS: tuple[Operation, ...] = (
               SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY),
     Operation("create_cohort", "POST", "/v1/cohorts",
               "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers)",
-              SDE, None, bodies.Cohort, 201, BULK_BODY),
+              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True),
     Operation("opt_out_filter", "POST", "/v1/opt-out-filter",
               "The NHS numbers that may be used, in input order (JSON, text/plain or MESH .dat, answered in kind)",
               SDE, bodies.FilterRequest, bodies.FilterResult, 200, BULK_BODY,
               query=(("purpose", {"type": "string"}, False),
                      ("grant_id", {"type": "string"}, False),
-                     ("min_position", {"type": "integer", "minimum": 0}, False))),
+                     ("min_position", {"type": "integer", "minimum": 0}, False)), bulk=True),
     Operation("get_history", "GET", "/v1/patients/{nhs}/history",
               "Who used my data: choice changes and data uses that included the patient, newest first",
               PATIENT_APP, None, bodies.HistoryPage,
@@ -188,6 +190,24 @@ def openapi(version: str) -> dict[str, Any]:
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
             )
+        if op.bulk:
+            lines = {"type": "string", "description": "one NHS number per line (.dat: each followed by a comma)"}
+            json_body = (
+                {"$ref": f"#/components/schemas/{op.request.__name__}"} if op.request is not None
+                else {"type": "array", "items": dict(NHS_NUMBER_SCHEMA)}
+            )
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": json_body},
+                "text/plain": {"schema": lines},
+                "application/vnd.nhs.mesh.dat": {"schema": lines},
+            }}
+            responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
+            responses["415"] = _problem_response("not JSON, text/plain or application/vnd.nhs.mesh.dat")
+            responses["422"] = _problem_response("invalid NHS numbers: the errors list their lines")
+            if op.id == "opt_out_filter":
+                responses["200"]["content"].update({
+                    "text/plain": {"schema": lines}, "application/vnd.nhs.mesh.dat": {"schema": lines}})
+                responses["503"] = _problem_response("min_position not yet reflected; see Retry-After")
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",

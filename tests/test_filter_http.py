@@ -213,3 +213,13 @@ async def test_history_and_register_after_a_data_use_by_cohort_id(client, make_t
     assert rows[0]["grant_id"] == "G-1" and rows[0]["patients_covered"] == str(len(allowed))
     assert (await client.get("/v1/register?format=csv")).content_type == "text/csv"
     assert not any(n in text or n in str(register) for n in numbers)
+
+
+async def test_openapi_documents_the_bulk_media_types(client):
+    doc = await (await client.get("/openapi.json")).json()
+    for path in ("/v1/cohorts", "/v1/opt-out-filter"):
+        content = doc["paths"][path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "text/plain", DAT}
+    assert DAT in doc["paths"]["/v1/opt-out-filter"]["post"]["responses"]["200"]["content"]
+    assert doc["paths"]["/v1/register"]["get"]["security"] == []
+    assert doc["paths"]["/v1/patients/{nhs}/history"]["get"]["x-roles"] == ["patient-app"]
