@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from . import bodies
+from .codes import Purpose, values
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
 from .values import MAX_COHORT_SIZE  # noqa: F401 - part of this module's limits, see README
@@ -44,6 +45,10 @@ class Operation(NamedTuple):
     media_type: str = "application/json"
     # 404 is also possible without path parameters (e.g. a proof for a tree not yet that large).
     may_be_missing: bool = False
+    # Bulk NHS-number bodies: also text/plain and MESH .dat, answered in kind.
+    bulk: bool = False
+    # Other media types the success body may come in (e.g. CSV), as strings.
+    also_as: tuple[str, ...] = ()
 
 
 _after = ("after", {"type": "integer", "minimum": 0}, False)
@@ -77,6 +82,24 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("record_data_use", "POST", "/v1/data-uses",
               "Record a use of patients' data under a grant; refused if it includes opted-out patients without an exemption",
               SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY),
+    Operation("create_cohort", "POST", "/v1/cohorts",
+              "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers)",
+              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True),
+    Operation("opt_out_filter", "POST", "/v1/opt-out-filter",
+              "The NHS numbers that may be used, in input order (JSON, text/plain or MESH .dat, answered in kind)",
+              SDE, bodies.FilterRequest, bodies.FilterResult, 200, BULK_BODY,
+              query=(("purpose", {"type": "string", "enum": list(values(Purpose))}, False),
+                     ("grant_id", {"type": "string"}, False),
+                     ("min_position", {"type": "integer", "minimum": 0}, False)), bulk=True,
+              also_as=("text/plain", "application/vnd.nhs.mesh.dat")),
+    Operation("get_history", "GET", "/v1/patients/{nhs}/history",
+              "Who used my data: choice changes and data uses that included the patient, newest first",
+              PATIENT_APP, None, bodies.HistoryPage,
+              query=(("cursor", {"type": "string"}, False), _limit)),
+    Operation("get_register", "GET", "/v1/register",
+              "The public data uses register: one row per grant, no personal data (JSON, or CSV)",
+              PUBLIC, None, bodies.Register,
+              query=(("format", {"type": "string", "enum": ["json", "csv"]}, False),), also_as=("text/csv",)),
     Operation("list_events", "GET", "/v1/events",
               "Ledger entries in position order", AUDITOR, None, bodies.EventsPage,
               query=(_after, _limit)),
@@ -171,6 +194,8 @@ def openapi(version: str) -> dict[str, Any]:
                                         {"type": "string", "format": "binary"}
                                         if op.media_type == "application/octet-stream" else {"type": "string"}}},
         }
+        for media_type in op.also_as:
+            responses[str(op.success)]["content"][media_type] = {"schema": {"type": "string"}}
         if op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
             # Reads of personal data are written to the ledger first (PersonalDataRead).
             responses[str(op.success)]["headers"] = {"Ledger-Read-Recorded": {
@@ -228,6 +253,20 @@ def openapi(version: str) -> dict[str, Any]:
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200,
                             "pattern": "^[!-~]([ -~]*[!-~])?$"}}
             )
+        if op.bulk:
+            lines = {"type": "string", "description": "one NHS number per line (.dat: each followed by a comma)"}
+            json_body = (
+                {"$ref": f"#/components/schemas/{op.request.__name__}"} if op.request is not None
+                else {"type": "array", "items": dict(NHS_NUMBER_SCHEMA)}
+            )
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": json_body},
+                "text/plain": {"schema": lines},
+                "application/vnd.nhs.mesh.dat": {"schema": lines},
+            }}
+            responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
+            responses["415"] = _problem_response("not JSON, text/plain or application/vnd.nhs.mesh.dat")
+            responses["422"] = _problem_response("invalid NHS numbers: the errors list their lines")
         paths.setdefault(openapi_path(op.path), {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -131,6 +131,89 @@ class Cohort(Struct, frozen=True, kw_only=True):
     size: Count
 
 
+class FilterRequest(Frozen):
+    nhs_numbers: list[str]
+
+
+class FilterResult(Struct, frozen=True, kw_only=True):
+    """The numbers that may be used, in input order, and the state applied.
+
+    ``exemption`` is set when the grant records an opt-out exemption: then
+    nobody is removed, and this says why."""
+
+    nhs_numbers: list[str]
+    as_of: int
+    removed: Count
+    checkpoint: int
+    consented_kept: Count = 0
+    exemption: Exemption | None = None
+
+
+class Labelled(Struct, frozen=True, kw_only=True):
+    """A code with the plain words a patient or member of the public reads."""
+
+    code: str
+    label: str
+
+
+class HistoryItem(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One line of a patient's "who used my data" history."""
+
+    position: int
+    recorded_at: str
+    kind: Literal["choice", "consent", "data-use"]
+    summary: str
+    event_type: str
+    scope: Labelled | None = None
+    channel: str | None = None
+    actor: str | None = None
+    grant_id: str | None = None
+    organisation: Organisation | None = None
+    purpose: Labelled | None = None
+    purpose_description: str | None = None
+    legal_basis: Labelled | None = None
+    datasets: list[str] | None = None
+    access_method: Labelled | None = None
+    occurred_at: str | None = None
+    opt_out: str | None = None
+    exemption: Labelled | None = None
+    consent_applied: bool | None = None
+
+
+class HistoryPage(Struct, frozen=True, kw_only=True):
+    nhs_number: str
+    as_of: int
+    items: list[HistoryItem]
+    next_cursor: str | None
+
+
+class RegisterEntry(Struct, frozen=True, kw_only=True):
+    """One grant in the public data uses register (no personal data)."""
+
+    grant_id: str
+    organisation: Organisation
+    purpose: Labelled
+    purpose_description: str
+    patient_benefit: str
+    legal_basis: Labelled
+    datasets: list[str]
+    commercial: bool
+    valid_from: str
+    valid_until: str
+    status: str
+    revoked_at: str | None
+    uses: int
+    patients_covered: int
+    opt_outs_applied: bool
+    opt_out_exemption: Labelled | None
+    opted_out_included: int
+
+
+class Register(Struct, frozen=True, kw_only=True):
+    as_of: int
+    grants: list[RegisterEntry]
+
+
 class EventView(Struct, frozen=True, kw_only=True):
     position: int
     event_id: str
@@ -178,6 +261,13 @@ __all__ = [
     "ConsentState",
     "DataUseRequest",
     "EventView",
+    "FilterRequest",
+    "FilterResult",
+    "HistoryItem",
+    "HistoryPage",
+    "Labelled",
+    "Register",
+    "RegisterEntry",
     "EventsPage",
     "GrantRequest",
     "GrantView",

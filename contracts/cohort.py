@@ -11,6 +11,7 @@ In memory and storage a cohort is the sorted array of 9-digit stems
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 import numpy as np
 
@@ -27,30 +28,60 @@ def check_digits(stems: np.ndarray) -> np.ndarray:
     return np.where(check == 10, -1, check)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sort then drop repeats.  (numpy 2.4's np.unique takes ~12 s on 5M
+    uint32 here against ~0.06 s for this.)"""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]]
+
+
 def normalise(stems: np.ndarray) -> np.ndarray:
     """Sorted, unique stems as little-endian uint32."""
-    return np.unique(np.asarray(stems, dtype=np.int64)).astype(STEM_DTYPE)
+    stems = np.asarray(stems)
+    if stems.dtype != STEM_DTYPE:
+        stems = stems.astype(np.int64)
+        if len(stems) and (stems.min() < 0 or stems.max() >= 10**9):
+            raise ValueError("a stem has 9 digits")
+        stems = stems.astype(STEM_DTYPE)
+    return sorted_unique(stems)
 
 
 def canonical_bytes(stems: np.ndarray) -> bytes:
     """The canonical list for already-normalised stems."""
-    numbers = stems.astype(np.int64) * 10 + check_digits(stems)
-    digits = (numbers[:, None] // (10 ** np.arange(9, -1, -1, dtype=np.int64))) % 10
-    table = np.empty((len(stems), 11), dtype=np.uint8)
-    table[:, :10] = digits + ord("0")
-    table[:, 10] = ord("\n")
-    return table.tobytes()
+    from .bulk import format_lines  # bulk builds on this module's encoding rules
+
+    return format_lines(stems)
 
 
 def cohort_id(stems: np.ndarray) -> str:
     return hashlib.sha256(canonical_bytes(stems)).hexdigest()
 
 
-def encode_members(stems: np.ndarray) -> tuple[str, bytes]:
-    return "u32le-sorted", stems.astype(STEM_DTYPE).tobytes()
+RAW = "u32le-sorted"
+# Gaps between sorted stems, their 4 byte planes stored one after another
+# (high planes are nearly all zero), then zlib level 1: about 1 byte per
+# member for a 1M cohort drawn from 65M patients, 0.7 for 5M (raw: 4 bytes).
+DELTA_ZLIB = "u32le-delta-planes-zlib1"
+
+
+def encode_members(stems: np.ndarray, encoding: str = DELTA_ZLIB) -> tuple[str, bytes]:
+    stems = np.asarray(stems).astype(STEM_DTYPE)
+    if encoding == RAW:
+        return RAW, stems.tobytes()
+    if encoding == DELTA_ZLIB:
+        gaps = np.diff(stems, prepend=STEM_DTYPE.type(0)).astype(STEM_DTYPE)
+        planes = gaps.view(np.uint8).reshape(-1, 4).T.tobytes()
+        return DELTA_ZLIB, zlib.compress(planes, 1)
+    raise ValueError(f"unknown cohort encoding {encoding!r}")
 
 
 def decode_members(encoding: str, data: bytes) -> np.ndarray:
-    if encoding != "u32le-sorted":
-        raise ValueError(f"unknown cohort encoding {encoding!r}")
-    return np.frombuffer(data, dtype=STEM_DTYPE)
+    if encoding == RAW:
+        return np.frombuffer(data, dtype=STEM_DTYPE)
+    if encoding == DELTA_ZLIB:
+        planes = np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(4, -1)
+        gaps = np.ascontiguousarray(planes.T).view(STEM_DTYPE).ravel()
+        return np.cumsum(gaps, dtype=STEM_DTYPE)
+    raise ValueError(f"unknown cohort encoding {encoding!r}")

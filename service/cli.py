@@ -217,6 +217,30 @@ def _export(args: argparse.Namespace) -> None:
     except (auditor.SourceError, ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     print(f"exported {size} entries and their checkpoint to {args.out}")
+def _projections(args: argparse.Namespace) -> None:
+    from projections import rebuild as projection_admin
+
+    cfg = config_module.load()
+
+    async def run() -> None:
+        database = await locate(cfg)
+        conn = await database.connect_owner()
+        try:
+            await migrate(conn)
+            if args.projections_command == "status":
+                for name, position, lag in await projection_admin.status(conn):
+                    print(f"{name}\tposition={position}\tlag={lag}")
+                return
+            if args.name not in projection_admin.PROJECTIONS:
+                raise CommandError(f"no projection {args.name!r}; known: {', '.join(projection_admin.PROJECTIONS)}")
+            position = await projection_admin.rebuild(
+                conn, args.name, progress=lambda at, head: print(f"# {args.name}: {at}/{head}", file=sys.stderr)
+            )
+            print(f"{args.name} rebuilt from position 0 to {position}")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -236,6 +260,13 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=2021)
     demo.set_defaults(run=_demo)
+
+    projections = sub.add_parser("projections", help="read models: status, rebuild").add_subparsers(
+        dest="projections_command", required=True)
+    projections.add_parser("status", help="position and lag of each projection").set_defaults(run=_projections)
+    rebuild = projections.add_parser("rebuild", help="rebuild a projection from position 0, then swap it in")
+    rebuild.add_argument("name")
+    rebuild.set_defaults(run=_projections)
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(dest="token_command", required=True)
     issue = token.add_parser("issue", help="print a development token (last line of output)")

@@ -28,6 +28,8 @@ class Config:
     log_key_file: Path | None = None
     log_extra_key_files: tuple[Path, ...] = ()
     checkpoint_interval: float = 1.0
+    projection_poll_interval: float = 1.0
+    filter_wait: float = 5.0
 
     @property
     def production(self) -> bool:
@@ -61,4 +63,8 @@ def load(env: dict[str, str] | None = None) -> Config:
             Path(p) for p in env.get("CONSENT_LEDGER_LOG_EXTRA_KEYS", "").split(",") if p.strip()
         ),
         checkpoint_interval=float(env.get("CONSENT_LEDGER_CHECKPOINT_INTERVAL", "1.0")),
+        # Projections also poll, so a lost NOTIFY only delays them by this much.
+        projection_poll_interval=float(env.get("CONSENT_LEDGER_PROJECTION_POLL", "1.0")),
+        # How long an opt-out filter call waits for `min_position` before 503.
+        filter_wait=float(env.get("CONSENT_LEDGER_FILTER_WAIT", "5.0")),
     )

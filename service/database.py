@@ -31,6 +31,10 @@ class Database:
     async def connect_owner(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.owner_dsn)
 
+    async def connect_app(self) -> asyncpg.Connection:
+        """A lone connection acting as the service role (for LISTEN)."""
+        return await asyncpg.connect(self.owner_dsn, server_settings={"role": APP_ROLE})
+
     async def create_pool(self, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
         # The `role` startup setting survives asyncpg's RESET ALL on release,
         # so every pooled connection keeps acting as the service role.

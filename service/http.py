@@ -8,6 +8,8 @@ handler.  Errors of every kind leave as RFC 9457 problems.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,14 +21,21 @@ import structlog
 from aiohttp import web
 
 from contracts import api, bodies, merkle, note
+from contracts.codes import Purpose, values
 from contracts.entry import decode_entry
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from projections import reads as projection_reads
+from projections.choices import ChoicesProjection
+from projections.optout_filter import OptOutFilter
+from projections.runner import Runner
+from projections.uses import UsesProjection
 
 from . import __version__
+from . import numbers_body
 from .access import READ_HEADER, record_read
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
-from .commands import Caller, Contended, Ledger, Outcome, idempotency_key
+from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
 from .database import Database
 from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from .limits import request_timeout
@@ -47,6 +56,8 @@ SETTINGS = web.AppKey("settings", dict)
 OPENAPI = web.AppKey("openapi", bytes)
 CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
 TILES = web.AppKey("tiles", TileReader)
+RUNNER = web.AppKey("projection_runner", Runner)
+OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -267,6 +278,85 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
     return json_response(event_view(found[0]), headers={READ_HEADER: str(read.position)})
 
 
+# --- projections: opt-out filter, cohorts, history, register ----------------------
+
+
+async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
+    raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
+    parsed = numbers_body.parse(request.content_type, raw, json_list=True)
+    if len(parsed.stems) == 0:
+        raise invalid("a cohort needs at least one NHS number", "$")
+    cohort_id, size = await request.app[LEDGER].store_cohort(parsed.stems)
+    return json_response(bodies.Cohort(cohort_id=cohort_id, size=size), 201)
+
+
+async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
+    app = request.app
+    purpose = request.query.get("purpose")
+    if purpose is not None and purpose not in values(Purpose):
+        raise invalid(f"`purpose` must be one of {', '.join(values(Purpose))}", "query.purpose", status=400)
+    grant_id = request.query.get("grant_id") or None
+    min_position = _int_query(request, "min_position", 0, 0, 2**62)
+    raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
+    parsed = numbers_body.parse(request.content_type, raw)
+    optouts = app[OPT_OUT_FILTER]
+    if optouts.position < min_position and not await app[RUNNER].wait_for(
+        min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
+    ):
+        raise ProblemError(503, "not-yet-reflected", "Opt-out state not yet reflected",
+                           f"the filter reflects position {optouts.position}, not yet {min_position}; retry",
+                           headers={"Retry-After": "1"})
+    if grant_id is not None and grant_id not in optouts.grants:
+        raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
+    result = optouts.filter(parsed.stems, grant_id)
+    kept = parsed.stems[result.keep]
+    checkpoint = (await app[CHECKPOINTS].latest()).size
+    if parsed.media_type == numbers_body.JSON:
+        body = numbers_body.render_json(kept, {
+            "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
+            "consented_kept": result.consented_kept, "exemption": result.exemption,
+        })
+        return web.Response(body=body, content_type="application/json")
+    headers = {
+        "Ledger-As-Of": str(result.as_of),
+        "Ledger-Removed": str(result.removed),
+        "Ledger-Checkpoint": str(checkpoint),
+        "Ledger-Consented-Kept": str(result.consented_kept),
+    }
+    if result.exemption is not None:
+        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
+    return web.Response(body=numbers_body.render_lines(parsed, result.keep),
+                        content_type=parsed.media_type, headers=headers)
+
+
+async def get_history(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    cursor = request.query.get("cursor")
+    if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
+        raise invalid("`cursor` must be the next_cursor of an earlier page", "query.cursor", status=400)
+    limit = _int_query(request, "limit", 50, 1, 1000)
+    async with request.app[STORE].pool.acquire() as conn:
+        page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, limit)
+    read = await record_read(request.app[STORE], _caller(caller), "history", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(page, headers={READ_HEADER: str(read.position)})
+
+
+async def get_register(request: web.Request, caller: Caller | None) -> web.Response:
+    async with request.app[STORE].pool.acquire() as conn:
+        reg = await projection_reads.register(conn)
+    fmt = request.query.get("format")
+    if fmt is not None and fmt not in ("json", "csv"):
+        raise invalid("`format` must be json or csv", "query.format", status=400)
+    wants_csv = fmt == "csv" or (
+        "format" not in request.query and "text/csv" in request.headers.get("Accept", "")
+    )
+    if not wants_csv:
+        return json_response(reg)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(projection_reads.register_rows(reg))
+    return web.Response(text=out.getvalue(), content_type="text/csv", headers={"Ledger-As-Of": str(reg.as_of)})
+
+
 async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
     return json_response(bodies.Health(status="ok"))
 
@@ -429,6 +519,10 @@ HANDLERS: dict[str, Handler] = {
     "revoke_grant": revoke_grant,
     "get_grant": get_grant,
     "record_data_use": record_data_use,
+    "create_cohort": create_cohort,
+    "opt_out_filter": opt_out_filter,
+    "get_history": get_history,
+    "get_register": get_register,
     "list_events": list_events,
     "get_event": get_event,
     "healthz": healthz,
@@ -560,6 +654,28 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
+async def _projections_context(app: web.Application) -> AsyncIterator[None]:
+    """Compose the projections: runner, in-memory filter, projection-backed assessor."""
+    store = app[STORE]
+    async with store.pool.acquire() as conn:
+        optouts = await OptOutFilter.load(conn)
+    runner = Runner(
+        store.pool,
+        [ChoicesProjection(), UsesProjection()],
+        followers=[optouts],
+        listen=app[DATABASE].connect_app,
+        poll_interval=app[SETTINGS]["projection_poll_interval"],
+    )
+    await runner.start()
+    app[RUNNER] = runner
+    app[OPT_OUT_FILTER] = optouts
+    app[LEDGER].assessor = ProjectedOptOutAssessor(optouts, runner)
+    try:
+        yield
+    finally:
+        await runner.stop()
+
+
 def create_app(
     database: Database,
     verifier: Verifier,
@@ -571,6 +687,8 @@ def create_app(
     log_signers: list[note.Signer] | None = None,
     log_origin: str = "consent-ledger.example/log",
     checkpoint_interval: float = 1.0,
+    projection_poll_interval: float = 1.0,
+    filter_wait: float = 5.0,
 ) -> web.Application:
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
@@ -581,6 +699,7 @@ def create_app(
         # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.
         "log_signers": log_signers or [note.Signer.generate(log_origin)],
         "log_origin": log_origin, "checkpoint_interval": checkpoint_interval,
+        "projection_poll_interval": projection_poll_interval, "filter_wait": filter_wait,
     }
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
@@ -590,6 +709,7 @@ def create_app(
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
     app.cleanup_ctx.append(_ledger_context)
     app.cleanup_ctx.append(_verifier_context)
+    app.cleanup_ctx.append(_projections_context)
     return app
 
 

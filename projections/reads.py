@@ -1,0 +1,228 @@
+"""Queries over the projection tables: a patient's history and the public register."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import asyncpg
+
+from contracts.bodies import HistoryItem, HistoryPage, Labelled, Register, RegisterEntry
+from contracts.codes import LABELS
+from contracts.entry import format_recorded_at
+from contracts.values import Organisation
+
+from . import blocks
+
+
+def _label(code: str | None) -> Labelled | None:
+    return None if code is None else Labelled(code=code, label=LABELS.get(code, code))
+
+
+def _ts(value: datetime) -> str:
+    return format_recorded_at(value)
+
+
+async def projection_position(conn: asyncpg.Connection, *names: str) -> int:
+    """The position every named projection has reached."""
+    rows = await conn.fetch("SELECT name, position FROM projection_positions WHERE name = ANY($1)", list(names))
+    found = {r["name"]: r["position"] for r in rows}
+    return min(found.get(n, 0) for n in names)
+
+
+async def cohorts_containing(conn: asyncpg.Connection, stem: int) -> list[bytes]:
+    block, low = blocks.block_of(stem)
+    # The server tests bitmaps itself and pre-screens arrays with a byte
+    # search (which may also match across two members: checked below), so
+    # only candidate rows travel.
+    rows = await conn.fetch(
+        "SELECT cohort_id, kind, CASE WHEN kind = 'a' THEN members END AS members FROM cohort_blocks"
+        " WHERE block = $1 AND CASE WHEN kind = 'b' THEN get_bit(members, $2) = 1"
+        " ELSE position($3::bytea IN members) > 0 END",
+        block, low, low.to_bytes(2, "little"),
+    )
+    return [
+        bytes(r["cohort_id"])
+        for r in rows
+        if r["kind"] == blocks.BITMAP or blocks.contains(blocks.ARRAY, r["members"], low)
+    ]
+
+
+class _Choices:
+    """The patient's own choice events, to tell which rule let them into a use."""
+
+    def __init__(self, rows: list[asyncpg.Record]):
+        self.rows = sorted(rows, key=lambda r: r["position"])
+
+    def at(self, position: int, grant_id: str) -> tuple[bool, bool]:
+        """(opted out in any scope, consented to grant) at ``position``."""
+        scopes: dict[str, bool] = {}
+        consented = False
+        for r in self.rows:
+            if r["position"] > position:
+                break
+            t = r["event_type"]
+            if t in ("OptOutRegistered", "OptOutWithdrawn"):
+                scopes[r["scope"]] = t == "OptOutRegistered"
+            elif r["grant_id"] == grant_id:
+                consented = t == "StudyConsentGiven"
+        return any(scopes.values()), consented
+
+
+_CHOICE_WORDS = {
+    "OptOutRegistered": "You opted out: {scope}",
+    "OptOutWithdrawn": "You withdrew your opt-out: {scope}",
+    "StudyConsentGiven": "You consented to project {grant}",
+    "StudyConsentWithdrawn": "You withdrew your consent to project {grant}",
+}
+
+
+def _choice_item(r: asyncpg.Record) -> HistoryItem:
+    t = r["event_type"]
+    scope = _label(r["scope"])
+    who = "you" if r["actor_kind"] == "patient" else f"someone acting for you ({r['proxy_role'] or 'proxy'})"
+    summary = _CHOICE_WORDS[t].format(scope=scope.label if scope else "", grant=r["grant_id"])
+    if r["actor_kind"] != "patient":
+        summary = summary.replace("You ", "Someone acting for you ", 1)
+    return HistoryItem(
+        position=r["position"],
+        recorded_at=_ts(r["recorded_at"]),
+        kind="choice" if scope else "consent",
+        summary=summary,
+        event_type=t,
+        scope=scope,
+        channel=r["channel"],
+        actor=who,
+        grant_id=r["grant_id"],
+    )
+
+
+def _use_item(r: asyncpg.Record, choices: _Choices) -> HistoryItem:
+    opted_out, consented = choices.at(r["opt_out_state_position"], r["grant_id"])
+    exemption = _label(r["exemption_basis"])
+    if not opted_out:
+        words = "You had no opt-out in force when this was checked."
+        applied = None
+    elif exemption is not None:
+        words = f"Your opt-out did not apply: {exemption.label} (reference {r['exemption_reference']})."
+        applied = False
+    else:
+        words = "You had opted out, but you consented to this project, so your data was included."
+        applied = consented
+    purpose = _label(r["purpose"])
+    assert purpose is not None
+    return HistoryItem(
+        position=r["position"],
+        recorded_at=_ts(r["recorded_at"]),
+        kind="data-use",
+        summary=f"{r['organisation_name']} used your data for {purpose.label}",
+        event_type="DataUseRecorded",
+        grant_id=r["grant_id"],
+        organisation=Organisation(code=r["organisation_code"], name=r["organisation_name"]),
+        purpose=purpose,
+        purpose_description=r["purpose_description"],
+        legal_basis=_label(r["legal_basis"]),
+        datasets=list(r["datasets"]),
+        access_method=_label(r["access_method"]),
+        occurred_at=_ts(r["occurred_at"]),
+        opt_out=words,
+        exemption=exemption if opted_out else None,
+        consent_applied=applied,
+    )
+
+
+async def history(
+    conn: asyncpg.Connection, nhs_number: str, before: int | None, limit: int
+) -> HistoryPage:
+    """Newest first; ``before`` is the cursor (a position, exclusive)."""
+    stem = int(nhs_number[:9])
+    upper = before if before is not None else 2**62
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        as_of = await projection_position(conn, "choices", "uses")
+        choice_rows = await conn.fetch(
+            "SELECT * FROM patient_choice_history WHERE stem = $1 AND position <= $2 ORDER BY position",
+            stem, as_of,
+        )
+        cohort_ids = await cohorts_containing(conn, stem)
+        use_rows = await conn.fetch(
+            "SELECT d.*, g.organisation_code, g.organisation_name, g.purpose_description, g.legal_basis"
+            " FROM data_uses_view d JOIN grants_view g USING (grant_id)"
+            " WHERE d.cohort_id = ANY($1::bytea[]) AND d.position < $2 AND d.position <= $4"
+            " ORDER BY d.position DESC LIMIT $3",
+            cohort_ids, upper, limit + 1, as_of,
+        ) if cohort_ids else []
+    choices = _Choices(choice_rows)
+    items = [_choice_item(r) for r in reversed(choice_rows) if r["position"] < upper][: limit + 1]
+    items += [_use_item(r, choices) for r in use_rows]
+    items.sort(key=lambda i: i.position, reverse=True)
+    more = len(items) > limit
+    items = items[:limit]
+    return HistoryPage(
+        nhs_number=nhs_number,
+        as_of=as_of,
+        items=items,
+        next_cursor=str(items[-1].position) if more and items else None,
+    )
+
+
+def _status(r: asyncpg.Record, now: datetime) -> str:
+    if r["revoked_position"] is not None:
+        return "revoked"
+    if now < r["valid_from"]:
+        return "not-yet-valid"
+    if now >= r["valid_until"]:
+        return "expired"
+    return "active"
+
+
+async def register(conn: asyncpg.Connection) -> Register:
+    now = datetime.now(timezone.utc)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        as_of = await projection_position(conn, "uses")
+        rows = await conn.fetch(
+            "SELECT g.*, coalesce(c.patients, 0) AS patients FROM grants_view g"
+            " LEFT JOIN grant_coverage c USING (grant_id) ORDER BY g.position"
+        )
+    grants = []
+    for r in rows:
+        purpose, basis = _label(r["purpose"]), _label(r["legal_basis"])
+        assert purpose is not None and basis is not None
+        grants.append(RegisterEntry(
+            grant_id=r["grant_id"],
+            organisation=Organisation(code=r["organisation_code"], name=r["organisation_name"]),
+            purpose=purpose,
+            purpose_description=r["purpose_description"],
+            patient_benefit=r["patient_benefit"],
+            legal_basis=basis,
+            datasets=list(r["datasets"]),
+            commercial=r["commercial"],
+            valid_from=_ts(r["valid_from"]),
+            valid_until=_ts(r["valid_until"]),
+            status=_status(r, now),
+            revoked_at=_ts(r["revoked_at"]) if r["revoked_at"] else None,
+            uses=r["uses"],
+            patients_covered=r["patients"],
+            opt_outs_applied=r["exemption_basis"] is None,
+            opt_out_exemption=_label(r["exemption_basis"]),
+            opted_out_included=r["opted_out_included"],
+        ))
+    return Register(as_of=as_of, grants=grants)
+
+
+REGISTER_COLUMNS = (
+    "grant_id", "organisation_code", "organisation_name", "purpose", "purpose_description", "patient_benefit",
+    "legal_basis", "datasets", "commercial", "valid_from", "valid_until", "status", "revoked_at", "uses",
+    "patients_covered", "opt_outs_applied", "opt_out_exemption", "opted_out_included",
+)
+
+
+def register_rows(reg: Register) -> list[list[str]]:
+    out = [list(REGISTER_COLUMNS)]
+    for g in reg.grants:
+        out.append([
+            g.grant_id, g.organisation.code, g.organisation.name, g.purpose.code, g.purpose_description,
+            g.patient_benefit, g.legal_basis.code, ";".join(g.datasets), str(g.commercial).lower(),
+            g.valid_from, g.valid_until, g.status, g.revoked_at or "", str(g.uses), str(g.patients_covered),
+            str(g.opt_outs_applied).lower(), g.opt_out_exemption.code if g.opt_out_exemption else "",
+            str(g.opted_out_included),
+        ])
+    return out
