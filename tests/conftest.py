@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,15 +36,20 @@ def _dsn_with_database(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def admin_dsn() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    # Not under pytest's basetemp: a concurrent pytest session prunes old
+    # basetemp folders and would delete a running server's data directory.
+    pgdata = tempfile.mkdtemp(prefix="consent-ledger-test-pg-")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
     yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
