@@ -161,7 +161,7 @@ class HistoryItem(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     position: int
     recorded_at: str
-    kind: Literal["choice", "consent", "data-use"]
+    kind: Literal["choice", "consent", "data-use", "access"]
     summary: str
     event_type: str
     scope: Labelled | None = None

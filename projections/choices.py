@@ -13,6 +13,8 @@ from contracts.entry import Entry
 from .runner import Projection
 
 CHOICE_EVENTS = frozenset({"OptOutRegistered", "OptOutWithdrawn", "StudyConsentGiven", "StudyConsentWithdrawn"})
+# Someone other than the patient read the patient's own data: their history says so.
+READ_EVENT = "PersonalDataRead"
 
 
 def stem_of(nhs_number: str) -> int:
@@ -32,18 +34,23 @@ class ChoicesProjection(Projection):
         consents: dict[tuple[int, str], tuple[bool, int, datetime]] = {}
         history: list[tuple[object, ...]] = []
         for e in entries:
+            p = e.payload
+            if e.event_type == READ_EVENT and p.nhs_number is not None and not p.by_patient:
+                reader = f"{p.recorded_by} ({p.reader_org})" if p.reader_org else p.recorded_by
+                history.append((stem_of(p.nhs_number), e.position, e.event_type, None, None, p.what,
+                                p.role, None, moment(e.recorded_at), reader))
+                continue
             if e.event_type not in CHOICE_EVENTS:
                 continue
-            p = e.payload
             stem, at = stem_of(p.nhs_number), moment(e.recorded_at)
             if e.event_type in ("OptOutRegistered", "OptOutWithdrawn"):
                 choices[(stem, p.scope)] = (e.event_type == "OptOutRegistered", e.position, at)
                 history.append((stem, e.position, e.event_type, p.scope, None, p.channel,
-                                p.actor.kind, p.actor.proxy_role, at))
+                                p.actor.kind, p.actor.proxy_role, at, None))
             else:
                 consents[(stem, p.grant_id)] = (e.event_type == "StudyConsentGiven", e.position, at)
                 history.append((stem, e.position, e.event_type, None, p.grant_id, None,
-                                p.actor.kind, p.actor.proxy_role, at))
+                                p.actor.kind, p.actor.proxy_role, at, None))
         if choices:
             keys = list(choices)
             await conn.execute(
@@ -77,5 +84,5 @@ class ChoicesProjection(Projection):
                 self.t("patient_choice_history"),
                 records=history,
                 columns=["stem", "position", "event_type", "scope", "grant_id", "channel",
-                         "actor_kind", "proxy_role", "recorded_at"],
+                         "actor_kind", "proxy_role", "recorded_at", "reader"],
             )

@@ -12,6 +12,7 @@ from contracts.entry import format_recorded_at
 from contracts.values import Organisation
 
 from . import blocks
+from .choices import READ_EVENT
 
 
 def _label(code: str | None) -> Labelled | None:
@@ -68,6 +69,9 @@ class _Choices:
         return any(scopes.values()), consented
 
 
+_READ_WORDS = {"choices": "record of choices", "history": "history", "receipt": "ledger receipt"}
+_ROLE_WORDS = {"patient-app": "an app acting for you", "auditor": "an auditor"}
+
 _CHOICE_WORDS = {
     "OptOutRegistered": "You opted out: {scope}",
     "OptOutWithdrawn": "You withdrew your opt-out: {scope}",
@@ -78,6 +82,16 @@ _CHOICE_WORDS = {
 
 def _choice_item(r: asyncpg.Record) -> HistoryItem:
     t = r["event_type"]
+    if t == READ_EVENT:
+        what, role = r["channel"], r["actor_kind"]
+        return HistoryItem(
+            position=r["position"],
+            recorded_at=_ts(r["recorded_at"]),
+            kind="access",
+            summary=f"Your {_READ_WORDS.get(what, what)} was viewed by {r['reader']} ({_ROLE_WORDS.get(role, role)})",
+            event_type=t,
+            actor=r["reader"],
+        )
     scope = _label(r["scope"])
     who = "you" if r["actor_kind"] == "patient" else f"someone acting for you ({r['proxy_role'] or 'proxy'})"
     summary = _CHOICE_WORDS[t].format(scope=scope.label if scope else "", grant=r["grant_id"])

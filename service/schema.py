@@ -185,6 +185,7 @@ CREATE TABLE patient_choice_history (
     actor_kind  text        NOT NULL,
     proxy_role  text,
     recorded_at timestamptz NOT NULL,
+    reader      text,       -- PersonalDataRead rows: who read the patient's data
     PRIMARY KEY (stem, position)
 );
 

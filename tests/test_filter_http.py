@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 
@@ -177,9 +178,13 @@ async def test_history_and_register_after_a_data_use_by_cohort_id(client, make_t
     assert r.status == 201, await r.text()
     use_position = (await r.json())["position"]
 
+    def own(nhs: str) -> dict[str, str]:
+        # The patient's own token: their reads are recorded but not listed back to them.
+        return auth(make_token("patient-app", nhs_number=nhs))
+
     async def history_of(nhs: str) -> dict:
         for _ in range(100):
-            page = await (await client.get(f"/v1/patients/{nhs}/history", headers=app_token)).json()
+            page = await (await client.get(f"/v1/patients/{nhs}/history", headers=own(nhs))).json()
             if page["as_of"] >= use_position:
                 return page
             import asyncio
@@ -196,9 +201,9 @@ async def test_history_and_register_after_a_data_use_by_cohort_id(client, make_t
     assert [i["kind"] for i in (await history_of(opted))["items"]] == ["choice"]
     assert [i["kind"] for i in (await history_of(numbers[5]))["items"]] == ["data-use"]
     assert (await history_of(outsider))["items"] == []
-    first = await (await client.get(f"/v1/patients/{consenting}/history?limit=1", headers=app_token)).json()
+    first = await (await client.get(f"/v1/patients/{consenting}/history?limit=1", headers=own(consenting))).json()
     second = await (await client.get(f"/v1/patients/{consenting}/history?limit=2&cursor={first['next_cursor']}",
-                                     headers=app_token)).json()
+                                     headers=own(consenting))).json()
     assert [i["position"] for i in first["items"] + second["items"]] == [i["position"] for i in page["items"]]
     assert second["next_cursor"] is None
     r = await client.get(f"/v1/patients/{consenting}/history", headers=auth(make_token("sde", org="SDE-NORTH")))
@@ -223,3 +228,25 @@ async def test_openapi_documents_the_bulk_media_types(client):
     assert DAT in doc["paths"]["/v1/opt-out-filter"]["post"]["responses"]["200"]["content"]
     assert doc["paths"]["/v1/register"]["get"]["security"] == []
     assert doc["paths"]["/v1/patients/{nhs}/history"]["get"]["x-roles"] == ["patient-app"]
+
+
+async def test_history_shows_who_else_viewed_the_patients_data(client, make_token):
+    """Issue 5: reads of a patient's data by anyone but the patient appear in their history."""
+    nhs = nhs_numbers(1, seed=21)[0]
+    backend = auth(make_token("patient-app", subject="nhs-app-backend"))
+    own = auth(make_token("patient-app", nhs_number=nhs))
+    await opt_out(client, make_token, nhs)
+    viewed = await client.get(f"/v1/patients/{nhs}/choices", headers=backend)
+    read_position = int(viewed.headers["Ledger-Read-Recorded"])
+    assert (await client.get(f"/v1/patients/{nhs}/choices", headers=own)).status == 200
+    for _ in range(100):
+        page = await (await client.get(f"/v1/patients/{nhs}/history", headers=own)).json()
+        if page["as_of"] >= read_position:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("projection did not catch up")
+    access = [i for i in page["items"] if i["kind"] == "access"]
+    assert [i["position"] for i in access] == [read_position]  # the patient's own reads are not listed
+    assert access[0]["actor"] == "nhs-app-backend" and "viewed by nhs-app-backend" in access[0]["summary"]
+    assert [i["kind"] for i in page["items"]] == ["access", "choice"]
