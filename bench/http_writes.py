@@ -35,6 +35,8 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from contracts.nhs_number import NhsNumber, check_digit
+from contracts.note import Signer
+from service.checkpoints import write_key
 
 from .machine import (
     backend_pids,
@@ -180,6 +182,8 @@ async def main_async(args: argparse.Namespace) -> None:
     async with scratch_database(admin) as db:
         with tempfile.TemporaryDirectory(prefix="cl-bench-http-") as tmp:
             key, jwks = make_keys(Path(tmp))
+            log_key = Path(tmp) / "log.key"  # production mode needs a real checkpoint key
+            write_key(log_key, Signer.generate("consent-ledger.example/log"))
             port = free_port()
             env = {
                 **os.environ,
@@ -187,6 +191,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 "CONSENT_LEDGER_DATA_DIR": tmp,
                 "CONSENT_LEDGER_ENV": "production",
                 "CONSENT_LEDGER_JWKS": str(jwks),
+                "CONSENT_LEDGER_LOG_KEY": str(log_key),
                 "CONSENT_LEDGER_JWT_ISSUER": ISSUER,
                 "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
                 "CONSENT_LEDGER_LOG_LEVEL": args.log_level,
