@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from machine import describe  # noqa: E402
 from population import random_stems  # noqa: E402
 
-from contracts.entry import GENESIS_CHAIN_HASH, chain_hash, encode_entry, format_recorded_at, leaf_hash  # noqa: E402
+from contracts.entry import chain_hash, encode_entry, format_recorded_at, leaf_hash  # noqa: E402
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from contracts.values import Actor  # noqa: E402

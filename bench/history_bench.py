@@ -17,7 +17,6 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 
-import asyncpg
 import msgspec
 import numpy as np
 

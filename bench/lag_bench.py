@@ -35,7 +35,7 @@ from projections.runner import Runner, ledger_head  # noqa: E402
 from projections.uses import UsesProjection  # noqa: E402
 from service.database import Database  # noqa: E402
 from service.domain import patient_aggregate_id  # noqa: E402
-from service.store import EventStore, NewEvent, StoreError  # noqa: E402
+from service.store import EventStore, NewEvent  # noqa: E402
 
 
 class LagMeter:

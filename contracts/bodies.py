@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
 from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose
+from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
 from .values import (
@@ -214,14 +215,9 @@ class Register(Struct, frozen=True, kw_only=True):
     grants: list[RegisterEntry]
 
 
-class EventView(Struct, frozen=True, kw_only=True):
-    position: int
-    event_id: str
-    event_type: str
-    aggregate_id: str
-    aggregate_version: int
-    recorded_at: str
-    payload: Any
+class EventView(Entry, frozen=True, kw_only=True):
+    """A ledger entry (the fields its leaf hash covers) with its hashes."""
+
     leaf_hash: str
     chain_hash: str
 

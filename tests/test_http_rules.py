@@ -485,7 +485,7 @@ async def test_racing_retries_with_one_idempotency_key(client, database, tokens)
     assert len({json.dumps(await r.json(), sort_keys=True) for r in same}) == 1
     assert await head_position(database) == 1
     others = await asyncio.gather(*(
-        client.post(f"/v1/patients/4010232137/opt-out", json=choice(scope=scope), headers=headers)
+        client.post("/v1/patients/4010232137/opt-out", json=choice(scope=scope), headers=headers)
         for scope in ("national", "type-1") * 3
     ))
     assert {r.status for r in others} == {409}
