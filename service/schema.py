@@ -118,25 +118,6 @@ CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
     for t in ("merkle_tiles", "checkpoints")
 )
 
-# Roles are cluster-wide, grants per database: this step is safe to re-run.
-_PRIVILEGES = f"""
--- Checked first so that an owner without CREATEROLE can migrate once an
--- administrator has created the role (deploy/POSTGRES-ROLES.md).
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-        CREATE ROLE {APP_ROLE} LOGIN;
-    END IF;
-EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-END $$;
-REVOKE CREATE ON SCHEMA public FROM PUBLIC;
-GRANT USAGE ON SCHEMA public TO {APP_ROLE};
-REVOKE ALL ON ledger_events, ledger_idempotency, cohorts, ledger_head, schema_migrations FROM PUBLIC;
-GRANT SELECT, INSERT ON ledger_events, ledger_idempotency, cohorts TO {APP_ROLE};
-GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
-GRANT SELECT ON schema_migrations TO {APP_ROLE};
-REVOKE ALL ON merkle_tiles, checkpoints FROM PUBLIC;
-GRANT SELECT, INSERT ON merkle_tiles, checkpoints TO {APP_ROLE};
-"""
 
 # Projections (read models).  Unlike the ledger tables these are rewritten
 # freely: each is rebuildable from position 0, and `projection_positions`
@@ -247,8 +228,26 @@ CREATE TABLE grant_coverage (
 );
 """
 
-# Projection tables are the service's to rewrite (they are rebuildable views).
-_PRIVILEGES += f"""
+
+# Roles are cluster-wide, grants per database: this step is safe to re-run.
+_PRIVILEGES = f"""
+-- Checked first so that an owner without CREATEROLE can migrate once an
+-- administrator has created the role (deploy/POSTGRES-ROLES.md).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+        CREATE ROLE {APP_ROLE} LOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO {APP_ROLE};
+REVOKE ALL ON ledger_events, ledger_idempotency, cohorts, ledger_head, schema_migrations FROM PUBLIC;
+GRANT SELECT, INSERT ON ledger_events, ledger_idempotency, cohorts TO {APP_ROLE};
+GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
+GRANT SELECT ON schema_migrations TO {APP_ROLE};
+REVOKE ALL ON merkle_tiles, checkpoints FROM PUBLIC;
+GRANT SELECT, INSERT ON merkle_tiles, checkpoints TO {APP_ROLE};
+-- Projection tables are the service's to rewrite (they are rebuildable views).
 REVOKE ALL ON {", ".join(PROJECTION_TABLES)} FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_ROLE};
 """
