@@ -250,8 +250,11 @@ class Ledger:
         grant = await self.load(Grant, grant_aggregate_id(request.grant_id))
         if not grant.exists:
             raise RuleBroken(f"no grant {request.grant_id!r} is recorded", code="unknown-grant", path="$.grant_id")
-        if grant.revoked is not None:
-            raise RuleBroken("the grant has been revoked", code="grant-revoked", path="$.grant_id")
+        status = grant.status(datetime.now(timezone.utc))
+        # A project that has not started yet may already collect consent; an ended one may not.
+        if status in ("revoked", "expired"):
+            raise RuleBroken(f"the grant is {status}; consent is only for current projects",
+                             code=f"grant-{status}", path="$.grant_id")
         return await self._execute(
             Patient, patient_aggregate_id(nhs),
             lambda p: p.give_consent(str(nhs), request, caller.subject), idem,
@@ -359,6 +362,13 @@ class Ledger:
             async with self.store.pool.acquire() as conn:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     head, _ = await self.store.head(conn)
+                    claimed = request.opt_out_state_position
+                    if claimed is not None and claimed > head:
+                        raise RuleBroken(
+                            f"`opt_out_state_position` {claimed} is beyond the ledger head ({head}): "
+                            "give the `as_of` of the filter call you applied",
+                            code="position-in-future", path="$.opt_out_state_position",
+                        )
                     grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
                     use = await self._load(conn, DataUse, data_use_aggregate_id(request.use_id))
                     grant.check_use(request, organisation, now)

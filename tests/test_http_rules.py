@@ -365,6 +365,24 @@ async def test_data_use_under_a_grant_that_has_just_expired(client, database, to
     problem = await refused(client, database, "POST", "/v1/data-uses", 422, headers=auth(tokens["sde"]),
                             json=data_use("late", "SHORT-1", occurred_at=occurred, nhs_numbers=nhs_numbers(3)))
     assert problem["type"].endswith("grant-expired")
+    # An ended project no longer collects consent either; one not yet started may.
+    consent = {"grant_id": "SHORT-1", "actor": {"kind": "patient"}}
+    problem = await refused(client, database, "POST", f"/v1/patients/{NHS}/consents", 422, json=consent,
+                            headers=auth(tokens["app"]))
+    assert problem["type"].endswith("grant-expired")
+    await written(client, "POST", "/v1/grants", headers=auth(tokens["dac"]), json=grant(
+        "LATER-1", valid_from=iso(timedelta(days=30)), valid_until=iso(timedelta(days=400))))
+    await written(client, "POST", f"/v1/patients/{NHS}/consents", headers=auth(tokens["app"]),
+                  json={"grant_id": "LATER-1", "actor": {"kind": "patient"}})
+
+
+async def test_data_use_cannot_claim_a_filter_position_beyond_the_head(client, database, tokens):
+    await written(client, "POST", "/v1/grants", json=grant(), headers=auth(tokens["dac"]))
+    head = await head_position(database)
+    problem = await refused(client, database, "POST", "/v1/data-uses", 422, headers=auth(tokens["sde"]),
+                            json=data_use("u-future", nhs_numbers=nhs_numbers(3), opt_out_state_position=head + 50))
+    assert problem["type"].endswith("position-in-future")
+    assert problem["errors"][0]["path"] == "$.opt_out_state_position"
 
 
 async def test_opted_out_patients_in_a_cohort(client, database, tokens, make_token):
