@@ -132,6 +132,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running",
               PUBLIC, None, bodies.Health),
+    Operation("metrics", "GET", "/metrics", "Prometheus metrics (no personal data: routes are templates)",
+              PUBLIC, media_type="text/plain"),
     Operation("openapi", "GET", "/openapi.json", "This document", PUBLIC),
 )
 

@@ -39,6 +39,8 @@ from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssesso
 from .database import Database
 from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from .limits import request_timeout
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
@@ -52,6 +54,7 @@ STORE = web.AppKey("store", EventStore)
 LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 TOKENS = web.AppKey("tokens", VerifiedTokens)
+METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", dict)
 OPENAPI = web.AppKey("openapi", bytes)
 CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
@@ -372,6 +375,18 @@ async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
     return json_response(bodies.Health(status="ok", position=position))
 
 
+async def get_metrics(request: web.Request, caller: Caller | None) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    metrics.head.set((await app[STORE].head())[0])
+    metrics.queued.set(app[STORE].queued)
+    metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
+    for name, position in app[RUNNER].positions.items():
+        metrics.projection.labels(name).set(position)
+    metrics.filter.set(app[OPT_OUT_FILTER].position)
+    return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def openapi(request: web.Request, caller: Caller | None) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
@@ -527,6 +542,7 @@ HANDLERS: dict[str, Handler] = {
     "get_event": get_event,
     "healthz": healthz,
     "readyz": readyz,
+    "metrics": get_metrics,
     "openapi": openapi,
     "get_checkpoint": get_checkpoint,
     "get_tile": get_tile,
@@ -620,8 +636,9 @@ async def request_context(
                                    f"the server failed; quote request id {request_id} when reporting it")
         response = problem.response()
     response.headers["X-Request-Id"] = request_id
-    log.info("request", method=request.method, route=template, status=response.status,
-             ms=round((time.perf_counter() - started) * 1000, 2))
+    elapsed = time.perf_counter() - started
+    request.app[METRICS].observe(request.method, template, response.status, elapsed)
+    log.info("request", method=request.method, route=template, status=response.status, ms=round(elapsed * 1000, 2))
     return response
 
 
@@ -694,6 +711,7 @@ def create_app(
     app[DATABASE] = database
     app[VERIFIER] = verifier
     app[TOKENS] = VerifiedTokens(verifier)
+    app[METRICS] = Metrics()
     app[SETTINGS] = {
         "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
         # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.

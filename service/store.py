@@ -164,6 +164,10 @@ class EventStore:
         self._task = None
 
     @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 

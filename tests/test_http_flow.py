@@ -50,3 +50,21 @@ async def test_grant_and_data_use_refused_for_opted_out_patients(client, make_to
     event = await (await client.get(f"/v1/events/{(await r.json())['position']}", headers=auth(auditor))).json()
     assert event["payload"]["cohort_size"] == 49
     assert event["payload"]["opted_out_included"] == 0
+
+
+async def test_metrics_report_the_ledger_without_personal_data(client, make_token):
+    nhs = "9434765919"
+    token = make_token("patient-app")
+    for scope in ("national", "type-1"):
+        r = await client.post(f"/v1/patients/{nhs}/opt-out", json=choice(scope), headers=auth(token))
+        assert r.status == 201
+    bad = await client.post("/v1/patients/9434765918/opt-out", json=choice(), headers=auth(token))
+    assert bad.status == 422
+    r = await client.get("/metrics")
+    assert r.status == 200 and r.content_type == "text/plain"
+    text = await r.text()
+    assert "consent_ledger_head_position 2.0" in text
+    assert 'consent_ledger_http_requests_total{method="POST",route="/v1/patients/{nhs}/opt-out",status="201"} 2.0' in text
+    assert 'status="422"} 1.0' in text
+    assert 'consent_ledger_projection_position{projection="choices"}' in text
+    assert nhs not in text and "9434765918" not in text
