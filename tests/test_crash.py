@@ -12,17 +12,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
-from joserfc.jwk import OKPKey
-
 from conftest import AUDIENCE, ISSUER
+from joserfc.jwk import OKPKey
+from live_server import free_port
 from samples import auth, choice, nhs_numbers
+
 from service.audit import verify_database
 from service.database import Database
 
@@ -30,11 +30,6 @@ CLIENTS = 8
 KILL_AFTER_RECEIPTS = 150
 MAX_REQUESTS_PER_CLIENT = 400
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command() -> list[str]:
@@ -47,7 +42,7 @@ def _command() -> list[str]:
 
 class Server:
     def __init__(self, database: Database, workdir: Path, jwks: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,

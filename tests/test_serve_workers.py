@@ -8,25 +8,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
+from conftest import AUDIENCE, ISSUER, TokenFactory
 from joserfc.jwk import OKPKey
+from live_server import free_port
+from samples import auth, choice, nhs_numbers
 
 from service.audit import verify_database
 from service.database import Database
-
-from conftest import AUDIENCE, ISSUER, TokenFactory
-from samples import auth, choice, nhs_numbers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -53,7 +46,7 @@ async def test_two_workers_share_the_port_and_keep_one_chain(
 ):
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [signing_key.as_dict(private=False)]}))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_JWKS": str(jwks),
            "CONSENT_LEDGER_JWT_ISSUER": ISSUER, "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
            "CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_LOG_LEVEL": "warning"}
