@@ -3,6 +3,7 @@ need a live server (fuzzing, log capture)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 from joserfc.jwk import OKPKey
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def wait_until_ready(session: aiohttp.ClientSession, url: str, process: subprocess.Popen,
+                           *, seconds: float = 60.0, log: Path | None = None) -> None:
+    """Poll /readyz until 200 (bounded); fail at once if the server exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise AssertionError(f"server exited with {process.returncode} before it was ready:\n{tail}")
+        try:
+            async with session.get(f"{url}/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"server at {url} did not become ready in {seconds:.0f} s")
 
 
 class LiveServer:

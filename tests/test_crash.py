@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from conftest import AUDIENCE, ISSUER
 from joserfc.jwk import OKPKey
-from live_server import free_port
+from live_server import free_port, wait_until_ready
 from samples import auth, choice, nhs_numbers
 
 from service.audit import verify_database
@@ -62,17 +62,7 @@ class Server:
                 [*_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
-        for _ in range(300):  # bounded: up to ~30 s on a loaded machine
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                async with session.get(f"{self.url}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"server never became ready:\n{self.log.read_text()}")
+        await wait_until_ready(session, self.url, self.process, log=self.log)
 
     def kill(self) -> None:
         assert self.process is not None

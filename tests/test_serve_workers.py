@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
 from conftest import AUDIENCE, ISSUER, TokenFactory
 from joserfc.jwk import OKPKey
-from live_server import free_port
+from live_server import free_port, wait_until_ready
 from samples import auth, choice, nhs_numbers
 
 from service.audit import verify_database
@@ -25,20 +24,6 @@ from service.database import Database
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "python" in line]
-
-
-async def _ready(base: str, proc: subprocess.Popen, deadline: float) -> None:
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "serve exited before it was ready"
-            try:
-                async with session.get(f"{base}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError("serve --workers 2 did not become ready")
 
 
 async def test_two_workers_share_the_port_and_keep_one_chain(
@@ -54,7 +39,8 @@ async def test_two_workers_share_the_port_and_keep_one_chain(
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        await _ready(base, proc, time.monotonic() + 60)
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(session, base, proc)
         assert len(_children(proc.pid)) >= 2
         token = make_token("patient-app")
         patients = nhs_numbers(60, seed=7)
