@@ -12,6 +12,7 @@ import csv
 import io
 import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,9 +22,11 @@ import structlog
 from aiohttp import web
 
 from contracts import api, bodies, merkle, note
+from contracts import cohort as cohorts
 from contracts.codes import Purpose, values
 from contracts.entry import decode_entry
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from contracts.values import Actor
 from projections import reads as projection_reads
 from projections.choices import ChoicesProjection
 from projections.optout_filter import OptOutFilter
@@ -32,7 +35,7 @@ from projections.uses import UsesProjection
 
 from . import __version__
 from . import numbers_body
-from .access import READ_HEADER, record_read
+from .access import READ_HEADER, record_filter_call, record_read, current_request_id
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
@@ -195,9 +198,15 @@ async def give_consent(request: web.Request, caller: Caller | None) -> web.Respo
 
 async def withdraw_consent(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
+    op = api.BY_ID["withdraw_consent"]
     grant_id = request.match_info["grant_id"]
-    idem = idempotency_key(caller, _idempotency_header(request), request.method, request.path, b"")
-    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, idem)
+    raw = await read_body(request, op.body_limit)
+    actor = Actor(kind="patient")
+    if raw:
+        _require_json(request)
+        actor = decode_json(raw, _decoders[op.id]).actor
+    idem = idempotency_key(caller, _idempotency_header(request), request.method, request.path, raw)
+    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, actor, idem)
     return receipt_response(outcome)
 
 
@@ -226,15 +235,15 @@ async def revoke_grant(request: web.Request, caller: Caller | None) -> web.Respo
 async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
     view = await request.app[LEDGER].grant_view(request.match_info["grant_id"])
-    if caller.roles == {"sde"} and view.grant.organisation.code != caller.org:
+    # Each role keeps its own rule: a token that reads as `sde` (no dac or auditor
+    # role beside it) reads only its own organisation's grants.
+    if not caller.roles & (api.DAC | api.AUDITOR) and view.grant.organisation.code != caller.org:
         raise Forbidden("SDE callers may only read their own organisation's grants")
     return json_response(view)
 
 
 async def record_data_use(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
-    if not caller.org:
-        raise Forbidden("data uses need a token with an `org` claim")
     body = await body_of(request, caller, api.BY_ID["record_data_use"])
     return receipt_response(await request.app[LEDGER].record_data_use(caller, body.value, body.idempotency))
 
@@ -289,42 +298,74 @@ async def create_cohort(request: web.Request, caller: Caller | None) -> web.Resp
     parsed = numbers_body.parse(request.content_type, raw, json_list=True)
     if len(parsed.stems) == 0:
         raise invalid("a cohort needs at least one NHS number", "$")
-    cohort_id, size = await request.app[LEDGER].store_cohort(parsed.stems)
+    cohort_id, size = await request.app[LEDGER].store_cohort(_caller(caller), parsed.stems, current_request_id())
     return json_response(bodies.Cohort(cohort_id=cohort_id, size=size), 201)
+
+
+async def get_cohort(request: web.Request, caller: Caller | None) -> web.Response:
+    cohort_id = request.match_info["cohort_id"]
+    if len(cohort_id) != 64 or not all(c in "0123456789abcdef" for c in cohort_id):
+        raise invalid("a cohort_id is 64 lowercase hex digits", "path.cohort_id", status=400)
+    async with request.app[STORE].pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT encoding, members FROM cohorts WHERE cohort_id = $1", bytes.fromhex(cohort_id))
+    if row is None:
+        raise NotFound(f"no cohort {cohort_id} is stored")
+    body = cohorts.canonical_bytes(cohorts.decode_members(row["encoding"], row["members"]))
+    read = await record_read(request.app[STORE], _caller(caller), "cohort", api.AUDITOR, cohort_id=cohort_id)
+    return web.Response(body=body, content_type="text/plain", headers={READ_HEADER: str(read.position)})
 
 
 async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
     app = request.app
+    caller = _caller(caller)
     purpose = request.query.get("purpose")
     if purpose is not None and purpose not in values(Purpose):
         raise invalid(f"`purpose` must be one of {', '.join(values(Purpose))}", "query.purpose", status=400)
     grant_id = request.query.get("grant_id") or None
+    if purpose is not None and grant_id is None:
+        raise invalid("`purpose` is checked against a grant's purpose: give `grant_id` too (opt-outs alone "
+                      "apply whatever the purpose)", "query.purpose", slug="purpose-without-grant")
     min_position = _int_query(request, "min_position", 0, 0, 2**62)
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
     parsed = numbers_body.parse(request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
+    wait = app[SETTINGS]["filter_wait"]
     if optouts.position < min_position and not await app[RUNNER].wait_for(
-        min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
+        min_position, wait, lambda: optouts.position
     ):
         raise ProblemError(503, "not-yet-reflected", "Opt-out state not yet reflected",
-                           f"the filter reflects position {optouts.position}, not yet {min_position}; retry",
-                           headers={"Retry-After": "1"})
-    if grant_id is not None and grant_id not in optouts.grants:
-        raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
-    result = optouts.filter(parsed.stems, grant_id)
-    kept = parsed.stems[result.keep]
+                           f"the filter reflects position {optouts.position}, not yet {min_position}, after "
+                           f"waiting {wait:g} s; retry", headers={"Retry-After": "1"})
+    terms = optouts.terms(grant_id, datetime.now(timezone.utc))
+    if grant_id is not None:
+        record = optouts.grants.get(grant_id)
+        if record is None:
+            raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
+        if record.granted.organisation.code != caller.org:
+            raise Forbidden("the grant belongs to another organisation: an SDE may only filter under its own grants")
+        if terms.status != "active":
+            raise invalid(f"the grant is {terms.status}: the filter applies only grants in force",
+                          "query.grant_id", slug=f"grant-{terms.status}")
+        if purpose is not None and purpose != record.granted.purpose.code:
+            raise invalid(f"the grant covers purpose {record.granted.purpose.code!r}, not {purpose!r}",
+                          "query.purpose", slug="purpose-outside-grant")
+    result = optouts.filter(parsed.stems, grant_id, terms)
+    recorded = await record_filter_call(app[STORE], caller, parsed.stems, grant_id=grant_id, purpose=purpose,
+                                        removed=result.removed, as_of=result.as_of)
     checkpoint = (await app[CHECKPOINTS].latest()).size
     if parsed.media_type == numbers_body.JSON:
-        body = numbers_body.render_json(kept, {
+        body = numbers_body.render_json(parsed.stems[result.keep], {
             "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
             "consented_kept": result.consented_kept, "exemption": result.exemption,
         })
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json",
+                            headers={READ_HEADER: str(recorded.position)})
     headers = {
         "Ledger-As-Of": str(result.as_of),
         "Ledger-Removed": str(result.removed),
         "Ledger-Checkpoint": str(checkpoint),
         "Ledger-Consented-Kept": str(result.consented_kept),
+        READ_HEADER: str(recorded.position),
     }
     if result.exemption is not None:
         headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
@@ -394,12 +435,17 @@ async def openapi(request: web.Request, caller: Caller | None) -> web.Response:
 # --- transparency: checkpoints, tiles, proofs ---------------------------------------
 
 
+_MAX_TILE_INDEX = 2**62 // merkle.TILE_WIDTH
+
+
 def _tile_request(request: web.Request) -> tuple[int, int]:
     """(tile index N, width W) from <N>[.p/<W>], refusing non-canonical spellings."""
     raw = request.match_info["tile_path"]
     index_part, partial, width_part = raw.partition(".p/")
     try:
         n = merkle.parse_tile_index(index_part)
+        if n >= _MAX_TILE_INDEX:
+            raise ValueError  # beyond any log this ledger can hold (positions are below 2**62)
         width = int(width_part) if partial else merkle.TILE_WIDTH
         if partial and (not 1 <= width < merkle.TILE_WIDTH or str(width) != width_part):
             raise ValueError
@@ -535,6 +581,7 @@ HANDLERS: dict[str, Handler] = {
     "get_grant": get_grant,
     "record_data_use": record_data_use,
     "create_cohort": create_cohort,
+    "get_cohort": get_cohort,
     "opt_out_filter": opt_out_filter,
     "get_history": get_history,
     "get_register": get_register,
@@ -562,6 +609,8 @@ def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaita
             structlog.contextvars.bind_contextvars(caller=caller.subject)
             nhs = path_nhs(request) if "nhs" in request.match_info else None
             authorise(caller, op.roles, nhs)
+            if op.org_scoped and not caller.org:
+                raise Forbidden("this acts for an organisation: the token needs an `org` claim (organisation code)")
         return await handler(request, caller)
 
     endpoint.__name__ = op.id
@@ -674,8 +723,7 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
 async def _projections_context(app: web.Application) -> AsyncIterator[None]:
     """Compose the projections: runner, in-memory filter, projection-backed assessor."""
     store = app[STORE]
-    async with store.pool.acquire() as conn:
-        optouts = await OptOutFilter.load(conn)
+    optouts = await OptOutFilter.load(store.pool)
     runner = Runner(
         store.pool,
         [ChoicesProjection(), UsesProjection()],
