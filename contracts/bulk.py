@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .nhs_number import allocated
+
 
 TEXT = "text/plain"
 DAT = "application/vnd.nhs.mesh.dat"
@@ -51,7 +53,7 @@ def _from_digit_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         total += digit * np.uint32(10 - column)
     check = np.uint32(11) - total % np.uint32(11)
     check[check == 11] = 0
-    return stems, check != table[:, 9]
+    return stems, (check != table[:, 9]) | ~allocated(stems)
 
 
 def _fixed_width(raw: np.ndarray, dat: bool) -> Parsed | None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import structlog
 from aiohttp import web
 
+from contracts import nhs_number
 from contracts.api import ROLES
 
 from . import config as config_module
@@ -69,6 +70,8 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         log_signers=signers,
         log_origin=cfg.log_origin,
         checkpoint_interval=cfg.checkpoint_interval,
+        projection_poll_interval=cfg.projection_poll_interval,
+        filter_wait=cfg.filter_wait,
     )
     log.info("serving", host=host, port=port)
     web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
@@ -144,6 +147,9 @@ def _token_issue(args: argparse.Namespace) -> None:
         raise CommandError("token issue signs development tokens only; CONSENT_LEDGER_JWKS is set")
     if cfg.production:
         raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production")
+    if args.lifetime > cfg.token_max_lifetime_seconds:
+        raise CommandError(f"--lifetime {args.lifetime} is longer than the service accepts "
+                           f"(CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS={cfg.token_max_lifetime_seconds:g})")
     key = load_or_create_dev_key(cfg)
     token = issue_token(
         key,
@@ -199,7 +205,8 @@ def _verify(args: argparse.Namespace) -> None:
     try:
         keys = auditor.read_key(args.key)
         source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
-        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream())
+        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream(),
+                                 decisions=args.decisions)
     except (auditor.SourceError, ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     print(outcome.report())
@@ -291,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--key", required=True, help="verifier key (vkey text) or a file holding vkeys")
     verify.add_argument("--state", help="file remembering the last verified checkpoint (refuses rollback/fork)")
     verify.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
+    verify.add_argument("--decisions", action="store_true",
+                        help="also replay every entry through the opt-out rule and re-check each data use's "
+                             "statements (reads each cohort; exits 1 naming the first false claim)")
     verify.set_defaults(run=_verify)
 
     exp = sub.add_parser("export", help="write the checkpoint and every entry to a gzip file")
@@ -304,6 +314,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        try:
+            nhs_number.accept_ranges(config_module.load().nhs_number_ranges)
+        except ValueError as exc:
+            raise CommandError(f"CONSENT_LEDGER_NHS_NUMBER_RANGES: {exc}") from None
         args.run(args)
     except CommandError as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)

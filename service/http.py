@@ -723,7 +723,12 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
 async def _projections_context(app: web.Application) -> AsyncIterator[None]:
     """Compose the projections: runner, in-memory filter, projection-backed assessor."""
     store = app[STORE]
+    started = time.perf_counter()
     optouts = await OptOutFilter.load(store.pool)
+    settings = app[SETTINGS]
+    log.info("decision state loaded from the ledger's entries", position=optouts.position,
+             seconds=round(time.perf_counter() - started, 2), grants=len(optouts.grants),
+             projection_poll_interval=settings["projection_poll_interval"], filter_wait=settings["filter_wait"])
     runner = Runner(
         store.pool,
         [ChoicesProjection(), UsesProjection()],
