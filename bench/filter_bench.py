@@ -12,6 +12,7 @@ import os
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 
 import aiohttp
 import asyncpg
@@ -37,7 +38,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def query(optouts: OptOutFilter, size: int, rng: np.random.Generator) -> np.ndarray:
-    opted = optouts.scopes["national"].array()
+    opted = optouts.scopes["national"].current.array()
     some_out = rng.choice(opted, size // 20) if len(opted) else np.empty(0, np.uint32)
     rest = random_stems(rng, size - len(some_out))
     stems = np.concatenate([some_out, rest]).astype(np.uint32)
@@ -54,13 +55,15 @@ async def main() -> None:
     dsn = database_dsn(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"), args.database)
     print(await describe(dsn))
     rss0 = peak_rss_mib()
-    conn = await asyncpg.connect(dsn)
-    t = time.perf_counter()
-    optouts = await OptOutFilter.load(conn)
-    load_s = time.perf_counter() - t
-    await conn.close()
-    print(f"filter snapshot: {optouts.opted_out_count():,} opted out at position {optouts.position:,}, "
-          f"loaded in {load_s:.2f} s, set size {optouts.scopes['national'].base.nbytes / 2**20:.1f} MiB")
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2)
+    t, c = time.perf_counter(), time.process_time()
+    optouts = await OptOutFilter.load(pool)
+    load_s, load_cpu = time.perf_counter() - t, time.process_time() - c
+    await pool.close()
+    print(f"decision state from the ledger's entries: {optouts.opted_out_count():,} opted out at position "
+          f"{optouts.position:,}, loaded in {load_s:.2f} s (Python CPU {load_cpu:.2f} s), set size "
+          f"{optouts.scopes['national'].current.base.nbytes / 2**20:.1f} MiB")
+    terms = optouts.terms(None, datetime.now(timezone.utc))
     rng = np.random.default_rng(7)
     stems = query(optouts, args.size, rng)
     body = bulk.format_lines(stems, dat=True)
@@ -70,7 +73,7 @@ async def main() -> None:
         t = time.perf_counter()
         parsed = bulk.parse_lines(body, dat=True)
         t1 = time.perf_counter()
-        result = optouts.filter(parsed.stems)
+        result = optouts.filter(parsed.stems, None, terms)
         t2 = time.perf_counter()
         out = bulk.select_lines(parsed, result.keep, dat=True)
         times.append(time.perf_counter() - t)

@@ -60,6 +60,7 @@ class Reason(IntEnum):
 INCLUDED = frozenset({Reason.NO_OPT_OUT, Reason.OPTED_OUT_CONSENTED, Reason.OPTED_OUT_EXEMPT, Reason.CONSENTED})
 _INCLUDED = np.zeros(len(Reason), dtype=bool)
 _INCLUDED[[int(r) for r in INCLUDED]] = True
+_U8 = {r: np.uint8(r) for r in Reason}  # numpy scalars keep `decide`'s arrays uint8 throughout
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,12 @@ def decide(choices: Choices, terms: Terms) -> np.ndarray:
         return np.full(n, Reason.GRANT_NOT_ACTIVE, dtype=np.uint8)
     out, consented = choices.opted_out, choices.consented
     if terms.needs_consent:
-        reasons = np.where(consented, np.where(out, Reason.OPTED_OUT_CONSENTED, Reason.CONSENTED),
-                           Reason.CONSENT_MISSING)
-        return reasons.astype(np.uint8)
-    otherwise = Reason.OPTED_OUT_EXEMPT if terms.exemption is not None else Reason.OPTED_OUT_EXCLUDED
-    reasons = np.where(out, np.where(consented, Reason.OPTED_OUT_CONSENTED, otherwise), Reason.NO_OPT_OUT)
-    return reasons.astype(np.uint8)
+        return np.where(consented, np.where(out, _U8[Reason.OPTED_OUT_CONSENTED], _U8[Reason.CONSENTED]),
+                        _U8[Reason.CONSENT_MISSING])
+    otherwise = _U8[Reason.OPTED_OUT_EXEMPT if terms.exemption is not None else Reason.OPTED_OUT_EXCLUDED]
+    if consented.any():
+        otherwise = np.where(consented, _U8[Reason.OPTED_OUT_CONSENTED], otherwise)
+    return np.where(out, otherwise, _U8[Reason.NO_OPT_OUT])
 
 
 def decide_one(opted_out: bool, consented: bool, terms: Terms) -> Reason:
@@ -140,7 +141,7 @@ def decide_one(opted_out: bool, consented: bool, terms: Terms) -> Reason:
 
 def included(reasons: np.ndarray) -> np.ndarray:
     """Boolean mask: whose data may be used."""
-    return _INCLUDED[reasons]
+    return _INCLUDED.take(reasons)
 
 
 def counts(reasons: np.ndarray) -> dict[Reason, int]:

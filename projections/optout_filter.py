@@ -20,7 +20,6 @@ only the stems changed since then looked up again.
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -221,21 +220,60 @@ FROM (
 """
 _ROW = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("position", ">i8"), ("l2", ">i4"), ("kind", ">i2"),
                  ("l3", ">i4"), ("digits", "S9"), ("l4", ">i4"), ("type1", "u1")])
+_DIGITS = _ROW.fields["digits"][1]
 _OTHER, _MALFORMED = -1, -2
 
 
-async def _classified(pool: asyncpg.Pool, after: int, upto: int) -> np.ndarray:
+@dataclass
+class _Classified:
+    """The decision-relevant entries of a position range, parsed as they stream
+    in (so a national set never sits in memory as raw COPY bytes)."""
+
+    positions: list[np.ndarray]
+    kinds: list[np.ndarray]
+    stems: list[np.ndarray]
+    type1: list[np.ndarray]
+    rest: bytes = b""
+    header: bool = True
+
+    async def take(self, chunk: bytes) -> None:
+        data = self.rest + chunk
+        start = 0
+        if self.header:
+            if len(data) < 19:
+                self.rest = data
+                return
+            start, self.header = 19 + int.from_bytes(data[15:19], "big"), False  # signature, flags, extension
+        whole = (len(data) - start) // _ROW.itemsize * _ROW.itemsize
+        rows = np.frombuffer(data, dtype=_ROW, count=whole // _ROW.itemsize, offset=start)
+        self.rest = data[start + whole:]
+        raw = np.frombuffer(data, dtype=np.uint8, count=whole, offset=start).reshape(-1, _ROW.itemsize)
+        digits = raw[:, _DIGITS:_DIGITS + 9] - np.uint8(48)
+        stems = np.zeros(len(rows), dtype=np.uint32)
+        for column in range(9):  # column by column in uint32: no (n, 9) int64 temporaries
+            stems *= np.uint32(10)
+            stems += digits[:, column]
+        kinds = rows["kind"].astype(np.int8)
+        if ((kinds >= 0) & (digits.max(axis=1, initial=0) > 9)).any():
+            raise LedgerStateError("an opt-out entry's NHS number is not 10 digits")
+        self.positions.append(rows["position"].astype(np.int64))
+        self.kinds.append(kinds)
+        self.stems.append(stems)
+        self.type1.append(rows["type1"].astype(bool))
+
+
+async def _classified(pool: asyncpg.Pool, after: int, upto: int) -> _Classified:
     """Every entry in (after, upto] that decisions depend on, via binary COPY
     parsed by numpy: millions of rows without a Python object each."""
-    buffer = io.BytesIO()
+    found = _Classified([], [], [], [])
     async with pool.acquire() as conn:
         async with conn.transaction(readonly=True):
             # JIT-compiling these expressions costs seconds and saves nothing.
             await conn.execute("SET LOCAL jit = off")
-            await conn.copy_from_query(_CLASSIFY, after, upto, output=buffer, format="binary")
-    data = buffer.getbuffer()
-    header = 19 + int.from_bytes(data[15:19], "big")  # signature, flags, extension length
-    return np.frombuffer(data[header:len(data) - 2], dtype=_ROW)
+            await conn.copy_from_query(_CLASSIFY, after, upto, output=found.take, format="binary")
+    if found.rest not in (b"", b"\xff\xff"):  # the trailer
+        raise LedgerStateError("the ledger scan ended mid-row")
+    return found
 
 
 class LedgerStateError(RuntimeError):
@@ -257,28 +295,24 @@ class OptOutFilter(Follower):
         async with pool.acquire() as conn:
             head = await conn.fetchval("SELECT position FROM ledger_head")
         bounds = [head * i // parts for i in range(parts + 1)]
-        rows = np.concatenate(await asyncio.gather(*(
-            _classified(pool, lo, hi) for lo, hi in zip(bounds, bounds[1:]))))
-        bad = rows["position"][rows["kind"] == _MALFORMED]
+        parts_found = await asyncio.gather(*(_classified(pool, lo, hi) for lo, hi in zip(bounds, bounds[1:])))
+        positions, kinds, stems, type1 = (np.concatenate([a for part in parts_found for a in getattr(part, name)] or
+                                                         [np.empty(0, dtype)])
+                                          for name, dtype in (("positions", np.int64), ("kinds", np.int8),
+                                                              ("stems", np.uint32), ("type1", bool)))
+        bad = positions[kinds == _MALFORMED]
         if len(bad):
             raise LedgerStateError(f"the ledger entry at position {int(bad.min())} is not laid out as this version "
                                    "writes entries; run `consent-ledger verify` before starting the service")
-        choices = rows[rows["kind"] >= 0]
-        digits = np.frombuffer(choices["digits"].tobytes(), dtype=np.uint8).reshape(-1, 9) - np.uint8(48)
-        if len(digits) and digits.max() > 9:
-            raise LedgerStateError("an opt-out entry's NHS number is not 10 digits")
-        stems = np.zeros(len(digits), dtype=np.uint32)
-        for column in range(9):  # column by column in uint32: no (n, 9) int64 temporaries
-            stems *= np.uint32(10)
-            stems += digits[:, column]
-        positions = choices["position"].astype(np.int64)
-        opted_out, type1 = choices["kind"] == 1, choices["type1"].astype(bool)
+        other = positions[kinds == _OTHER]
+        choice = kinds >= 0
+        positions, stems, opted_out, type1 = positions[choice], stems[choice], kinds[choice] == 1, type1[choice]
         if len(positions) > 1 and not (positions[1:] > positions[:-1]).all():  # the heap is nearly always in order
             order = np.argsort(positions, kind="stable")
             positions, stems, opted_out, type1 = positions[order], stems[order], opted_out[order], type1[order]
         for scope, mine in (("national", ~type1), ("type-1", type1)):
             f.scopes[scope] = Timeline(positions[mine], stems[mine], opted_out[mine])
-        other = np.sort(rows["position"][rows["kind"] == _OTHER])
+        other = np.sort(other)
         async with pool.acquire() as conn:
             entries = [decode_entry(r[0]) for r in await conn.fetch(
                 "SELECT entry FROM ledger_events WHERE position = ANY($1::bigint[]) ORDER BY position",
