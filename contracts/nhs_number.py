@@ -39,15 +39,17 @@ _DAYS = np.array([0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 _accepted: tuple[str, ...] = RANGES
 
 
-def accept_ranges(names: Iterable[str]) -> None:
-    """Set, for this process, which allocated ranges are valid (at start, from configuration)."""
+def accept_ranges(names: Iterable[str]) -> tuple[str, ...]:
+    """Set, for this process, which allocated ranges are valid (at start, from
+    configuration); return the ranges accepted until now."""
     global _accepted
     chosen = tuple(names)
     unknown = sorted(set(chosen) - set(_RANGES))
     if unknown or not chosen:
         raise ValueError(f"unknown NHS number range(s) {', '.join(unknown) or '(none given)'}: "
                          f"choose from {', '.join(RANGES)}")
-    _accepted = chosen
+    previous, _accepted = _accepted, chosen
+    return previous
 
 
 def allocated(stems: np.ndarray) -> np.ndarray:

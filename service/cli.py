@@ -313,9 +313,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    previous = None
     try:
         try:
-            nhs_number.accept_ranges(config_module.load().nhs_number_ranges)
+            previous = nhs_number.accept_ranges(config_module.load().nhs_number_ranges)
         except ValueError as exc:
             raise CommandError(f"CONSENT_LEDGER_NHS_NUMBER_RANGES: {exc}") from None
         args.run(args)
@@ -327,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
         print(f"consent-ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # main() may be called in a process that goes on (tests)
+            nhs_number.accept_ranges(previous)
     return 0
 
 
