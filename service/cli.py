@@ -69,6 +69,9 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         log_signers=signers,
         log_origin=cfg.log_origin,
         checkpoint_interval=cfg.checkpoint_interval,
+        projection_poll_interval=cfg.projection_poll_interval,
+        filter_wait=cfg.filter_wait,
+        task_stall=cfg.task_stall_seconds,
     )
     log.info("serving", host=host, port=port)
     web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)

@@ -36,7 +36,7 @@ from .access import READ_HEADER, record_read
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
-from .database import Database
+from .database import Database, unavailable
 from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from .limits import request_timeout
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,6 +44,7 @@ from .metrics import Metrics
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
+from .supervisor import Supervisor
 from .tiles import TileReader
 from .verified_tokens import VerifiedTokens
 
@@ -61,6 +62,7 @@ CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
 TILES = web.AppKey("tiles", TileReader)
 RUNNER = web.AppKey("projection_runner", Runner)
 OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -364,26 +366,49 @@ async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
     return json_response(bodies.Health(status="ok"))
 
 
+def _not_ready(detail: str) -> web.Response:
+    return json_response(bodies.Health(status="unavailable", detail=detail), 503, headers={"Retry-After": "1"})
+
+
 async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
+    """Ready: the database answers, the writer runs, and no background task is stalled."""
     store = request.app[STORE]
     try:
-        position, _ = await asyncio.wait_for(store.head(), timeout=2)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        return json_response(bodies.Health(status="unavailable", detail=f"database: {type(exc).__name__}"), 503)
+        async with asyncio.timeout(2):
+            position, _ = await store.head()
+    except TimeoutError:
+        return _not_ready("database: no answer within 2 s")
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        return _not_ready(f"database: {type(exc).__name__}")
     if not store.running:
-        return json_response(bodies.Health(status="unavailable", detail="ledger writer stopped"), 503)
+        return _not_ready("ledger writer stopped")
+    stalls = request.app[SUPERVISOR].stalls()
+    if stalls:
+        return _not_ready("; ".join(str(s) for s in stalls))
     return json_response(bodies.Health(status="ok", position=position))
 
 
 async def get_metrics(request: web.Request, caller: Caller | None) -> web.Response:
+    """Answers while the database is down too: then `consent_ledger_database_up` is 0
+    and the figures read from it keep their last values."""
     app = request.app
     metrics = app[METRICS]
-    metrics.head.set((await app[STORE].head())[0])
+    try:
+        async with asyncio.timeout(2):
+            metrics.head.set((await app[STORE].head())[0])
+            metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
+        metrics.database_up.set(1)
+    except Exception as exc:
+        if not (isinstance(exc, TimeoutError) or unavailable(exc)):
+            raise
+        metrics.database_up.set(0)
     metrics.queued.set(app[STORE].queued)
-    metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
     for name, position in app[RUNNER].positions.items():
         metrics.projection.labels(name).set(position)
     metrics.filter.set(app[OPT_OUT_FILTER].position)
+    metrics.tasks(app[SUPERVISOR])
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -595,9 +620,20 @@ def _problem_for(exc: BaseException) -> ProblemError | None:
         case StoreBusy():
             return ProblemError(503, "busy", "Ledger busy", "the write queue is full; retry shortly",
                                 headers={"Retry-After": "1"})
+        case StoreUnavailable() if exc.outcome_unknown:
+            return ProblemError(503, "outcome-unknown", "Ledger unavailable; the write may have been recorded",
+                                "the database connection was lost while this write was committing, so it may or "
+                                "may not be recorded: retry with the same Idempotency-Key, which returns its "
+                                "receipt if it was (without one, check before writing it again)",
+                                headers={"Retry-After": "1"})
         case StoreUnavailable():
             return ProblemError(503, "unavailable", "Ledger unavailable",
                                 "the write was not committed; retry with the same Idempotency-Key",
+                                headers={"Retry-After": "1"})
+        case _ if unavailable(exc):
+            return ProblemError(503, "database-unavailable", "Database unavailable",
+                                f"the database cannot be used just now ({type(exc).__name__}); nothing was "
+                                "recorded by this request: retry after Retry-After seconds",
                                 headers={"Retry-After": "1"})
         case web.HTTPException() if exc.status >= 400:
             return ProblemError(exc.status, f"http-{exc.status}", exc.reason,
@@ -662,11 +698,11 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
     checkpoints = CheckpointLog(pool, app[TILES], settings["log_signers"], settings["log_origin"],
                                 settings["checkpoint_interval"])
     app[CHECKPOINTS] = checkpoints
-    checkpoints.start()
+    app[SUPERVISOR].start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
     try:
         yield
     finally:
-        await checkpoints.stop()
+        await app[SUPERVISOR].stop("checkpoint-signer")
         await store.stop()
         await pool.close()
 
@@ -683,14 +719,17 @@ async def _projections_context(app: web.Application) -> AsyncIterator[None]:
         listen=app[DATABASE].connect_app,
         poll_interval=app[SETTINGS]["projection_poll_interval"],
     )
-    await runner.start()
+    await runner.prepare()
     app[RUNNER] = runner
     app[OPT_OUT_FILTER] = optouts
     app[LEDGER].assessor = ProjectedOptOutAssessor(optouts, runner)
+    # The runner also feeds the in-memory opt-out filter (its follower).
+    app[SUPERVISOR].start("projection-runner", runner.run, every=runner.poll_interval)
     try:
         yield
     finally:
-        await runner.stop()
+        await app[SUPERVISOR].stop("projection-runner")
+        await runner.close()
 
 
 def create_app(
@@ -706,12 +745,14 @@ def create_app(
     checkpoint_interval: float = 1.0,
     projection_poll_interval: float = 1.0,
     filter_wait: float = 5.0,
+    task_stall: float = 30.0,
 ) -> web.Application:
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
     app[VERIFIER] = verifier
     app[TOKENS] = VerifiedTokens(verifier)
     app[METRICS] = Metrics()
+    app[SUPERVISOR] = Supervisor(stall_after=task_stall)
     app[SETTINGS] = {
         "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
         # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.
@@ -733,8 +774,13 @@ def create_app(
 
 async def _verifier_context(app: web.Application) -> AsyncIterator[None]:
     # A URL-published JWKS is fetched before the first request and kept fresh.
-    await app[VERIFIER].start()
+    verifier = app[VERIFIER]
+    await verifier.start()
+    if verifier.source is None:
+        yield
+        return
+    app[SUPERVISOR].start("jwks-refresher", verifier.refresh_forever, every=verifier.source.interval)
     try:
         yield
     finally:
-        await app[VERIFIER].stop()
+        await app[SUPERVISOR].stop("jwks-refresher")
