@@ -22,11 +22,12 @@ from aiohttp import web
 
 from contracts import api, bodies, merkle, note
 from contracts.codes import Purpose, values
+from contracts.cohort import EncodedCohort, encode_cohort
 from contracts.entry import decode_entry
-from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from contracts.nhs_number import InvalidNhsNumber, NhsNumber, decode_hook
 from projections import reads as projection_reads
 from projections.choices import ChoicesProjection
-from projections.optout_filter import OptOutFilter
+from projections.optout_filter import FilterResult, OptOutFilter
 from projections.runner import Runner
 from projections.uses import UsesProjection
 
@@ -66,17 +67,11 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
-    op.id: msgspec.json.Decoder(op.request, dec_hook=lambda t, v: _dec_hook(t, v))
+    op.id: msgspec.json.Decoder(op.request, dec_hook=decode_hook)
     for op in api.OPERATIONS
     if op.request is not None
 }
 Handler = Callable[[web.Request, Caller | None], Awaitable[web.StreamResponse]]
-
-
-def _dec_hook(kind: type, value: Any) -> Any:
-    if kind is NhsNumber:
-        return NhsNumber(value)
-    raise NotImplementedError(f"no decoder for {kind}")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -91,16 +86,20 @@ def receipt_response(outcome: Outcome) -> web.Response:
 # --- request parts --------------------------------------------------------------
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, in one buffer sized from Content-Length when given (a 60 MB
+    body costs 60 MB, not a list of chunks plus their join)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    chunks, size = [], 0
+    body = bytearray(request.content_length or 0)
+    size = 0
     async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
+        if size + len(chunk) > limit:
             raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body[size:size + len(chunk)] = chunk
+        size += len(chunk)
+    del body[size:]  # a body shorter than its Content-Length
+    return body
 
 
 def _too_large(limit: int) -> ProblemError:
@@ -237,8 +236,15 @@ async def record_data_use(request: web.Request, caller: Caller | None) -> web.Re
     caller = _caller(caller)
     if not caller.org:
         raise Forbidden("data uses need a token with an `org` claim")
-    body = await body_of(request, caller, api.BY_ID["record_data_use"])
-    return receipt_response(await request.app[LEDGER].record_data_use(caller, body.value, body.idempotency))
+    _require_json(request)
+    raw = await read_body(request, api.BY_ID["record_data_use"].body_limit)
+    key = _idempotency_header(request)
+    # Millions of inline numbers: parsed, checked and encoded as a cohort off the event loop.
+    (value, cohort), idem = await asyncio.gather(
+        asyncio.to_thread(numbers_body.data_use, raw),
+        asyncio.to_thread(idempotency_key, caller, key, request.method, request.path, raw),
+    )
+    return receipt_response(await request.app[LEDGER].record_data_use(caller, value, idem, cohort))
 
 
 def event_view(stored: StoredEvent) -> bodies.EventView:
@@ -288,11 +294,16 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
 
 async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
     raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
-    parsed = numbers_body.parse(request.content_type, raw, json_list=True)
+    cohort = await asyncio.to_thread(_cohort_of, request.content_type, raw)
+    await request.app[LEDGER].store_cohort(cohort)
+    return json_response(bodies.Cohort(cohort_id=cohort.cohort_id, size=len(cohort.stems)), 201)
+
+
+def _cohort_of(content_type: str, raw: bytearray) -> EncodedCohort:
+    parsed = numbers_body.parse(content_type, raw, json_list=True)
     if len(parsed.stems) == 0:
         raise invalid("a cohort needs at least one NHS number", "$")
-    cohort_id, size = await request.app[LEDGER].store_cohort(parsed.stems)
-    return json_response(bodies.Cohort(cohort_id=cohort_id, size=size), 201)
+    return encode_cohort(parsed.stems)
 
 
 async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
@@ -303,7 +314,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     grant_id = request.query.get("grant_id") or None
     min_position = _int_query(request, "min_position", 0, 0, 2**62)
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
-    parsed = numbers_body.parse(request.content_type, raw)
+    parsed = await asyncio.to_thread(numbers_body.parse, request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
     if optouts.position < min_position and not await app[RUNNER].wait_for(
         min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
@@ -313,14 +324,9 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
                            headers={"Retry-After": "1"})
     if grant_id is not None and grant_id not in optouts.grants:
         raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
-    result = optouts.filter(parsed.stems, grant_id)
-    kept = parsed.stems[result.keep]
     checkpoint = (await app[CHECKPOINTS].latest()).size
+    result, body = await asyncio.to_thread(_filtered, optouts.snapshot(), parsed, grant_id, checkpoint)
     if parsed.media_type == numbers_body.JSON:
-        body = numbers_body.render_json(kept, {
-            "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
-            "consented_kept": result.consented_kept, "exemption": result.exemption,
-        })
         return web.Response(body=body, content_type="application/json")
     headers = {
         "Ledger-As-Of": str(result.as_of),
@@ -330,8 +336,20 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     }
     if result.exemption is not None:
         headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
-    return web.Response(body=numbers_body.render_lines(parsed, result.keep),
-                        content_type=parsed.media_type, headers=headers)
+    return web.Response(body=body, content_type=parsed.media_type, headers=headers)
+
+
+def _filtered(
+    optouts: OptOutFilter, parsed: numbers_body.NumbersBody, grant_id: str | None, checkpoint: int
+) -> tuple[FilterResult, bytes | memoryview]:
+    """Filter and render the answer (in a worker thread, from a snapshot of the filter)."""
+    result = optouts.filter(parsed.stems, grant_id)
+    if parsed.media_type != numbers_body.JSON:
+        return result, numbers_body.render_lines(parsed, result.keep)
+    return result, numbers_body.render_json(parsed.stems[result.keep], {
+        "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
+        "consented_kept": result.consented_kept, "exemption": result.exemption,
+    })
 
 
 async def get_history(request: web.Request, caller: Caller | None) -> web.Response:
