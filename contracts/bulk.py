@@ -200,6 +200,22 @@ def _unescaped_quotes(v: np.ndarray) -> np.ndarray:
     return quotes[run % 2 == 0]
 
 
+def _outside(length: int, opens: np.ndarray, closes: np.ndarray) -> np.ndarray:
+    """True for the bytes of ``[0, length)`` not within a string ``[open, close]``."""
+    ends = closes + 1
+    if len(ends) < len(opens):  # a string still open at the end
+        ends = np.append(ends, length)
+    edges = np.empty(2 * len(opens) + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, length
+    edges[1:-1:2], edges[2:-1:2] = opens, ends
+    runs = np.diff(edges)
+    return np.repeat(np.arange(len(runs)) % 2 == 0, runs)
+
+
+def _separators(v: np.ndarray) -> np.ndarray:
+    return (v == _SPACE) | (v == _COMMA) | (v == _NL) | (v == _CR) | (v == 9)
+
+
 def _json_strings(v: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stem and valid? for each string ``v[open:close + 1]``."""
     lengths = closes - opens - 1
@@ -215,11 +231,7 @@ def _json_strings(v: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> tuple
             return stems, ~wrong
     # The general case: turn each string into one line for the line parser.
     lines = v[:closes[-1] + 1].copy() if len(closes) else v[:0].copy()
-    inside = np.zeros(len(lines) + 1, dtype=np.int8)
-    inside[opens] = 1
-    inside[closes + 1] = -1
-    outside = np.cumsum(inside[:-1], dtype=np.int8) == 0
-    lines[outside] = _SPACE
+    lines[_outside(len(lines), opens, closes)] = _SPACE
     lines[opens] = _SPACE
     lines[closes] = _NL
     for i in np.flatnonzero(escaped):
@@ -259,6 +271,40 @@ def _json_value_at(raw: np.ndarray, p: int) -> bytes:
     return data
 
 
+def _fixed_json(items: np.ndarray) -> Parsed | None:
+    """The usual machine-written layout, every element ``"dddddddddd"`` at one
+    stride (``","`` or ``", "`` between them): views and a few comparisons,
+    which also prove the layout well-formed."""
+    first_sep = 12
+    while first_sep < min(len(items), 28) and items[first_sep] != _QUOTE:
+        first_sep += 1
+    sep = items[12:first_sep]
+    width = 12 + len(sep)
+    if len(items) < 12 or (len(items) + len(sep)) % width or (len(items) > 12 and (sep == _COMMA).sum() != 1):
+        return None
+    n = (len(items) + len(sep)) // width
+    rows = items[:(n - 1) * width].reshape(n - 1, width)
+    last = items[(n - 1) * width:]
+    if len(last) != 12 or last[0] != _QUOTE or last[11] != _QUOTE or not _separators(sep).all():
+        return None
+    if not ((rows[:, 0] == _QUOTE).all() and (rows[:, 11] == _QUOTE).all() and (rows[:, 12:] == sep).all()):
+        return None
+    stems, wrong = np.empty(n, np.uint32), np.empty(n, bool)
+    step = 1 << 18  # rows at a time: the digit tables stay small
+    pieces = [(start, rows[start:start + step, 1:11]) for start in range(0, n - 1, step)] + [(n - 1, last[None, 1:11])]
+    for start, part in pieces:
+        digits = part - np.uint8(_ZERO)
+        if digits.max() > 9:
+            return None
+        stems[start:start + len(part)], wrong[start:start + len(part)] = _from_digit_table(digits)
+    if wrong.any():
+        bad = np.flatnonzero(wrong)
+        i = int(bad[0])
+        first = Element(i, items[i * width:i * width + 12].tobytes())
+        return Parsed(_EMPTY_STEMS, bad.astype(np.int64) + 1, first_invalid=first)
+    return Parsed(stems, _EMPTY_LINES)
+
+
 def parse_json_array(text: bytes | bytearray | memoryview | msgspec.Raw, *, chunk: int = CHUNK) -> Parsed:
     """Parse a well-formed JSON array of NHS-number strings, in input order."""
     raw = np.frombuffer(text, dtype=np.uint8)
@@ -268,6 +314,15 @@ def parse_json_array(text: bytes | bytearray | memoryview | msgspec.Raw, *, chun
     hi = len(raw) - 1
     while raw[hi] != _CLOSE:
         hi -= 1
+    first, last = lo + 1, hi
+    while first < last and _SEPARATOR[raw[first]]:
+        first += 1
+    while last > first and _SEPARATOR[raw[last - 1]]:
+        last -= 1
+    if last - first >= 12:
+        fixed = _fixed_json(raw[first:last])
+        if fixed is not None:
+            return fixed
     pos, count = lo + 1, 0
     found: list[np.ndarray] = []
     bad: list[np.ndarray] = []
@@ -284,14 +339,11 @@ def parse_json_array(text: bytes | bytearray | memoryview | msgspec.Raw, *, chun
                 quotes = quotes[:complete]
                 v = v[:quotes[-1] + 1]
                 break
-            if not _SEPARATOR[v[:quotes[0] if len(quotes) else len(v)]].all():
+            if not _separators(v[:quotes[0] if len(quotes) else len(v)]).all():
                 break  # a non-string element before any string: reported below
             size *= 2  # one string longer than the piece
         opens, closes = quotes[0::2], quotes[1::2]
-        inside = np.zeros(len(v) + 1, dtype=np.int8)
-        inside[opens] = 1
-        inside[closes + 1] = -1
-        stray = np.flatnonzero((np.cumsum(inside[:-1], dtype=np.int8) == 0) & ~_SEPARATOR[v])[:1]
+        stray = np.flatnonzero(_outside(len(v), opens, closes) & ~_separators(v))[:1]
         if len(stray):  # an element that is not a string: the strings before it still count
             strings = int(np.searchsorted(opens, stray[0]))
             opens, closes = opens[:strings], closes[:strings]
@@ -337,16 +389,27 @@ def _number_columns(stems: np.ndarray, table: np.ndarray) -> None:
     table[:, :10] += np.uint8(_ZERO)
 
 
-def select_lines(parsed: Parsed, keep: np.ndarray, *, dat: bool = False) -> bytes:
+def select_lines(parsed: Parsed, keep: np.ndarray, *, dat: bool = False) -> memoryview:
     """The kept lines, in order: the caller's own bytes when the input was
     fixed-width in the same format, else freshly formatted."""
-    if parsed.rows is not None and (parsed.rows.shape[1] - 11 - (parsed.rows[:1, -2] == _CR).all()) == dat:
-        return parsed.rows[keep].tobytes()
-    return format_lines(parsed.stems[keep], dat=dat)
+    rows = parsed.rows
+    if rows is None or (rows.shape[1] - 11 - (rows[:1, -2] == _CR).all()) != dat:
+        return memoryview(_lines_table(parsed.stems[keep], dat).reshape(-1))
+    out = np.empty((int(keep.sum()), rows.shape[1]), dtype=np.uint8)
+    at = 0
+    for start in range(0, len(rows), 1 << 18):  # in pieces: no long stretch holding the GIL
+        part = rows[start:start + (1 << 18)][keep[start:start + (1 << 18)]]
+        out[at:at + len(part)] = part
+        at += len(part)
+    return memoryview(out.reshape(-1))
 
 
 def format_lines(stems: np.ndarray, *, dat: bool = False) -> bytes:
     """One number per line (``dat``: followed by a comma)."""
+    return _lines_table(stems, dat).tobytes()
+
+
+def _lines_table(stems: np.ndarray, dat: bool) -> np.ndarray:
     if dat:
         table = number_table(stems, 12)
         table[:, 10] = _COMMA
@@ -354,7 +417,7 @@ def format_lines(stems: np.ndarray, *, dat: bool = False) -> bytes:
     else:
         table = number_table(stems, 11)
         table[:, 10] = _NL
-    return table.tobytes()
+    return table
 
 
 def format_json_array(stems: np.ndarray, prefix: bytes = b"", suffix: bytes = b"") -> memoryview:

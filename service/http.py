@@ -46,6 +46,7 @@ from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
 from .supervisor import Supervisor
+from .worker_threads import WorkerThreads
 from .tiles import TileReader
 from .verified_tokens import VerifiedTokens
 
@@ -64,6 +65,7 @@ TILES = web.AppKey("tiles", TileReader)
 RUNNER = web.AppKey("projection_runner", Runner)
 OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+WORKERS = web.AppKey("worker_threads", WorkerThreads)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -240,9 +242,10 @@ async def record_data_use(request: web.Request, caller: Caller | None) -> web.Re
     raw = await read_body(request, api.BY_ID["record_data_use"].body_limit)
     key = _idempotency_header(request)
     # Millions of inline numbers: parsed, checked and encoded as a cohort off the event loop.
+    workers = request.app[WORKERS]
     (value, cohort), idem = await asyncio.gather(
-        asyncio.to_thread(numbers_body.data_use, raw),
-        asyncio.to_thread(idempotency_key, caller, key, request.method, request.path, raw),
+        workers.run(numbers_body.data_use, raw),
+        workers.run(idempotency_key, caller, key, request.method, request.path, raw),
     )
     return receipt_response(await request.app[LEDGER].record_data_use(caller, value, idem, cohort))
 
@@ -294,7 +297,7 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
 
 async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
     raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
-    cohort = await asyncio.to_thread(_cohort_of, request.content_type, raw)
+    cohort = await request.app[WORKERS].run(_cohort_of, request.content_type, raw)
     await request.app[LEDGER].store_cohort(cohort)
     return json_response(bodies.Cohort(cohort_id=cohort.cohort_id, size=len(cohort.stems)), 201)
 
@@ -314,7 +317,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     grant_id = request.query.get("grant_id") or None
     min_position = _int_query(request, "min_position", 0, 0, 2**62)
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
-    parsed = await asyncio.to_thread(numbers_body.parse, request.content_type, raw)
+    parsed = await app[WORKERS].run(numbers_body.parse, request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
     if optouts.position < min_position and not await app[RUNNER].wait_for(
         min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
@@ -325,7 +328,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     if grant_id is not None and grant_id not in optouts.grants:
         raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
     checkpoint = (await app[CHECKPOINTS].latest()).size
-    result, body = await asyncio.to_thread(_filtered, optouts.snapshot(), parsed, grant_id, checkpoint)
+    result, body = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed, grant_id, checkpoint)
     if parsed.media_type == numbers_body.JSON:
         return web.Response(body=body, content_type="application/json")
     headers = {
@@ -784,10 +787,19 @@ def create_app(
         raise RuntimeError(f"operations without a handler: {sorted(missing)}")
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
+    app.cleanup_ctx.append(_worker_threads_context)
     app.cleanup_ctx.append(_ledger_context)
     app.cleanup_ctx.append(_verifier_context)
     app.cleanup_ctx.append(_projections_context)
     return app
+
+
+async def _worker_threads_context(app: web.Application) -> AsyncIterator[None]:
+    app[WORKERS] = WorkerThreads()
+    try:
+        yield
+    finally:
+        app[WORKERS].close()
 
 
 async def _verifier_context(app: web.Application) -> AsyncIterator[None]:

@@ -172,7 +172,7 @@ def _element_problem(
                         errors=[ProblemDetail(path=path, message=message)])
 
 
-def render_lines(body: NumbersBody, keep: np.ndarray) -> bytes:
+def render_lines(body: NumbersBody, keep: np.ndarray) -> memoryview:
     return bulk.select_lines(body.parsed, keep, dat=body.media_type == bulk.DAT)
 
 

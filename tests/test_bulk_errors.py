@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from samples import auth, data_use, head_position
 
 V = "9434765919"  # valid
@@ -97,3 +99,42 @@ async def test_bad_bulk_bodies_get_exact_problems_and_write_nothing(client, make
     await _check(client, "/v1/cohorts", sde, COHORT)
     await _check(client, "/v1/data-uses", sde, DATA_USE)
     assert await head_position(database) == before
+
+
+async def test_the_number_limit_holds_for_every_bulk_endpoint_and_format(client, make_token, database, monkeypatch):
+    import service.numbers_body
+
+    monkeypatch.setattr(service.numbers_body, "MAX_COHORT_SIZE", 3)
+    sde = make_token("sde", org="SDE-NORTH")
+    four = [V] * 4
+    lines = "".join(f"{n}\n" for n in four)
+    before = await head_position(database)
+    too_many = ("4 NHS numbers in one request; at most 3 are accepted: send larger sets in several requests")
+    for path, content_type, body, where in [
+        ("/v1/opt-out-filter", "application/json", json.dumps({"nhs_numbers": four}), "$.nhs_numbers"),
+        ("/v1/opt-out-filter", "text/plain", lines, "body"),
+        ("/v1/opt-out-filter", "application/vnd.nhs.mesh.dat", lines.replace("\n", ",\n"), "body"),
+        ("/v1/cohorts", "application/json", json.dumps(four), "$"),
+        ("/v1/cohorts", "text/plain", lines, "body"),
+        ("/v1/cohorts", "application/vnd.nhs.mesh.dat", lines.replace("\n", ",\n"), "body"),
+    ]:
+        r = await client.post(path, data=body.encode(), headers=auth(sde, **{"Content-Type": content_type}))
+        problem = await r.json()
+        assert (r.status, problem["detail"], problem["errors"][0]["path"]) == (422, too_many, where), (path, body)
+    r = await client.post("/v1/data-uses", data=_data_use(json.dumps(four)).encode(),
+                          headers=auth(sde, **{"Content-Type": "application/json"}))
+    assert r.status == 422
+    assert (await r.json())["detail"] == "Expected `array` of length <= 3 (at $.nhs_numbers)"
+    three = await client.post("/v1/cohorts", json=four[:3], headers=auth(sde))
+    assert three.status == 201
+    assert await head_position(database) == before
+
+
+async def test_five_million_and_one_numbers_are_refused(client, make_token):
+    from contracts.bulk import format_lines
+    from contracts.values import MAX_COHORT_SIZE
+
+    body = format_lines(np.full(MAX_COHORT_SIZE + 1, int(V[:9]), dtype=np.uint32))
+    r = await client.post("/v1/opt-out-filter", data=body,
+                          headers=auth(make_token("sde", org="SDE-NORTH"), **{"Content-Type": "text/plain"}))
+    assert r.status == 422 and (await r.json())["type"].endswith("too-many-nhs-numbers")
