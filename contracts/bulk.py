@@ -305,8 +305,30 @@ def _fixed_json(items: np.ndarray) -> Parsed | None:
     return Parsed(stems, _EMPTY_LINES)
 
 
+def parse_plain_array(text: bytes | bytearray | memoryview | msgspec.Raw) -> Parsed | None:
+    """``[...]`` holding only ``"dddddddddd"`` strings at one stride, parsed;
+    None for any other text.  Checks the JSON too, so it needs no decoder first."""
+    raw = np.frombuffer(text, dtype=np.uint8)
+    lo, hi = 0, len(raw) - 1
+    while lo < hi and _SEPARATOR[raw[lo]] and raw[lo] != _COMMA:
+        lo += 1
+    while hi > lo and _SEPARATOR[raw[hi]] and raw[hi] != _COMMA:
+        hi -= 1
+    if hi - lo < 13 or raw[lo] != _OPEN or raw[hi] != _CLOSE:
+        return None
+    first, last = lo + 1, hi
+    while first < last and _SEPARATOR[raw[first]] and raw[first] != _COMMA:
+        first += 1
+    while last > first and _SEPARATOR[raw[last - 1]] and raw[last - 1] != _COMMA:
+        last -= 1
+    return _fixed_json(raw[first:last]) if last - first >= 12 else None
+
+
 def parse_json_array(text: bytes | bytearray | memoryview | msgspec.Raw, *, chunk: int = CHUNK) -> Parsed:
     """Parse a well-formed JSON array of NHS-number strings, in input order."""
+    plain = parse_plain_array(text)
+    if plain is not None:
+        return plain
     raw = np.frombuffer(text, dtype=np.uint8)
     lo = 0
     while raw[lo] != _OPEN:  # leading whitespace
@@ -314,15 +336,6 @@ def parse_json_array(text: bytes | bytearray | memoryview | msgspec.Raw, *, chun
     hi = len(raw) - 1
     while raw[hi] != _CLOSE:
         hi -= 1
-    first, last = lo + 1, hi
-    while first < last and _SEPARATOR[raw[first]]:
-        first += 1
-    while last > first and _SEPARATOR[raw[last - 1]]:
-        last -= 1
-    if last - first >= 12:
-        fixed = _fixed_json(raw[first:last])
-        if fixed is not None:
-            return fixed
     pos, count = lo + 1, 0
     found: list[np.ndarray] = []
     bad: list[np.ndarray] = []

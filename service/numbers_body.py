@@ -30,7 +30,6 @@ from contracts.values import MAX_COHORT_SIZE
 from .problems import ProblemError, decode_json, invalid, reject_duplicate_keys
 
 T = TypeVar("T")
-Numbers = bytes | bytearray | msgspec.Raw  # the JSON text of an array of number strings
 
 JSON = "application/json"
 MEDIA_TYPES = (JSON, bulk.TEXT, bulk.DAT)
@@ -70,11 +69,11 @@ def parse(content_type: str, body: bytes | bytearray, *, json_list: bool = False
     ``{"nhs_numbers": [...]}`` (filter)."""
     if content_type == JSON:
         where = "$" if json_list else "$.nhs_numbers"
-        numbers = _array(body) if json_list else _split(body, _filter_request, b"[]")[1]
-        assert numbers is not None, "FilterRequest requires the array"
-        parsed = bulk.parse_json_array(numbers)
+        found = _array(body) if json_list else _split(body, _filter_request, b"[]")[1]
+        assert found is not None, "FilterRequest requires the array"
+        parsed = found
         if parsed.not_a_string is not None:  # a decoder of list[str] stops there
-            raise _element_problem(parsed.not_a_string, _string, where, numbers)
+            raise _element_problem(parsed.not_a_string, _string, where, body)
         positions = [f"{where}[{i - 1}]" for i in parsed.invalid_lines[:MAX_REPORTED].tolist()]
     elif content_type in (bulk.TEXT, bulk.DAT):
         where = "body"
@@ -101,13 +100,12 @@ def parse(content_type: str, body: bytes | bytearray, *, json_list: bool = False
 def data_use(body: bytes | bytearray) -> tuple[DataUseRequest, EncodedCohort | None]:
     """A data-use body; with inline ``nhs_numbers`` the request comes back
     naming the cohort they make (by ``cohort_id``), with that cohort encoded."""
-    request, numbers = _split(body, _data_use_request, _STAND_IN)
-    if numbers is None:
+    request, parsed = _split(body, _data_use_request, _STAND_IN)
+    if parsed is None:
         return request, None
-    parsed = bulk.parse_json_array(numbers)
     failures = [e for e in (parsed.first_invalid, parsed.not_a_string) if e is not None]
     if failures:  # the decoder of list[NhsNumber] stops at the first, saying why
-        raise _element_problem(min(failures, key=lambda e: e.index), _nhs_number, "$.nhs_numbers", numbers)
+        raise _element_problem(min(failures, key=lambda e: e.index), _nhs_number, "$.nhs_numbers", body)
     if len(parsed.stems) > MAX_COHORT_SIZE:
         message = f"Expected `array` of length <= {MAX_COHORT_SIZE}"
         raise ProblemError(422, "invalid-body", "The request body is not valid", f"{message} (at $.nhs_numbers)",
@@ -116,9 +114,15 @@ def data_use(body: bytes | bytearray) -> tuple[DataUseRequest, EncodedCohort | N
     return msgspec.structs.replace(request, nhs_numbers=None, cohort_id=cohort.cohort_id), cohort
 
 
-def _split(body: bytes | bytearray, decoder: msgspec.json.Decoder[T], stand_in: bytes) -> tuple[T, Numbers | None]:
+def _split(body: bytes | bytearray, decoder: msgspec.json.Decoder[T], stand_in: bytes) -> tuple[T, bulk.Parsed | None]:
     """``{"nhs_numbers": [...], ...}``: the Struct decoded from the rest of
-    the body (the array replaced by ``stand_in``) and the array's JSON text."""
+    the body (the array replaced by ``stand_in``) and the array, parsed."""
+    located = _locate(body)
+    if located is not None:
+        start, end, parsed = located
+        rest = body[:start] + stand_in + body[end:]
+        if len(rest) <= _SMALL_REST and _field_at(rest, start):
+            return decode_json(rest, decoder), parsed
     try:
         numbers = _numbers_field.decode(body).nhs_numbers
     except msgspec.ValidationError:  # (a kind of DecodeError)
@@ -126,28 +130,65 @@ def _split(body: bytes | bytearray, decoder: msgspec.json.Decoder[T], stand_in: 
     except msgspec.DecodeError as exc:
         raise _malformed(exc) from None
     if numbers is not msgspec.UNSET and memoryview(numbers)[:1] == b"[":
-        # msgspec.Raw points into the body: where the array starts and ends.
-        start = np.frombuffer(numbers, np.uint8).ctypes.data - np.frombuffer(body, np.uint8).ctypes.data
+        start = _offset(numbers, body)
         end = start + len(memoryview(numbers))
         if 0 <= start < end <= len(body) and len(body) - (end - start) <= _SMALL_REST:
             empty = end - start < 64 and not bytes(numbers)[1:-1].strip()
             rest = body[:start] + (b"[]" if empty else stand_in) + body[end:]
-            return decode_json(rest, decoder), numbers
+            return decode_json(rest, decoder), bulk.parse_json_array(numbers)
     # The plain way: exact, and costly only for odd bodies (a repeated key, a huge other field).
     value = decode_json(body, decoder)
     listed = getattr(value, "nhs_numbers", None)
-    return value, msgspec.json.encode(listed) if listed is not None else None
+    return value, bulk.parse_json_array(msgspec.json.encode(listed)) if listed is not None else None
 
 
-def _array(body: bytes | bytearray) -> bytes | bytearray:
-    """A body that must be one JSON array (of number strings)."""
+def _locate(body: bytes | bytearray) -> tuple[int, int, bulk.Parsed] | None:
+    """The usual case found without decoding the whole body (msgspec would
+    hold the GIL for ~60 ms over 60 MB): the first ``"nhs_numbers":`` and
+    its array up to the next ``]``, which the scanner takes only as plain
+    10-digit strings (no ``]`` can hide in those).  That it is the object's
+    own field is for the caller to confirm (``_field_at``)."""
+    key = body.find(b'"nhs_numbers"')
+    if key < 0:
+        return None
+    i = key + len(b'"nhs_numbers"')
+    for expected in (b":", b"["):
+        while body[i:i + 1] in (b" ", b"\t", b"\n", b"\r"):
+            i += 1
+        if body[i:i + 1] != expected:
+            return None
+        i += expected == b":"
+    end = body.find(b"]", i)
+    parsed = bulk.parse_plain_array(memoryview(body)[i:end + 1]) if end > 0 else None
+    return (i, end + 1, parsed) if parsed is not None else None
+
+
+def _field_at(rest: bytes | bytearray, start: int) -> bool:
+    """Whether ``rest`` is JSON whose ``nhs_numbers`` field starts at ``start``."""
+    try:
+        numbers = _numbers_field.decode(rest).nhs_numbers
+    except msgspec.DecodeError:
+        return False
+    return numbers is not msgspec.UNSET and _offset(numbers, rest) == start
+
+
+def _offset(part: msgspec.Raw, whole: bytes | bytearray) -> int:
+    """Where ``part`` (msgspec.Raw points into the buffer it was decoded from) starts in ``whole``."""
+    return np.frombuffer(part, np.uint8).ctypes.data - np.frombuffer(whole, np.uint8).ctypes.data
+
+
+def _array(body: bytes | bytearray) -> bulk.Parsed:
+    """A body that must be one JSON array (of number strings), parsed."""
+    plain = bulk.parse_plain_array(body)
+    if plain is not None:
+        return plain
     try:
         _any.decode(body)
     except msgspec.DecodeError as exc:
         raise _malformed(exc) from None
     if bytes(body[:64]).lstrip()[:1] != b"[":
         decode_json(body, _number_list)  # not an array: says what it is
-    return body
+    return bulk.parse_json_array(body)
 
 
 def _malformed(exc: msgspec.DecodeError) -> ProblemError:
@@ -155,13 +196,14 @@ def _malformed(exc: msgspec.DecodeError) -> ProblemError:
 
 
 def _element_problem(
-    item: bulk.Element, element: msgspec.json.Decoder[object], where: str, numbers: Numbers
+    item: bulk.Element, element: msgspec.json.Decoder[object], where: str, body: bytes | bytearray
 ) -> ProblemError:
     """What ``element`` (the decoder of one array item) says about this one;
-    but a repeated key in any object of the array comes first (400), as it
-    does for every body."""
-    if (np.frombuffer(numbers, np.uint8) == ord("{")).any():  # objects: never numbers, so an error body anyway
-        reject_duplicate_keys(bytes(numbers))
+    but a repeated key in any object of the body comes first (400), as for
+    every body.  (Objects besides the body itself are rare: only then is
+    the whole body searched, at some cost.)"""
+    if body.count(b"{") > (bytes(body[:64]).lstrip()[:1] == b"{"):
+        reject_duplicate_keys(body)
     path = f"{where}[{item.index}]"
     try:
         element.decode(item.text)

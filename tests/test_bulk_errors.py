@@ -43,6 +43,11 @@ FILTER = [
     (f'{{"nhs_numbers": [], "x": 1}}', invalid_body("Object contains unknown field `x`", "$")),
     (f'{{"nhs_numbers": [1], "nhs_numbers": []}}', duplicate("nhs_numbers")),
     (f'{{"nhs_numbers": ["{V}"], "nhs_numbers": ["{V}"]}}', duplicate("nhs_numbers")),
+    # The array is found without decoding the whole body; these must not fool that.
+    (f'{{"x": {{"nhs_numbers": ["{V}", "{V}"]}}, "nhs_numbers": ["{V}"]}}',
+     invalid_body("Object contains unknown field `x`", "$")),
+    (f'{{"x": "nhs_numbers", "nhs_numbers": ["{V}", "{V}"]}}', invalid_body("Object contains unknown field `x`", "$")),
+    (f'{{"nhs_numbers": ["{V}", "{V}"], "nhs_numbers": ["9434765918"]}}', duplicate("nhs_numbers")),
     ('[]', invalid_body("Expected `object`, got `array`", "$")),
     ('{}', invalid_body("Object missing required field `nhs_numbers`", "$")),
     ('{"nhs_numbers": "x"}', invalid_body("Expected `array`, got `str`", "$.nhs_numbers")),
