@@ -221,3 +221,35 @@ async def test_database_faults_under_load(cluster: PrivateCluster, server: LiveS
     failures = [json.loads(line) for line in log.splitlines()
                 if line.startswith("{") and "background task failed" in line]
     assert all(f.get("task") for f in failures), "a task failure was logged without the task's name"
+
+
+async def test_a_write_whose_commit_was_cut_off_says_it_may_have_landed(client, database, make_token):
+    """The connection dies while COMMIT runs: the writer cannot know whether
+    the write committed, and says so; a retry with the same key settles it."""
+    owner = await database.connect_owner()
+    try:
+        await owner.execute("""
+            CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+              $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON ledger_head
+              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();""")
+        token, nhs = make_token("patient-app"), nhs_numbers(1, seed=77)[0]
+        headers = auth(token, **{"Idempotency-Key": "cut-off-1"})
+        posting = asyncio.create_task(client.post(f"/v1/patients/{nhs}/opt-out", json=choice(), headers=headers))
+        deadline = time.monotonic() + 10
+        while not (pids := await owner.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'")):
+            assert time.monotonic() < deadline, "the write never reached its COMMIT"
+            await asyncio.sleep(0.02)
+        await owner.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
+        r = await posting
+        problem = await r.json()
+        assert r.status == 503 and r.headers["Retry-After"]
+        assert problem["type"].endswith("outcome-unknown") and "same Idempotency-Key" in problem["detail"]
+        await owner.execute("DROP TRIGGER slow_commit ON ledger_head")
+        retry = await client.post(f"/v1/patients/{nhs}/opt-out", json=choice(), headers=headers)
+        assert retry.status in (200, 201)
+        written = await owner.fetch("SELECT position FROM ledger_events WHERE event_type = 'OptOutRegistered'")
+        assert [r["position"] for r in written] == [(await retry.json())["position"]]
+    finally:
+        await owner.close()
