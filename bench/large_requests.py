@@ -106,7 +106,8 @@ def bodies(stems: np.ndarray) -> list[tuple[str, str, str, bytes | memoryview]]:
 
 async def memory_phase(serve, sde: dict, stems: np.ndarray) -> None:
     print(f"\n## Memory: one body of {len(stems):,} numbers, each to a freshly started server")
-    print("| endpoint, format | body MiB | status | wall s | server CPU s | RSS idle MiB | peak RSS MiB | peak - idle |")
+    print("| endpoint, format | body MiB | status | wall s | server CPU s | RSS idle MiB | peak RSS MiB "
+          "| peak - idle |")
     print("|---|---|---|---|---|---|---|---|")
     for label, path, content_type, body in bodies(stems):
         async with serve() as (pid, _, session):

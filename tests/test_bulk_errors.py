@@ -25,7 +25,8 @@ def invalid_body(message: str, path: str) -> tuple[int, str, str, list]:
 
 
 def duplicate(key: str) -> tuple[int, str, str, list]:
-    return 400, "duplicate-key", f"the key {key!r} appears more than once in one object", [["$", f"duplicate key {key!r}"]]
+    detail = f"the key {key!r} appears more than once in one object"
+    return 400, "duplicate-key", detail, [["$", f"duplicate key {key!r}"]]
 
 
 FILTER = [
@@ -51,9 +52,8 @@ FILTER = [
     ('[]', invalid_body("Expected `object`, got `array`", "$")),
     ('{}', invalid_body("Object missing required field `nhs_numbers`", "$")),
     ('{"nhs_numbers": "x"}', invalid_body("Expected `array`, got `str`", "$.nhs_numbers")),
-    (f'{{"nhs_numbers": ["{V}",]}}', (400, "malformed-json",
-                                       "the body is not valid JSON: JSON is malformed: trailing comma in array (byte 30)",
-                                       None)),
+    (f'{{"nhs_numbers": ["{V}",]}}',
+     (400, "malformed-json", "the body is not valid JSON: JSON is malformed: trailing comma in array (byte 30)", None)),
 ]
 
 COHORT = [
