@@ -653,8 +653,8 @@ def _problem_for(exc: BaseException) -> ProblemError | None:
                                 headers={"Retry-After": "1"})
         case _ if unavailable(exc):
             return ProblemError(503, "database-unavailable", "Database unavailable",
-                                f"the database cannot be used just now ({type(exc).__name__}); nothing was "
-                                "recorded by this request: retry after Retry-After seconds",
+                                f"the database cannot be used just now ({type(exc).__name__}); this request wrote "
+                                "nothing to the ledger: retry after Retry-After seconds",
                                 headers={"Retry-After": "1"})
         case web.HTTPException() if exc.status >= 400:
             return ProblemError(exc.status, f"http-{exc.status}", exc.reason,

@@ -4,10 +4,11 @@ Reading picks the parser by media type and turns invalid entries into one
 422 that lists where they are (the first ``MAX_REPORTED``) and never the
 numbers themselves; writing answers in the caller's media type.
 
-Millions of numbers in JSON are never decoded into Python strings: msgspec
-checks the whole document and hands back the ``nhs_numbers`` array as raw
-bytes, the array is parsed by ``contracts.bulk``'s vectorised scanner, and
-the rest of the body (the array replaced by a stand-in) is decoded into its
+Millions of numbers in JSON are never decoded into Python strings: the
+``nhs_numbers`` array is parsed by ``contracts.bulk``'s vectorised scanner
+(found by it directly in the usual machine-written layout, else handed
+over as raw bytes by msgspec after checking the whole document), and the
+rest of the body, the array replaced by a stand-in, is decoded into its
 Struct as before, so every error reads as it would from msgspec.
 
 Everything here is CPU-bound and is called from a worker thread.
