@@ -26,6 +26,7 @@ from machine import describe, peak_rss_mib  # noqa: E402
 from population import BASE, random_stems, valid  # noqa: E402
 
 from contracts.bodies import DataUseRequest, GrantRequest  # noqa: E402
+from contracts.cohort import encode_cohort  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from projections.choices import ChoicesProjection  # noqa: E402
 from projections.optout_filter import OptOutFilter  # noqa: E402
@@ -88,7 +89,9 @@ async def main() -> None:
         stems = random_stems(rng, args.cohort_size).astype(np.uint32)
         sample.extend(rng.choice(stems, 10).tolist())
         t = time.perf_counter()
-        cohort_id, size = await ledger.store_cohort(stems)
+        cohort = await asyncio.to_thread(encode_cohort, stems)
+        await ledger.store_cohort(cohort)
+        cohort_id, size = cohort.cohort_id, len(cohort.stems)
         request = msgspec.convert({
             "use_id": f"use-{tag}-{i}", "grant_id": grants[i % len(grants)], "purpose": "planning",
             "datasets": ["hes-apc"], "occurred_at": datetime.now(timezone.utc).isoformat(),

@@ -57,15 +57,17 @@ class PrivateCluster:
         pgserver.pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.user, timeout=60)
 
     def kill_postmaster(self) -> None:
-        """``kill -9`` of the postmaster, then wait until it is gone."""
+        """``kill -9`` of the postmaster, then wait until it is gone (and
+        give its orphaned backends, which exit on noticing, a moment)."""
         pid = int((self.pgdata / "postmaster.pid").read_text().splitlines()[0])
         os.kill(pid, signal.SIGKILL)
         while True:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return
+                break
             time.sleep(0.02)
+        time.sleep(0.3)
 
     async def terminate_backends(self, database: str) -> int:
         """pg_terminate_backend for every connection to ``database``; how many."""
