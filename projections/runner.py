@@ -186,17 +186,18 @@ class Runner:
     # --- the loop ---------------------------------------------------------------
 
     async def run(self, beat: Callable[[], None] = lambda: None) -> None:
-        """Follow the ledger until cancelled; ``beat()`` after every round that
-        caught up.  A failed step (rolled back) ends this call: run it under a
-        supervisor, which logs the failure and runs it again."""
+        """Follow the ledger until cancelled; ``beat()`` after every batch
+        applied and every look that found nothing new (a long catch-up is
+        progress too).  A failed step (rolled back) ends this call: run it
+        under a supervisor, which logs the failure and runs it again."""
         while True:
             await self._ensure_listening()
             while await self.step():
-                pass
+                beat()
             beat()
             self._wake.clear()
             # asyncio.timeout rather than wait_for: on Python 3.11 wait_for can
-            # lose a cancellation that races with the event (stop() then hangs).
+            # lose a cancellation that races with the event (stopping then hangs).
             try:
                 async with asyncio.timeout(self.poll_interval):
                     await self._wake.wait()
