@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 import numpy as np
@@ -97,6 +97,15 @@ class StemSet:
             self._added = np.array(sorted(s for s, m in self.changes.items() if m), dtype=np.uint32)
             self._removed = np.array(sorted(s for s, m in self.changes.items() if not m), dtype=np.uint32)
         return self._added, self._removed
+
+    def snapshot(self) -> "StemSet":
+        """A copy later changes do not touch: the arrays are shared (they are
+        replaced, never changed in place), the pending changes copied."""
+        copy = StemSet.__new__(StemSet)
+        copy.base, copy.index = self.base, self.index
+        copy.changes = dict(self.changes)
+        copy._added, copy._removed = self._added, self._removed
+        return copy
 
     def contains(self, stems: np.ndarray) -> np.ndarray:
         mask = self.index.contains(stems) if len(self.base) else np.zeros(len(stems), dtype=bool)
@@ -201,6 +210,18 @@ class OptOutFilter(Follower):
             elif t in ("AccessGranted", "AccessRevoked"):
                 self._grants([e])
             self.position = e.position
+
+    def snapshot(self) -> "OptOutFilter":
+        """A copy that ``follow`` does not change, so that a worker thread can
+        answer a question about millions of stems from it while the event
+        loop keeps following the ledger.  Cheap: arrays are shared, the
+        small pending changes and grant rules copied."""
+        copy = OptOutFilter()
+        copy.position = self.position
+        copy.scopes = {scope: s.snapshot() for scope, s in self.scopes.items()}
+        copy.consents = {grant: s.snapshot() for grant, s in self.consents.items()}
+        copy.grants = {grant: replace(rule) for grant, rule in self.grants.items()}
+        return copy
 
     # --- questions --------------------------------------------------------------
 

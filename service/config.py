@@ -30,6 +30,7 @@ class Config:
     checkpoint_interval: float = 1.0
     projection_poll_interval: float = 1.0
     filter_wait: float = 5.0
+    task_stall_seconds: float = 30.0
 
     @property
     def production(self) -> bool:
@@ -67,4 +68,7 @@ def load(env: dict[str, str] | None = None) -> Config:
         projection_poll_interval=float(env.get("CONSENT_LEDGER_PROJECTION_POLL", "1.0")),
         # How long an opt-out filter call waits for `min_position` before 503.
         filter_wait=float(env.get("CONSENT_LEDGER_FILTER_WAIT", "5.0")),
+        # A background task without progress for this long (beyond its own
+        # period) makes /readyz answer 503, naming the task.
+        task_stall_seconds=float(env.get("CONSENT_LEDGER_TASK_STALL_SECONDS", "30")),
     )
