@@ -229,7 +229,7 @@ def build(tags: np.ndarray) -> CohortTree:
         offsets = np.searchsorted(keys >> np.uint64(64 - bits), np.arange((1 << bits) + 1, dtype=np.uint64))
     else:
         offsets = np.array([0, size])
-    data = sorted_tags.tobytes()
+    data = memoryview(sorted_tags.reshape(-1))  # no copy of the tags
     bounds = (offsets * TAG_SIZE).tolist()
     levels = [b"".join(_leaf_hash(data[a:b]) for a, b in zip(bounds, bounds[1:]))]
     for _ in range(bits):
