@@ -157,26 +157,28 @@ class CohortTree:
     def root(self) -> bytes:
         return self.levels[-1]
 
-    def path(self, bucket: int) -> list[bytes]:
-        if not 0 <= bucket < 1 << self.bits:
-            raise ProofError(f"no bucket {bucket} in a tree of {1 << self.bits}")
-        out = []
-        for level in range(self.bits):
-            sibling = 32 * ((bucket >> level) ^ 1)
-            out.append(self.levels[level][sibling:sibling + 32])
-        return out
-
     def bucket_tags(self, bucket: int) -> np.ndarray:
         return self.tags[self.offsets[bucket]:self.offsets[bucket + 1]]
 
     def proof(self, tag: bytes) -> CohortProof:
         """The proof that ``tag`` is, or is not, a member."""
         bucket = bucket_of(tag, self.bits)
-        return CohortProof(
-            bucket=bucket,
-            tags=[row.tobytes().hex() for row in self.bucket_tags(bucket)],
-            path=[h.hex() for h in self.path(bucket)],
-        )
+        return bucket_proof(bucket, self.bucket_tags(bucket), self.levels)
+
+
+def bucket_proof(bucket: int, bucket_tags: np.ndarray, levels: tuple[bytes, ...]) -> CohortProof:
+    """A proof from stored parts: one bucket's tags (ascending, (m, 16)) and
+    the tree's ``levels``.  A service that keeps its members in bucket order
+    (``order``, ``offsets``) and the levels can answer a patient by
+    recomputing one bucket's tags instead of the whole tree."""
+    bits = len(levels) - 1
+    if not 0 <= bucket < 1 << bits:
+        raise ProofError(f"no bucket {bucket} in a tree of {1 << bits}")
+    path = []
+    for level in range(bits):
+        sibling = 32 * ((bucket >> level) ^ 1)
+        path.append(levels[level][sibling:sibling + 32].hex())
+    return CohortProof(bucket=bucket, tags=[row.tobytes().hex() for row in bucket_tags], path=path)
 
 
 def _tag_order(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +239,17 @@ def build(tags: np.ndarray) -> CohortTree:
     return CohortTree(size, bits, sorted_tags, order, offsets, tuple(levels))
 
 
+def _hashes(texts: list[str], size: int) -> list[bytes]:
+    """Hex strings as bytes; a proof built by hand rather than decoded may hold anything."""
+    try:
+        out = [bytes.fromhex(t) for t in texts]
+    except ValueError:
+        raise ProofError("a proof holds a value that is not hex") from None
+    if any(len(v) != size for v in out):
+        raise ProofError(f"a proof holds a value that is not {size} bytes")
+    return out
+
+
 def verify(proof: CohortProof, tag: bytes, size: int, root: bytes) -> bool:
     """True if ``tag`` is a member of the cohort committed by (size, root),
     False if the proof shows it is not; ProofError if the proof is not valid."""
@@ -244,11 +257,11 @@ def verify(proof: CohortProof, tag: bytes, size: int, root: bytes) -> bool:
     bucket = bucket_of(tag, bits)
     if proof.bucket != bucket:
         raise ProofError(f"the proof is for bucket {proof.bucket}, but this tag belongs in bucket {bucket}")
-    members = [bytes.fromhex(t) for t in proof.tags]
+    members, path = _hashes(proof.tags, TAG_SIZE), _hashes(proof.path, 32)
     if any(bucket_of(t, bits) != bucket for t in members):
         raise ProofError(f"bucket {bucket} holds a tag that belongs in another bucket")
     if any(a >= b for a, b in zip(members, members[1:])):
         raise ProofError(f"the tags of bucket {bucket} are not in strictly ascending order")
     leaf = _leaf_hash(b"".join(members))
-    merkle.verify_inclusion(bucket, 1 << bits, leaf, [bytes.fromhex(h) for h in proof.path], root)
+    merkle.verify_inclusion(bucket, 1 << bits, leaf, path, root)
     return tag in members

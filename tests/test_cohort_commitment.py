@@ -114,6 +114,13 @@ def test_the_tree_keeps_the_members_in_bucket_order():
     for b in range(1 << tree.bits):
         assert all(cc.bucket_of(t.tobytes(), tree.bits) == b for t in tree.bucket_tags(b))
     assert tree.offsets[-1] == 3000
+    # A receipt from stored parts: the members in bucket order and the levels,
+    # recomputing one bucket's tags from its members' secrets.
+    for i in (0, 1234, 2999):
+        tag = tags[i].tobytes()
+        b = cc.bucket_of(tag, tree.bits)
+        members = secrets[tree.order[tree.offsets[b]:tree.offsets[b + 1]]]
+        assert cc.bucket_proof(b, cc.member_tags(members, CONTEXT), tree.levels) == tree.proof(tag)
 
 
 def test_tags_that_share_their_first_half_are_still_ordered_and_repeats_refused():
@@ -164,3 +171,9 @@ def test_a_commitment_not_in_canonical_form_is_refused():
         proof = cc.CohortProof(bucket=0, tags=[t.hex() for t in bucket], path=[])
         with pytest.raises(ProofError, match="strictly ascending"):
             cc.verify(proof, low, 2, root)
+
+
+@pytest.mark.parametrize("tags, path", [(["zz" * 16], []), (["00" * 15], []), ([], ["00" * 31])])
+def test_a_proof_built_by_hand_with_bad_values_is_a_proof_error(tags, path):
+    with pytest.raises(ProofError):
+        cc.verify(cc.CohortProof(bucket=0, tags=tags, path=path), bytes(16), 1, bytes(32))
