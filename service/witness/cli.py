@@ -17,7 +17,7 @@ from aiohttp import web
 from contracts import cosignature, note
 from contracts.note import NoteError
 
-from .. import logs
+from .. import config, logs
 from ..checkpoints import write_key
 from .server import create_app
 from .state import WitnessState
@@ -38,7 +38,8 @@ def parse_log(text: str) -> tuple[str, note.Verifier]:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    logs.configure("info", "json")
+    cfg = config.load()  # only the log settings apply to a witness
+    logs.configure(cfg.log_level, cfg.log_format)
     try:
         cosigner = cosignature.Cosigner.from_signer(note.parse_signer(Path(args.key).read_text()))
     except (OSError, NoteError) as exc:
