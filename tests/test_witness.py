@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import aiohttp
@@ -56,14 +57,17 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[i
         return r.status, r.content_type, await r.text()
 
 
+def query(state: Path, sql: str) -> list[tuple]:
+    with closing(sqlite3.connect(state / "witness.sqlite3")) as db:
+        return db.execute(sql).fetchall()
+
+
 def stored(state: Path) -> dict[str, tuple[int, bytes]]:
-    with sqlite3.connect(state / "witness.sqlite3") as db:
-        return {o: (s, bytes(r)) for o, s, r in db.execute("SELECT origin, size, root FROM cosigned")}
+    return {o: (s, bytes(r)) for o, s, r in query(state, "SELECT origin, size, root FROM cosigned")}
 
 
 def evidence(state: Path) -> list[tuple[str, str]]:
-    with sqlite3.connect(state / "witness.sqlite3") as db:
-        return list(db.execute("SELECT origin, reason FROM evidence ORDER BY id"))
+    return query(state, "SELECT origin, reason FROM evidence ORDER BY id")
 
 
 async def test_three_witnesses_cosign_a_growing_log(tmp_path, witnesses, log_signer):

@@ -60,7 +60,8 @@ class Log:
 
 
 class Witness:
-    """``consent-ledger witness serve`` as a subprocess."""
+    """``consent-ledger witness serve`` as a subprocess (``python -m service.witness``:
+    the same command without loading the rest of the service's command line)."""
 
     def __init__(self, workdir: Path, key: Path, logs: list[str], state: Path, name: str = "w"):
         self.key, self.logs, self.state = key, logs, state
