@@ -134,6 +134,21 @@ class PersonalDataRead(Frozen):
     request_id: ShortText | None = None
 
 
+class TransparencySecretCommitted(Frozen):
+    """The log's commitment to a patient's transparency secret (contracts/
+    LEDGER-FORMAT.md §8): the secret itself never enters the log, only
+    ``secret_hash``, which identifies nobody and from which nothing about the
+    secret can be learned.  The patient app receives the secret and checks it
+    against this entry, so it can compute its own cohort tags without
+    trusting the service.  A patient has at most one; it must precede every
+    cohort commitment the patient is proved against.
+    """
+
+    nhs_number: NhsDigits
+    secret_hash: Sha256Hex
+    recorded_by: ShortText
+
+
 Event = (
     OptOutRegistered
     | OptOutWithdrawn
@@ -143,6 +158,7 @@ Event = (
     | AccessRevoked
     | DataUseRecorded
     | PersonalDataRead
+    | TransparencySecretCommitted
 )
 
 EVENT_TYPES: dict[str, type[Frozen]] = {
@@ -156,5 +172,6 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         AccessRevoked,
         DataUseRecorded,
         PersonalDataRead,
+        TransparencySecretCommitted,
     )
 }

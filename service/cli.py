@@ -351,10 +351,18 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
     exp.set_defaults(run=_export)
+
+    # Listed here for --help; main() hands its arguments to the witness's own parser.
+    sub.add_parser("witness", help="run a C2SP witness for consent-ledger logs (see `witness --help`)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["witness"]:
+        from .witness.cli import main as witness_main
+
+        return witness_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         args.run(args)
