@@ -27,6 +27,7 @@ from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.values import Actor  # noqa: E402
 from service import logs, store as store_module, tiles  # noqa: E402
 from service.checkpoints import CheckpointLog  # noqa: E402
+from service.supervisor import Supervisor  # noqa: E402
 from service.database import Database  # noqa: E402
 from service.schema import migrate  # noqa: E402
 from service.store import EventStore, NewEvent  # noqa: E402
@@ -62,7 +63,8 @@ async def run(admin: str, events: int, clients: int, merkle_on: bool) -> float:
         if merkle_on:
             signer = CheckpointLog(pool, tiles.TileReader(), [note.Signer.generate("bench.example/log")],
                                    "bench.example/log", 1.0)
-            signer.start()
+            supervisor = Supervisor()
+            supervisor.start("checkpoint-signer", signer.run, every=signer.interval)
         per_client = events // clients
 
         async def client() -> None:
@@ -74,7 +76,7 @@ async def run(admin: str, events: int, clients: int, merkle_on: bool) -> float:
         elapsed = time.perf_counter() - started
         if signer is not None:
             await signer.sign()
-            await signer.stop()
+            await supervisor.stop()
         await store.stop()
         await pool.close()
         return per_client * clients / elapsed

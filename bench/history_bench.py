@@ -26,6 +26,7 @@ from machine import describe, peak_rss_mib  # noqa: E402
 from population import BASE, random_stems, valid  # noqa: E402
 
 from contracts.bodies import DataUseRequest, GrantRequest  # noqa: E402
+from contracts.cohort import encode_cohort  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from projections.choices import ChoicesProjection  # noqa: E402
 from projections.optout_filter import OptOutFilter  # noqa: E402
@@ -35,6 +36,7 @@ from projections.uses import UsesProjection  # noqa: E402
 from service.commands import Caller, Ledger, ProjectedOptOutAssessor  # noqa: E402
 from service.database import Database  # noqa: E402
 from service.store import EventStore  # noqa: E402
+from service.supervisor import Supervisor  # noqa: E402
 
 DAC = Caller(subject="bench-dac", roles=frozenset({"dac"}))
 SDE = Caller(subject="bench-sde", roles=frozenset({"sde"}), org="BENCH-H")
@@ -69,7 +71,9 @@ async def main() -> None:
     optouts = await OptOutFilter.load(pool)
     runner = Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[optouts],
                     listen=database.connect_app, batch_size=50)
-    await runner.start()
+    await runner.prepare()
+    supervisor = Supervisor()
+    supervisor.start("projection-runner", runner.run)
     ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
     tag = f"{int(time.time()) % 100000}"
     grants = [f"H{tag}-{i}" for i in range(args.grants)]
@@ -84,7 +88,9 @@ async def main() -> None:
         stems = random_stems(rng, args.cohort_size).astype(np.uint32)
         sample.extend(rng.choice(stems, 10).tolist())
         t = time.perf_counter()
-        cohort_id, size = await ledger.store_cohort(stems)
+        cohort = await asyncio.to_thread(encode_cohort, stems)
+        await ledger.store_cohort(cohort)
+        cohort_id, size = cohort.cohort_id, len(cohort.stems)
         request = msgspec.convert({
             "use_id": f"use-{tag}-{i}", "grant_id": grants[i % len(grants)], "purpose": "planning",
             "datasets": ["hes-apc"], "occurred_at": datetime.now(timezone.utc).isoformat(),
@@ -102,7 +108,8 @@ async def main() -> None:
     print(f"recorded {args.uses} data uses, {memberships:,} memberships: store cohort + record use median "
           f"{statistics.median(record_times):.2f} s, max {max(record_times):.2f} s; projection caught up "
           f"{time.perf_counter() - t:.0f} s after the last write ({time.perf_counter() - started:.0f} s in all)")
-    await runner.stop()
+    await supervisor.stop()
+    await runner.close()
     await store.stop()
 
     members = [NhsNumber.from_stem(s) for s in random.Random(1).sample(sample, min(len(sample), args.queries // 2))]

@@ -80,10 +80,10 @@ def make_keys(directory: Path) -> tuple[OKPKey, Path]:
     return key, jwks
 
 
-def token(key: OKPKey) -> str:
+def token(key: OKPKey, role: str = "patient-app", org: str | None = None) -> str:
     now = int(time.time())
-    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench-backend", "roles": ["patient-app"],
-              "iat": now, "nbf": now, "exp": now + 3600}
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": f"bench-{role}", "roles": [role],
+              "iat": now, "nbf": now, "exp": now + 3600, **({"org": org} if org else {})}
     return jwt.encode({"alg": "EdDSA", "kid": "bench"}, claims, key, algorithms=["EdDSA"])
 
 

@@ -36,6 +36,7 @@ from projections.uses import UsesProjection  # noqa: E402
 from service.database import Database  # noqa: E402
 from service.domain import patient_aggregate_id  # noqa: E402
 from service.store import EventStore, NewEvent  # noqa: E402
+from service.supervisor import Supervisor  # noqa: E402
 
 
 class LagMeter:
@@ -120,15 +121,18 @@ async def main() -> None:
     runner = Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[OptOutFilter()],
                     listen=database.connect_app, batch_size=5000)
     runner.on_applied = meter
-    await runner.start()
+    await runner.prepare()
+    supervisor = Supervisor()
+    supervisor.start("projection-runner", runner.run)
     proc = subprocess.Popen([sys.executable, __file__, "--writer", "--database", args.database,
                              "--rate", str(args.rate), "--seconds", str(args.seconds)])
     await asyncio.get_running_loop().run_in_executor(None, proc.wait)
     async with pool.acquire() as conn:
         head = await ledger_head(conn)
     while not await runner.wait_for(head, 5, runner._lowest):
-        print(f"# waiting: head {head}, positions {runner.positions}, running {runner.running}", file=sys.stderr)
-    await runner.stop()
+        print(f"# waiting: head {head}, positions {runner.positions}, restarts {supervisor.tasks['projection-runner'].restarts}", file=sys.stderr)
+    await supervisor.stop()
+    await runner.close()
     await pool.close()
     lags = np.array(meter.lags) * 1000
     print(f"projection lag (recorded_at -> choices + uses views committed and filter updated) over "

@@ -14,7 +14,7 @@ from . import bodies
 from .codes import Purpose, values
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
-from .values import MAX_COHORT_SIZE  # noqa: F401 - part of this module's limits, see README
+from .values import MAX_COHORT_SIZE  # part of this module's limits, see README
 from .values import END
 
 PUBLIC: frozenset[str] = frozenset()
@@ -144,7 +144,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
               PUBLIC, None, bodies.LogKeys),
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
-    Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running",
+    Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running, no background task stalled",
               PUBLIC, None, bodies.Health),
     Operation("metrics", "GET", "/metrics", "Prometheus metrics (no personal data: routes are templates)",
               PUBLIC, media_type="text/plain"),
@@ -239,8 +239,9 @@ def openapi(version: str) -> dict[str, Any]:
         if op.request is not None or "{nhs}" in op.path:
             responses["422"] = _problem_response("well-formed but breaks a rule (or an NHS number's check digit)")
         responses["503"] = _problem_response(
-            "the write queue is full (writes, and reads that are recorded) or the request timed out: "
-            "retry after Retry-After", "Retry-After")
+            "the database is unavailable, the write queue is full (writes, and reads that are recorded) or the "
+            "request timed out: retry after Retry-After; `outcome-unknown`: a write may have been recorded, "
+            "retry it with the same Idempotency-Key", "Retry-After")
         if op.response is bodies.Health:
             # Readiness reports "unavailable" in its own body.
             responses["503"]["content"]["application/json"] = {"schema": ok_schema}
@@ -274,7 +275,7 @@ def openapi(version: str) -> dict[str, Any]:
             lines = {"type": "string", "description": "one NHS number per line (.dat: each followed by a comma)"}
             json_body = (
                 {"$ref": f"#/components/schemas/{op.request.__name__}"} if op.request is not None
-                else {"type": "array", "items": dict(NHS_NUMBER_SCHEMA)}
+                else {"type": "array", "items": dict(NHS_NUMBER_SCHEMA), "maxItems": MAX_COHORT_SIZE}
             )
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": json_body},

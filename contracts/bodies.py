@@ -160,7 +160,7 @@ class Cohort(Struct, frozen=True, kw_only=True):
 
 
 class FilterRequest(Frozen):
-    nhs_numbers: list[str]
+    nhs_numbers: Annotated[list[str], Meta(max_length=MAX_COHORT_SIZE)]
 
 
 class FilterResult(Struct, frozen=True, kw_only=True):

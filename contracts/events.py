@@ -167,6 +167,21 @@ class OptOutFilterApplied(Frozen):
     request_id: ShortText | None = None
 
 
+class TransparencySecretCommitted(Frozen):
+    """The log's commitment to a patient's transparency secret (contracts/
+    LEDGER-FORMAT.md §8): the secret itself never enters the log, only
+    ``secret_hash``, which identifies nobody and from which nothing about the
+    secret can be learned.  The patient app receives the secret and checks it
+    against this entry, so it can compute its own cohort tags without
+    trusting the service.  A patient has at most one; it must precede every
+    cohort commitment the patient is proved against.
+    """
+
+    nhs_number: NhsDigits
+    secret_hash: Sha256Hex
+    recorded_by: ShortText
+
+
 Event = (
     OptOutRegistered
     | OptOutWithdrawn
@@ -178,6 +193,7 @@ Event = (
     | PersonalDataRead
     | CohortStored
     | OptOutFilterApplied
+    | TransparencySecretCommitted
 )
 
 EVENT_TYPES: dict[str, type[Frozen]] = {
@@ -193,5 +209,6 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         PersonalDataRead,
         CohortStored,
         OptOutFilterApplied,
+        TransparencySecretCommitted,
     )
 }

@@ -115,6 +115,13 @@ class NhsNumber(str):
         return super().__new__(cls, text + str(digit))
 
 
+def decode_hook(kind: type, value: object) -> object:
+    """msgspec ``dec_hook``: fields typed NhsNumber are validated as they are decoded."""
+    if kind is NhsNumber:
+        return NhsNumber(value)  # type: ignore[arg-type]
+    raise NotImplementedError(f"no decoder for {kind}")
+
+
 SCHEMA = {
     "type": "string",
     "pattern": r"^[0-9][0-9 -]*$",

@@ -91,16 +91,22 @@ class Signer:
         return cls(name, Ed25519PrivateKey.generate())
 
 
-def parse_vkey(text: str) -> Verifier:
+def vkey_parts(text: str, key_type: int, what: str) -> tuple[str, str, bytes]:
+    """Name, hex key ID (not yet checked) and 32-byte public key of a vkey of
+    signature type ``key_type`` (0x01 a log key, 0x04 a cosigner's)."""
     parts = text.strip().split("+", 2)  # base64 may itself hold '+'
     if len(parts) != 3:
         raise NoteError("a vkey is name+keyid+base64key")
     name, hex_id, b64 = parts
     _check_name(name)
     raw = _unb64(b64, "vkey key")
-    if len(raw) != 33 or raw[0] != ED25519:
-        raise NoteError("vkey is not an Ed25519 (type 0x01) key")
-    public = raw[1:]
+    if len(raw) != 33 or raw[0] != key_type:
+        raise NoteError(f"vkey is not {what} (type 0x{key_type:02x}) key")
+    return name, hex_id, raw[1:]
+
+
+def parse_vkey(text: str) -> Verifier:
+    name, hex_id, public = vkey_parts(text, ED25519, "an Ed25519")
     if hex_id != key_id(name, public).hex():
         raise NoteError("vkey key ID does not match its name and key")
     return Verifier(name, bytes.fromhex(hex_id), Ed25519PublicKey.from_public_bytes(public), public)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import asyncpg
@@ -106,6 +106,15 @@ class StemSet:
             self._removed = np.array(sorted(s for s, m in self.changes.items() if not m), dtype=np.uint32)
         return self._added, self._removed
 
+    def snapshot(self) -> "StemSet":
+        """A copy later changes do not touch: the arrays are shared (they are
+        replaced, never changed in place), the pending changes copied."""
+        copy = StemSet.__new__(StemSet)
+        copy.base, copy.index = self.base, self.index
+        copy.changes = dict(self.changes)
+        copy._added, copy._removed = self._added, self._removed
+        return copy
+
     def contains(self, stems: np.ndarray) -> np.ndarray:
         mask = self.index.contains(stems) if len(self.base) else np.zeros(len(stems), dtype=bool)
         if self.changes:
@@ -145,6 +154,14 @@ class Timeline:
     def set(self, position: int, stem: int, flag: bool) -> None:
         self._pending.append((position, stem, flag))
         self.current.set(stem, flag)
+
+    def snapshot(self) -> "Timeline":
+        """A copy later changes do not touch (arrays shared: they are replaced, never changed in place)."""
+        copy = Timeline.__new__(Timeline)
+        copy._positions, copy._stems, copy._flags = self._positions, self._stems, self._flags
+        copy._pending = list(self._pending)
+        copy.current = self.current.snapshot()
+        return copy
 
     def _log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._pending:
@@ -351,6 +368,18 @@ class OptOutFilter(Follower):
             elif t in ("AccessGranted", "AccessRevoked"):
                 self._grant(e)
             self.position = e.position
+
+    def snapshot(self) -> "OptOutFilter":
+        """A copy that ``follow`` does not change, so that a worker thread can
+        answer a question about millions of stems from it while the event
+        loop keeps following the ledger.  Cheap: arrays are shared, the
+        small pending changes and grant records copied."""
+        copy = OptOutFilter()
+        copy.position = self.position
+        copy.scopes = {scope: s.snapshot() for scope, s in self.scopes.items()}
+        copy.consents = {grant: s.snapshot() for grant, s in self.consents.items()}
+        copy.grants = {grant: replace(record) for grant, record in self.grants.items()}
+        return copy
 
     # --- questions: all answered by the one rule ------------------------------------
 

@@ -132,7 +132,6 @@ class Runner:
         self.notified_head = 0
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
         # Test hook: called inside the transaction after the view rows are
         # written and before the position commits.
         self.before_commit: Callable[[Projection, int], None] | None = None
@@ -141,31 +140,21 @@ class Runner:
 
     # --- lifecycle --------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Load each projection's tracked position and start listening."""
         async with self.pool.acquire() as conn:
             for p in self.projections:
                 self.positions[p.name] = await p.position(conn)
         await self._ensure_listening()
-        self._task = asyncio.create_task(self._run(), name="projection-runner")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+    async def close(self) -> None:
+        """Stop listening (after the loop in ``run`` has been cancelled)."""
         if self._listen_conn is not None:
             conn, self._listen_conn = self._listen_conn, None
             try:
                 await conn.close()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     async def _ensure_listening(self) -> None:
         if self._listen_factory is None:
@@ -174,10 +163,15 @@ class Runner:
             return
         try:
             conn = await self._listen_factory()
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            self._listen_conn = conn
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("projection LISTEN unavailable; polling", error=type(exc).__name__)
+            return
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._listen_conn = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
@@ -191,24 +185,24 @@ class Runner:
 
     # --- the loop ---------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def run(self, beat: Callable[[], None] = lambda: None) -> None:
+        """Follow the ledger until cancelled; ``beat()`` after every batch
+        applied and every look that found nothing new (a long catch-up is
+        progress too).  A failed step (rolled back) ends this call: run it
+        under a supervisor, which logs the failure and runs it again."""
         while True:
-            try:
-                while await self.step():
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - rolled back; retried on the next wake-up
-                log.error("projection step failed", error=repr(exc))
-                await asyncio.sleep(min(self.poll_interval, 0.5))
+            await self._ensure_listening()
+            while await self.step():
+                beat()
+            beat()
             self._wake.clear()
             # asyncio.timeout rather than wait_for: on Python 3.11 wait_for can
-            # lose a cancellation that races with the event (stop() then hangs).
+            # lose a cancellation that races with the event (stopping then hangs).
             try:
                 async with asyncio.timeout(self.poll_interval):
                     await self._wake.wait()
             except TimeoutError:
-                await self._ensure_listening()
+                pass
 
     def _lowest(self) -> int:
         marks = [self.positions.get(p.name, 0) for p in self.projections]

@@ -3,6 +3,7 @@ patient history) and each grant's coverage (the union of its cohorts)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import asyncpg
@@ -20,7 +21,19 @@ async def load_cohort(conn: asyncpg.Connection, cohort_id: bytes) -> np.ndarray:
     row = await conn.fetchrow("SELECT encoding, members FROM cohorts WHERE cohort_id = $1", cohort_id)
     if row is None:
         raise LookupError(f"cohort {cohort_id.hex()} is referenced by the ledger but not stored")
-    return cohorts.decode_members(row["encoding"], row["members"])
+    return await asyncio.to_thread(cohorts.decode_members, row["encoding"], row["members"])
+
+
+def _blocks(cohort_id: bytes, stems: np.ndarray) -> list[tuple[int, str, bytes, bytes]]:
+    return [(b, kind, cohort_id, data) for b, kind, data in blocks.split(stems)]
+
+
+def _coverage(previous: asyncpg.Record | None, stems: np.ndarray) -> tuple[int, str, bytes]:
+    """(patients, encoding, members) of a grant's coverage with this cohort added."""
+    if previous is not None:
+        stems = cohorts.sorted_unique(np.concatenate([cohorts.decode_members(previous["encoding"],
+                                                                             previous["members"]), stems]))
+    return len(stems), *cohorts.encode_members(stems)
 
 
 class UsesProjection(Projection):
@@ -72,22 +85,22 @@ class UsesProjection(Projection):
             " opted_out_included = opted_out_included + $2 WHERE grant_id = $1",
             p.grant_id, p.opted_out_included,
         )
+        # Millions of members: cut into blocks and merged into the coverage in a
+        # worker thread, so the service's event loop keeps serving meanwhile.
         stems = await load_cohort(conn, cohort_id)
         if not seen:
             await conn.copy_records_to_table(
                 self.t("cohort_blocks"),
-                records=[(b, kind, cohort_id, data) for b, kind, data in blocks.split(stems)],
+                records=await asyncio.to_thread(_blocks, cohort_id, stems),
                 columns=["block", "kind", "cohort_id", "members"],
             )
         row = await conn.fetchrow(
             f"SELECT encoding, members FROM {self.t('grant_coverage')} WHERE grant_id = $1", p.grant_id
         )
-        if row is not None:
-            stems = cohorts.sorted_unique(np.concatenate([cohorts.decode_members(row["encoding"], row["members"]), stems]))
-        encoding, members = cohorts.encode_members(stems)
+        patients, encoding, members = await asyncio.to_thread(_coverage, row, stems)
         await conn.execute(
             f"INSERT INTO {self.t('grant_coverage')} (grant_id, patients, encoding, members)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (grant_id) DO UPDATE SET patients = excluded.patients,"
             " encoding = excluded.encoding, members = excluded.members",
-            p.grant_id, len(stems), encoding, members,
+            p.grant_id, patients, encoding, members,
         )

@@ -13,7 +13,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,6 @@ class Verifier:
     # Longest accepted token lifetime (CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS):
     # a stolen token must not stay good for years.
     max_lifetime: float = 86_400.0
-    _refresher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def caller(self, authorization: str | None) -> Caller:
         token = _bearer(authorization)
@@ -159,26 +158,20 @@ class Verifier:
                 log.info("JWKS refreshed", keys=len(self.keys.keys))
 
     async def start(self) -> None:
-        """Fetch URL-published keys (failing if they cannot be had) and keep them fresh."""
-        if self.source is None or self._refresher is not None:
-            return
-        self.keys = await self.source.fetch()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="jwks-refresh")
+        """Fetch URL-published keys, failing if they cannot be had."""
+        if self.source is not None:
+            self.keys = await self.source.fetch()
 
-    async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            try:
-                await self._refresher
-            except asyncio.CancelledError:
-                pass
-            self._refresher = None
-
-    async def _refresh_forever(self) -> None:
+    async def refresh_forever(self, beat: Callable[[], None]) -> None:
+        """Keep URL-published keys fresh (run under the supervisor).  A failed
+        fetch keeps the current keys and still counts as a beat: the issuer's
+        outage is logged by ``refresh`` and must not take this service out of
+        service while the keys it holds still verify tokens."""
         assert self.source is not None
         while True:
             await asyncio.sleep(self.source.interval)
             await self.refresh()
+            beat()
 
 
 def _bearer(authorization: str | None) -> str:

@@ -9,6 +9,7 @@ checkpoints that disagree.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,6 @@ class CheckpointLog:
         if not signers:
             raise ValueError("a checkpoint needs at least one signing key")
         self.pool, self.reader, self.signers, self.origin, self.interval = pool, reader, signers, origin, interval
-        self._task: asyncio.Task[None] | None = None
         self._latest: SignedCheckpoint | None = None
 
     @property
@@ -110,25 +110,11 @@ class CheckpointLog:
         log.info("checkpoint signed", tree_size=size)
         return SignedCheckpoint(size, root, text)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="checkpoint-signer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
+    async def run(self, beat: Callable[[], None]) -> None:
+        """Sign a checkpoint every interval while the log grows (run under the
+        supervisor: any failure, refused or database, ends this call and is
+        logged and retried there)."""
         while True:
-            try:
-                await self.sign()
-            except CheckpointRefused as exc:
-                log.error("checkpoint refused", reason=str(exc))
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("checkpoint signing failed", error=type(exc).__name__)
+            await self.sign()
+            beat()
             await asyncio.sleep(self.interval)

@@ -72,6 +72,7 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         checkpoint_interval=cfg.checkpoint_interval,
         projection_poll_interval=cfg.projection_poll_interval,
         filter_wait=cfg.filter_wait,
+        task_stall=cfg.task_stall_seconds,
     )
     log.info("serving", host=host, port=port)
     web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
@@ -80,10 +81,53 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
 def _worker(database: Database, host: str, port: int) -> None:
     cfg = config_module.load()
     logs.configure(cfg.log_level, cfg.log_format)
+    _follow_parent()
     try:
         _run_app(database, host, port, reuse_port=True)
     except KeyboardInterrupt:
         pass
+
+
+def _follow_parent(grace: float = 30.0) -> None:
+    """Stop this worker when the `serve` process that started it is gone,
+    however it died (even SIGKILL): a thread waits on the parent's sentinel
+    (a pipe that closes with the parent), then stops this process as SIGTERM
+    would, and exits outright if that has not finished within ``grace``."""
+    import multiprocessing
+    import multiprocessing.connection
+    import signal
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        log.warning("the serve process is gone; this worker stops too")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+
+
+def _wait_for_free_port(host: str, port: int, seconds: float = 15.0) -> None:
+    """Workers bind with SO_REUSEPORT, which would let them join old workers
+    still listening on the port; wait (a bounded time) until none is left."""
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+            try:
+                probe.bind((host, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise CommandError(f"{host}:{port} is in use (old workers still running?)") from None
+        time.sleep(0.2)
 
 
 def _serve_workers(database: Database, args: argparse.Namespace) -> None:
@@ -101,6 +145,7 @@ def _serve_workers(database: Database, args: argparse.Namespace) -> None:
             await conn.close()
 
     asyncio.run(migrate_once())  # once here rather than racing in every worker
+    _wait_for_free_port(args.host, args.port)
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_worker, args=(database, args.host, args.port), name=f"worker-{i}")
                for i in range(args.workers)]
@@ -119,8 +164,14 @@ def _serve_workers(database: Database, args: argparse.Namespace) -> None:
     while all(w.is_alive() for w in workers):
         time.sleep(0.2)
     forward(signal.SIGTERM, None)
+    deadline = time.monotonic() + 30
     for w in workers:
-        w.join(timeout=30)
+        w.join(timeout=max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.is_alive():  # never leave a worker behind on the port
+            log.error("worker did not stop in 30 s; killing it", worker=w.name, pid=w.pid)
+            w.kill()
+            w.join()
     failed = [w.name for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
     if failed:
         raise CommandError(f"worker(s) {', '.join(failed)} failed; all workers stopped")
@@ -308,10 +359,18 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
     exp.set_defaults(run=_export)
+
+    # Listed here for --help; main() hands its arguments to the witness's own parser.
+    sub.add_parser("witness", help="run a C2SP witness for consent-ledger logs (see `witness --help`)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["witness"]:
+        from .witness.cli import main as witness_main
+
+        return witness_main(argv[1:])
     args = parser().parse_args(argv)
     previous = None
     try:

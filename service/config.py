@@ -34,6 +34,7 @@ class Config:
     filter_wait: float = 5.0
     token_max_lifetime_seconds: float = 86_400.0
     nhs_number_ranges: tuple[str, ...] = ()
+    task_stall_seconds: float = 30.0
 
     @property
     def production(self) -> bool:
@@ -78,4 +79,7 @@ def load(env: dict[str, str] | None = None) -> Config:
             "CONSENT_LEDGER_NHS_NUMBER_RANGES",
             ",".join(nhs_number.PRODUCTION_RANGES if environment == "production" else nhs_number.RANGES),
         ).split(",") if r.strip()),
+        # A background task without progress for this long (beyond its own
+        # period) makes /readyz answer 503, naming the task.
+        task_stall_seconds=float(env.get("CONSENT_LEDGER_TASK_STALL_SECONDS", "30")),
     )

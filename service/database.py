@@ -19,6 +19,26 @@ from .schema import APP_ROLE
 
 EMBEDDED_DATABASE = "consent_ledger"
 
+# What a database that is down, restarting, shutting down or in recovery, or
+# a connection lost or killed under us (pg_terminate_backend), looks like to
+# asyncpg.  All of them mean "try again shortly", never "the request is wrong".
+_UNAVAILABLE = (
+    OSError,  # refused, reset, unreachable (ConnectionRefusedError, ...)
+    asyncpg.PostgresConnectionError,  # SQLSTATE 08xxx, ConnectionDoesNotExistError
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01: terminated by an administrator or a fast shutdown
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed
+    asyncpg.TooManyConnectionsError,  # 53300
+    asyncpg.InterfaceError,  # "the underlying connection is closed", "another operation is in progress"
+    asyncpg.InternalClientError,  # the protocol's state after a lost connection ("cannot switch to state 15")
+)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be used just now."""
+    # asyncpg's DataError (a bad query argument) is an InterfaceError, and a bug, not an outage.
+    return isinstance(exc, _UNAVAILABLE) and not isinstance(exc, asyncpg.exceptions._base.DataError)
+
 
 @dataclass(frozen=True)
 class Database:

@@ -24,12 +24,14 @@ from aiohttp import web
 from contracts import api, bodies, merkle, note
 from contracts import cohort as cohorts
 from contracts.codes import Purpose, values
+from contracts.cohort import EncodedCohort, encode_cohort
+from contracts.decision import Terms
 from contracts.entry import decode_entry
-from contracts.nhs_number import InvalidNhsNumber, NhsNumber
+from contracts.nhs_number import InvalidNhsNumber, NhsNumber, decode_hook
 from contracts.values import Actor
 from projections import reads as projection_reads
 from projections.choices import ChoicesProjection
-from projections.optout_filter import OptOutFilter
+from projections.optout_filter import FilterResult, OptOutFilter
 from projections.runner import Runner
 from projections.uses import UsesProjection
 
@@ -39,7 +41,7 @@ from .access import READ_HEADER, record_filter_call, record_read, current_reques
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
-from .database import Database
+from .database import Database, unavailable
 from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from .limits import request_timeout
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -47,6 +49,8 @@ from .metrics import Metrics
 from .problems import ProblemError, decode_json, invalid
 from .schema import migrate
 from .store import EventStore, IdempotencyConflict, StoreBusy, StoreUnavailable, StoredEvent
+from .supervisor import Supervisor
+from .worker_threads import WorkerThreads
 from .tiles import TileReader
 from .verified_tokens import VerifiedTokens
 
@@ -64,20 +68,16 @@ CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
 TILES = web.AppKey("tiles", TileReader)
 RUNNER = web.AppKey("projection_runner", Runner)
 OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+WORKERS = web.AppKey("worker_threads", WorkerThreads)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
-    op.id: msgspec.json.Decoder(op.request, dec_hook=lambda t, v: _dec_hook(t, v))
+    op.id: msgspec.json.Decoder(op.request, dec_hook=decode_hook)
     for op in api.OPERATIONS
     if op.request is not None
 }
 Handler = Callable[[web.Request, Caller | None], Awaitable[web.StreamResponse]]
-
-
-def _dec_hook(kind: type, value: Any) -> Any:
-    if kind is NhsNumber:
-        return NhsNumber(value)
-    raise NotImplementedError(f"no decoder for {kind}")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -92,16 +92,20 @@ def receipt_response(outcome: Outcome) -> web.Response:
 # --- request parts --------------------------------------------------------------
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, in one buffer sized from Content-Length when given (a 60 MB
+    body costs 60 MB, not a list of chunks plus their join)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    chunks, size = [], 0
+    body = bytearray(request.content_length or 0)
+    size = 0
     async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
+        if size + len(chunk) > limit:
             raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body[size:size + len(chunk)] = chunk
+        size += len(chunk)
+    del body[size:]  # a body shorter than its Content-Length
+    return body
 
 
 def _too_large(limit: int) -> ProblemError:
@@ -244,8 +248,16 @@ async def get_grant(request: web.Request, caller: Caller | None) -> web.Response
 
 async def record_data_use(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
-    body = await body_of(request, caller, api.BY_ID["record_data_use"])
-    return receipt_response(await request.app[LEDGER].record_data_use(caller, body.value, body.idempotency))
+    _require_json(request)
+    raw = await read_body(request, api.BY_ID["record_data_use"].body_limit)
+    key = _idempotency_header(request)
+    # Millions of inline numbers: parsed, checked and encoded as a cohort off the event loop.
+    workers = request.app[WORKERS]
+    (value, cohort), idem = await asyncio.gather(
+        workers.run(numbers_body.data_use, raw),
+        workers.run(idempotency_key, caller, key, request.method, request.path, raw),
+    )
+    return receipt_response(await request.app[LEDGER].record_data_use(caller, value, idem, cohort))
 
 
 def event_view(stored: StoredEvent) -> bodies.EventView:
@@ -295,11 +307,16 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
 
 async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
     raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
-    parsed = numbers_body.parse(request.content_type, raw, json_list=True)
+    cohort = await request.app[WORKERS].run(_cohort_of, request.content_type, raw)
+    await request.app[LEDGER].store_cohort(_caller(caller), cohort, current_request_id())
+    return json_response(bodies.Cohort(cohort_id=cohort.cohort_id, size=len(cohort.stems)), 201)
+
+
+def _cohort_of(content_type: str, raw: bytearray) -> EncodedCohort:
+    parsed = numbers_body.parse(content_type, raw, json_list=True)
     if len(parsed.stems) == 0:
         raise invalid("a cohort needs at least one NHS number", "$")
-    cohort_id, size = await request.app[LEDGER].store_cohort(_caller(caller), parsed.stems, current_request_id())
-    return json_response(bodies.Cohort(cohort_id=cohort_id, size=size), 201)
+    return encode_cohort(parsed.stems)
 
 
 async def get_cohort(request: web.Request, caller: Caller | None) -> web.Response:
@@ -310,9 +327,13 @@ async def get_cohort(request: web.Request, caller: Caller | None) -> web.Respons
         row = await conn.fetchrow("SELECT encoding, members FROM cohorts WHERE cohort_id = $1", bytes.fromhex(cohort_id))
     if row is None:
         raise NotFound(f"no cohort {cohort_id} is stored")
-    body = cohorts.canonical_bytes(cohorts.decode_members(row["encoding"], row["members"]))
+    body = await request.app[WORKERS].run(_canonical_cohort, row["encoding"], row["members"])
     read = await record_read(request.app[STORE], _caller(caller), "cohort", api.AUDITOR, cohort_id=cohort_id)
     return web.Response(body=body, content_type="text/plain", headers={READ_HEADER: str(read.position)})
+
+
+def _canonical_cohort(encoding: str, members: bytes) -> bytes:
+    return cohorts.canonical_bytes(cohorts.decode_members(encoding, members))
 
 
 async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
@@ -327,7 +348,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
                       "apply whatever the purpose)", "query.purpose", slug="purpose-without-grant")
     min_position = _int_query(request, "min_position", 0, 0, 2**62)
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
-    parsed = numbers_body.parse(request.content_type, raw)
+    parsed = await app[WORKERS].run(numbers_body.parse, request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
     wait = app[SETTINGS]["filter_wait"]
     if optouts.position < min_position and not await app[RUNNER].wait_for(
@@ -349,17 +370,12 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
         if purpose is not None and purpose != record.granted.purpose.code:
             raise invalid(f"the grant covers purpose {record.granted.purpose.code!r}, not {purpose!r}",
                           "query.purpose", slug="purpose-outside-grant")
-    result = optouts.filter(parsed.stems, grant_id, terms)
+    checkpoint = (await app[CHECKPOINTS].latest()).size
+    result, body = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed, grant_id, terms, checkpoint)
     recorded = await record_filter_call(app[STORE], caller, parsed.stems, grant_id=grant_id, purpose=purpose,
                                         removed=result.removed, as_of=result.as_of)
-    checkpoint = (await app[CHECKPOINTS].latest()).size
     if parsed.media_type == numbers_body.JSON:
-        body = numbers_body.render_json(parsed.stems[result.keep], {
-            "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
-            "consented_kept": result.consented_kept, "exemption": result.exemption,
-        })
-        return web.Response(body=body, content_type="application/json",
-                            headers={READ_HEADER: str(recorded.position)})
+        return web.Response(body=body, content_type="application/json", headers={READ_HEADER: str(recorded.position)})
     headers = {
         "Ledger-As-Of": str(result.as_of),
         "Ledger-Removed": str(result.removed),
@@ -369,8 +385,20 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     }
     if result.exemption is not None:
         headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
-    return web.Response(body=numbers_body.render_lines(parsed, result.keep),
-                        content_type=parsed.media_type, headers=headers)
+    return web.Response(body=body, content_type=parsed.media_type, headers=headers)
+
+
+def _filtered(
+    optouts: OptOutFilter, parsed: numbers_body.NumbersBody, grant_id: str | None, terms: Terms, checkpoint: int
+) -> tuple[FilterResult, bytes | memoryview]:
+    """Filter and render the answer (in a worker thread, from a snapshot of the filter)."""
+    result = optouts.filter(parsed.stems, grant_id, terms)
+    if parsed.media_type != numbers_body.JSON:
+        return result, numbers_body.render_lines(parsed, result.keep)
+    return result, numbers_body.render_json(parsed.stems[result.keep], {
+        "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
+        "consented_kept": result.consented_kept, "exemption": result.exemption,
+    })
 
 
 async def get_history(request: web.Request, caller: Caller | None) -> web.Response:
@@ -405,26 +433,49 @@ async def healthz(request: web.Request, caller: Caller | None) -> web.Response:
     return json_response(bodies.Health(status="ok"))
 
 
+def _not_ready(detail: str) -> web.Response:
+    return json_response(bodies.Health(status="unavailable", detail=detail), 503, headers={"Retry-After": "1"})
+
+
 async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
+    """Ready: the database answers, the writer runs, and no background task is stalled."""
     store = request.app[STORE]
     try:
-        position, _ = await asyncio.wait_for(store.head(), timeout=2)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        return json_response(bodies.Health(status="unavailable", detail=f"database: {type(exc).__name__}"), 503)
+        async with asyncio.timeout(2):
+            position, _ = await store.head()
+    except TimeoutError:
+        return _not_ready("database: no answer within 2 s")
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        return _not_ready(f"database: {type(exc).__name__}")
     if not store.running:
-        return json_response(bodies.Health(status="unavailable", detail="ledger writer stopped"), 503)
+        return _not_ready("ledger writer stopped")
+    stalls = request.app[SUPERVISOR].stalls()
+    if stalls:
+        return _not_ready("; ".join(str(s) for s in stalls))
     return json_response(bodies.Health(status="ok", position=position))
 
 
 async def get_metrics(request: web.Request, caller: Caller | None) -> web.Response:
+    """Answers while the database is down too: then `consent_ledger_database_up` is 0
+    and the figures read from it keep their last values."""
     app = request.app
     metrics = app[METRICS]
-    metrics.head.set((await app[STORE].head())[0])
+    try:
+        async with asyncio.timeout(2):
+            metrics.head.set((await app[STORE].head())[0])
+            metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
+        metrics.database_up.set(1)
+    except Exception as exc:
+        if not (isinstance(exc, TimeoutError) or unavailable(exc)):
+            raise
+        metrics.database_up.set(0)
     metrics.queued.set(app[STORE].queued)
-    metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
     for name, position in app[RUNNER].positions.items():
         metrics.projection.labels(name).set(position)
     metrics.filter.set(app[OPT_OUT_FILTER].position)
+    metrics.tasks(app[SUPERVISOR])
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -644,9 +695,20 @@ def _problem_for(exc: BaseException) -> ProblemError | None:
         case StoreBusy():
             return ProblemError(503, "busy", "Ledger busy", "the write queue is full; retry shortly",
                                 headers={"Retry-After": "1"})
+        case StoreUnavailable() if exc.outcome_unknown:
+            return ProblemError(503, "outcome-unknown", "Ledger unavailable; the write may have been recorded",
+                                "the database connection was lost while this write was committing, so it may or "
+                                "may not be recorded: retry with the same Idempotency-Key, which returns its "
+                                "receipt if it was (without one, check before writing it again)",
+                                headers={"Retry-After": "1"})
         case StoreUnavailable():
             return ProblemError(503, "unavailable", "Ledger unavailable",
                                 "the write was not committed; retry with the same Idempotency-Key",
+                                headers={"Retry-After": "1"})
+        case _ if unavailable(exc):
+            return ProblemError(503, "database-unavailable", "Database unavailable",
+                                f"the database cannot be used just now ({type(exc).__name__}); this request wrote "
+                                "nothing to the ledger: retry after Retry-After seconds",
                                 headers={"Retry-After": "1"})
         case web.HTTPException() if exc.status >= 400:
             return ProblemError(exc.status, f"http-{exc.status}", exc.reason,
@@ -711,11 +773,11 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
     checkpoints = CheckpointLog(pool, app[TILES], settings["log_signers"], settings["log_origin"],
                                 settings["checkpoint_interval"])
     app[CHECKPOINTS] = checkpoints
-    checkpoints.start()
+    app[SUPERVISOR].start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
     try:
         yield
     finally:
-        await checkpoints.stop()
+        await app[SUPERVISOR].stop("checkpoint-signer")
         await store.stop()
         await pool.close()
 
@@ -736,14 +798,17 @@ async def _projections_context(app: web.Application) -> AsyncIterator[None]:
         listen=app[DATABASE].connect_app,
         poll_interval=app[SETTINGS]["projection_poll_interval"],
     )
-    await runner.start()
+    await runner.prepare()
     app[RUNNER] = runner
     app[OPT_OUT_FILTER] = optouts
     app[LEDGER].assessor = ProjectedOptOutAssessor(optouts, runner)
+    # The runner also feeds the in-memory opt-out filter (its follower).
+    app[SUPERVISOR].start("projection-runner", runner.run, every=runner.poll_interval)
     try:
         yield
     finally:
-        await runner.stop()
+        await app[SUPERVISOR].stop("projection-runner")
+        await runner.close()
 
 
 def create_app(
@@ -759,12 +824,14 @@ def create_app(
     checkpoint_interval: float = 1.0,
     projection_poll_interval: float = 1.0,
     filter_wait: float = 5.0,
+    task_stall: float = 30.0,
 ) -> web.Application:
     app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
     app[DATABASE] = database
     app[VERIFIER] = verifier
     app[TOKENS] = VerifiedTokens(verifier)
     app[METRICS] = Metrics()
+    app[SUPERVISOR] = Supervisor(stall_after=task_stall)
     app[SETTINGS] = {
         "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
         # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.
@@ -778,16 +845,30 @@ def create_app(
         raise RuntimeError(f"operations without a handler: {sorted(missing)}")
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
+    app.cleanup_ctx.append(_worker_threads_context)
     app.cleanup_ctx.append(_ledger_context)
     app.cleanup_ctx.append(_verifier_context)
     app.cleanup_ctx.append(_projections_context)
     return app
 
 
-async def _verifier_context(app: web.Application) -> AsyncIterator[None]:
-    # A URL-published JWKS is fetched before the first request and kept fresh.
-    await app[VERIFIER].start()
+async def _worker_threads_context(app: web.Application) -> AsyncIterator[None]:
+    app[WORKERS] = WorkerThreads()
     try:
         yield
     finally:
-        await app[VERIFIER].stop()
+        app[WORKERS].close()
+
+
+async def _verifier_context(app: web.Application) -> AsyncIterator[None]:
+    # A URL-published JWKS is fetched before the first request and kept fresh.
+    verifier = app[VERIFIER]
+    await verifier.start()
+    if verifier.source is None:
+        yield
+        return
+    app[SUPERVISOR].start("jwks-refresher", verifier.refresh_forever, every=verifier.source.interval)
+    try:
+        yield
+    finally:
+        await app[SUPERVISOR].stop("jwks-refresher")

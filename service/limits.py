@@ -24,7 +24,8 @@ def request_timeout(seconds: float) -> Callable[[web.Request, Handler], Awaitabl
             async with asyncio.timeout(seconds):
                 return await handler(request)
         except TimeoutError:
-            # A write may still commit after this answer; a retry with the
+            # A write still queued is dropped (the writer skips abandoned
+            # appends), one already committing may land: a retry with the
             # same Idempotency-Key is safe either way.
             raise ProblemError(
                 503, "timeout", "Request timed out",

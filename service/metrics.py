@@ -1,10 +1,13 @@
 """Prometheus metrics: request counts and latency, and the ledger's own
-state (head, write queue, projections, filter, checkpoint) read at scrape
-time.  No label ever carries personal data: routes are templates."""
+state (head, write queue, projections, filter, checkpoint, database up,
+background tasks' restarts and last success) read at scrape time.  No
+label ever carries personal data: routes are templates."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,10 +34,28 @@ class Metrics:
                                 ["projection"], registry=self.registry)
         self.filter = Gauge("consent_ledger_opt_out_filter_position",
                             "Position the in-memory opt-out filter reflects", registry=self.registry)
+        self.database_up = Gauge("consent_ledger_database_up",
+                                 "1 if the database answered this scrape, else 0", registry=self.registry)
+        self.task_restarts = Gauge("consent_ledger_task_restarts",
+                                   "Times a background task failed and was restarted since the process started",
+                                   ["task"], registry=self.registry)
+        self.task_last_success = Gauge("consent_ledger_task_last_success_timestamp_seconds",
+                                       "Unix time a background task last made progress (0: not yet)",
+                                       ["task"], registry=self.registry)
+        self.task_stalled = Gauge("consent_ledger_task_stalled",
+                                  "1 while a background task has made no progress for too long (/readyz is 503)",
+                                  ["task"], registry=self.registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def tasks(self, supervisor: Supervisor) -> None:
+        stalled = {s.task for s in supervisor.stalls()}
+        for name, state in supervisor.tasks.items():
+            self.task_restarts.labels(name).set(state.restarts)
+            self.task_last_success.labels(name).set(state.last_success_at or 0)
+            self.task_stalled.labels(name).set(name in stalled)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,7 +77,7 @@ def decode_json(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     except msgspec.ValidationError as exc:
         # A repeated key makes the body ambiguous; say so rather than report
         # a schema error about whichever value msgspec happened to keep.
-        _reject_duplicate_keys(body)
+        reject_duplicate_keys(body)
         message, _, where = str(exc).partition(" - at `")
         path = where.rstrip("`") or "$"
         raise ProblemError(
@@ -87,11 +87,11 @@ def decode_json(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     except msgspec.DecodeError as exc:
         raise ProblemError(400, "malformed-json", "Malformed JSON", f"the body is not valid JSON: {exc}") from None
     # msgspec keeps the last of repeated keys; a ledger must not guess which the caller meant.
-    _reject_duplicate_keys(body)
+    reject_duplicate_keys(body)
     return value
 
 
-def _reject_duplicate_keys(body: bytes) -> None:
+def reject_duplicate_keys(body: bytes) -> None:
     try:
         json.loads(body, object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError):

@@ -14,7 +14,8 @@ that has seen position N never later finds a new entry below N.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -58,7 +59,17 @@ class StoreBusy(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The batch could not be committed; the outcome of a retry is safe with an idempotency key."""
+    """The write was not committed, or (``outcome_unknown``) the connection
+    was lost while it committed, so it may or may not have been.  Either
+    way a retry with the same idempotency key is safe."""
+
+    def __init__(self, reason: str, *, outcome_unknown: bool = False):
+        super().__init__(reason)
+        self.outcome_unknown = outcome_unknown
+
+
+class _CommitOutcomeUnknown(Exception):
+    """COMMIT was sent but its answer never came back."""
 
 
 @dataclass(frozen=True)
@@ -217,19 +228,30 @@ class EventStore:
             if _STOP in batch:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
-                if not batch:
-                    break
+            # A caller that gave up (its request timed out) before the batch
+            # began is not written: it was told the write may not have landed.
+            batch = [item for item in batch if not item.future.cancelled()]
+            if not batch:
+                continue
             try:
                 await self._write(batch)
-            except Exception as exc:  # the transaction rolled back: nobody's write landed
-                log.error("ledger batch failed", error=repr(exc), batch_size=len(batch))
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets an answer
+                unknown = isinstance(exc, _CommitOutcomeUnknown)
+                cause = exc.__cause__ if unknown else exc
+                log.error("ledger batch failed", error=repr(cause), batch_size=len(batch), outcome_unknown=unknown)
+                failure = (
+                    StoreUnavailable("the database connection was lost while the write was committing",
+                                     outcome_unknown=True) if unknown
+                    else StoreUnavailable("the ledger could not commit the write")  # rolled back: nothing landed
+                )
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(StoreUnavailable("the ledger could not commit the write"))
+                        item.future.set_exception(failure)
 
     async def _write(self, batch: list[_Pending]) -> None:
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
+        conn = await self.pool.acquire()
+        try:
+            async with _committing(conn):
                 head = await conn.fetchrow(
                     "SELECT h.position, h.chain_hash, e.recorded_at FROM ledger_head h"
                     " LEFT JOIN ledger_events e ON e.position = h.position FOR UPDATE OF h")
@@ -310,6 +332,8 @@ class EventStore:
                 by_position = {r[0]: r for r in rows}
                 replays = sorted({p for i in accepted if i.replay_of for p in i.replay_of})
                 stored = {s.position: s for s in await self._read_positions(conn, replays)} if replays else {}
+        finally:
+            await _release(self.pool, conn)
         # Committed: only now may anyone learn their receipt.
         for item in accepted:
             if item.future.done():
@@ -460,6 +484,37 @@ class EventStore:
                 raise IdempotencyConflict("this Idempotency-Key was used with a different request")
             stored = await self._read_positions(conn, row["positions"])
         return AppendResult([s.receipt() for s in stored], replayed=True)
+
+
+@asynccontextmanager
+async def _committing(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction like ``conn.transaction()``, except that a failure of
+    the COMMIT itself is told apart (``_CommitOutcomeUnknown``): until then
+    nothing is committed, after it the server may have committed."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            try:
+                await transaction.rollback()
+            except Exception:  # noqa: BLE001 - the connection is going; the server rolls back
+                pass
+        raise
+    try:
+        await transaction.commit()
+    except Exception as exc:
+        raise _CommitOutcomeUnknown() from exc
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    """Give the connection back; if that fails the pool has already closed
+    it, and the batch's outcome (committed or not) must not change."""
+    try:
+        await pool.release(conn)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("releasing a database connection failed", error=repr(exc))
 
 
 def _receipt(row: tuple[Any, ...], recorded_at: str) -> Receipt:

@@ -56,34 +56,31 @@ async def test_rotation_is_picked_up_on_an_unknown_kid_at_most_once_per_interval
     clock = Clock()
     v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url, min_interval=30, clock=clock))
     await v.start()
-    try:
-        assert state.requests == 1
-        old = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
-        assert (await v.authenticate(f"Bearer {old}")).roles == {"auditor"}
-        assert state.requests == 1  # a known kid costs no fetch
+    assert state.requests == 1
+    old = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+    assert (await v.authenticate(f"Bearer {old}")).roles == {"auditor"}
+    assert state.requests == 1  # a known kid costs no fetch
 
-        state.keys = [OKPKey.generate_key("Ed25519", parameters={"kid": "k2"})]
-        new = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k2"})
-        # Within the minimum interval an unknown kid does not refetch: refused for now.
+    state.keys = [OKPKey.generate_key("Ed25519", parameters={"kid": "k2"})]
+    new = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k2"})
+    # Within the minimum interval an unknown kid does not refetch: refused for now.
+    with pytest.raises(Unauthenticated):
+        await v.authenticate(f"Bearer {new}")
+    assert state.requests == 1
+
+    clock.now += 30
+    assert (await v.authenticate(f"Bearer {new}")).subject == "test-auditor"
+    assert state.requests == 2
+
+    # A flood of random kids cannot make the service hammer the issuer.
+    for i in range(20):
+        forged = make_token("auditor", key=OKPKey.generate_key("Ed25519"), header={"alg": "EdDSA", "kid": f"r{i}"})
         with pytest.raises(Unauthenticated):
-            await v.authenticate(f"Bearer {new}")
-        assert state.requests == 1
-
-        clock.now += 30
-        assert (await v.authenticate(f"Bearer {new}")).subject == "test-auditor"
-        assert state.requests == 2
-
-        # A flood of random kids cannot make the service hammer the issuer.
-        for i in range(20):
-            forged = make_token("auditor", key=OKPKey.generate_key("Ed25519"), header={"alg": "EdDSA", "kid": f"r{i}"})
-            with pytest.raises(Unauthenticated):
-                await v.authenticate(f"Bearer {forged}")
-        assert state.requests == 2
-        # The rotated-out key no longer verifies.
-        with pytest.raises(Unauthenticated):
-            await v.authenticate(f"Bearer {old}")
-    finally:
-        await v.stop()
+            await v.authenticate(f"Bearer {forged}")
+    assert state.requests == 2
+    # The rotated-out key no longer verifies.
+    with pytest.raises(Unauthenticated):
+        await v.authenticate(f"Bearer {old}")
 
 
 async def test_a_failed_refresh_keeps_the_current_keys(issuer, make_token):
@@ -91,15 +88,12 @@ async def test_a_failed_refresh_keeps_the_current_keys(issuer, make_token):
     clock = Clock()
     v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url, min_interval=30, clock=clock))
     await v.start()
-    try:
-        state.fail = True
-        clock.now += 60
-        await v.refresh()
-        assert state.requests == 2
-        token = make_token("dac", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
-        assert (await v.authenticate(f"Bearer {token}")).roles == {"dac"}
-    finally:
-        await v.stop()
+    state.fail = True
+    clock.now += 60
+    await v.refresh()
+    assert state.requests == 2
+    token = make_token("dac", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
+    assert (await v.authenticate(f"Bearer {token}")).roles == {"dac"}
 
 
 async def test_start_fails_when_the_jwks_cannot_be_fetched(issuer):
@@ -166,7 +160,7 @@ async def test_development_tokens_from_the_cli_verify_against_the_development_ke
 async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, database):
     from aiohttp.test_utils import TestClient
 
-    from service.http import create_app
+    from service.http import SUPERVISOR, create_app
 
     state, url = issuer
     v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
@@ -175,4 +169,5 @@ async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, dat
         token = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
         r = await client.get("/v1/events", headers={"Authorization": f"Bearer {token}"})
         assert r.status == 200
-    assert v._refresher is None  # stopped with the app
+        assert "jwks-refresher" in client.server.app[SUPERVISOR].tasks  # kept fresh under the supervisor
+    assert not client.server.app[SUPERVISOR].tasks  # stopped with the app

@@ -21,6 +21,7 @@ from samples import nhs_numbers
 from service.commands import Ledger, ProjectedOptOutAssessor
 from service.database import Database
 from service.store import EventStore
+from service.supervisor import Supervisor
 
 VIEW_ORDER = {
     "patient_choices": "stem, scope",
@@ -43,6 +44,14 @@ async def dump_views(conn: asyncpg.Connection) -> dict[str, list[str]]:
 def make_runner(pool: asyncpg.Pool, database: Database, optouts: OptOutFilter | None = None) -> Runner:
     return Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[optouts] if optouts else [],
                   listen=database.connect_app, batch_size=7, poll_interval=0.2)
+
+
+async def follow_live(runner: Runner) -> Supervisor:
+    """The runner following the ledger in the background, as the service runs it."""
+    await runner.prepare()
+    supervisor = Supervisor()
+    supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
+    return supervisor
 
 
 async def check_against_reference(conn: asyncpg.Connection, optouts: OptOutFilter, patients: list[str],
@@ -87,7 +96,7 @@ async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed
     patients = nhs_numbers(25, seed=seed)
     optouts = await OptOutFilter.load(pool)
     runner = make_runner(pool, database, optouts)
-    await runner.start()
+    supervisor = await follow_live(runner)
     ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner, wait=0.05))
     grants: list[str] = []
     cohorts: dict[str, set[int]] = {}
@@ -108,7 +117,8 @@ async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed
                 ref = await check_against_reference(conn, optouts, patients, grants, cohorts)
         assert ref.uses, "the random walk recorded no data use: the history check proved little"
     finally:
-        await runner.stop()
+        await supervisor.stop()
+        await runner.close()
 
 
 async def _random_ledger(store: EventStore, patients: list[str], seed: int, steps: int) -> tuple[list, dict]:
@@ -129,8 +139,8 @@ async def test_failure_between_view_write_and_commit_neither_skips_nor_repeats(s
     patients = nhs_numbers(20, seed=7)
     grants, cohorts = await _random_ledger(store, patients, seed=7, steps=120)
     runner = make_runner(pool, database)
-    await runner.start()
-    await runner.stop()  # positions loaded; drive steps by hand
+    await runner.prepare()
+    await runner.close()  # positions loaded; drive steps by hand
     calls = {"n": 0}
 
     def crash_every_third(projection, position):
@@ -148,8 +158,8 @@ async def test_failure_between_view_write_and_commit_neither_skips_nor_repeats(s
             crashes += 1
             # A new "process": nothing in memory survives the crash.
             runner = make_runner(pool, database)
-            await runner.start()
-            await runner.stop()
+            await runner.prepare()
+            await runner.close()
             runner.before_commit = crash_every_third
     assert crashes >= 3
     async with pool.acquire() as conn:
@@ -180,8 +190,8 @@ async def test_cancelled_mid_batch_rolls_back_and_resumes(store, pool, database)
     patients = nhs_numbers(15, seed=5)
     grants, cohorts = await _random_ledger(store, patients, seed=5, steps=60)
     runner = make_runner(pool, database)
-    await runner.start()
-    await runner.stop()
+    await runner.prepare()
+    await runner.close()
     entered = asyncio.Event()
     release = asyncio.Event()
     original = UsesProjection.apply
@@ -271,7 +281,7 @@ async def test_rebuild_while_the_live_runner_keeps_applying_new_events(store, po
     patients = nhs_numbers(20, seed=23)
     grants, cohorts = await _random_ledger(store, patients, seed=23, steps=100)
     live = make_runner(pool, database)
-    await live.start()
+    supervisor = await follow_live(live)
     rng = random.Random(24)
     ledger = Ledger(store)
     stop = asyncio.Event()
@@ -304,5 +314,6 @@ async def test_rebuild_while_the_live_runner_keeps_applying_new_events(store, po
         assert await dump_views(owner) == served
     finally:
         stop.set()
-        await live.stop()
+        await supervisor.stop()
+        await live.close()
         await owner.close()

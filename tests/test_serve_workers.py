@@ -70,3 +70,62 @@ async def test_two_workers_share_the_port_and_keep_one_chain(
     finally:
         await conn.close()
     assert verified.failure is None and verified.size == len(patients)
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of a `serve` (not multiprocessing's resource tracker)."""
+    def command(child: int) -> bytes:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+    return [c for c in _children(pid) if b"--multiprocessing-fork" in command(c)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose (it holds no port).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_workers_follow_their_parent_and_a_restart_finds_none_left(database: Database, signing_key: OKPKey,
+                                                                          tmp_path):
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [signing_key.as_dict(private=False)]}))
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_JWKS": str(jwks),
+           "CONSENT_LEDGER_JWT_ISSUER": ISSUER, "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
+           "CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_LOG_LEVEL": "warning"}
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"]
+    base = f"http://127.0.0.1:{port}"
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(session, base, first)
+        old_workers = _workers(first.pid)
+        assert len(old_workers) == 2
+        first.kill()  # SIGKILL: the parent cannot tell its workers anything
+        first.wait()
+        # Restarted at once: it waits for the old workers to go, then serves with its own.
+        second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(session, base, second)
+        assert not [pid for pid in old_workers if _alive(pid)], "workers outlived their parent"
+        new_workers = _workers(second.pid)
+        assert len(new_workers) == 2 and not set(new_workers) & set(old_workers)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0, second.stderr.read().decode()[-2000:] if second.stderr else ""
+        assert not [pid for pid in new_workers if _alive(pid)], "a clean stop left a worker behind"
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()

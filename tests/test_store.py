@@ -289,3 +289,25 @@ async def test_a_plain_owner_without_createrole_can_migrate(admin_dsn: str):
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f"DROP ROLE {owner}")
         await admin.close()
+
+
+async def test_an_append_whose_caller_gave_up_before_its_batch_is_not_written(store: EventStore, database):
+    """A request that timed out while its write was still queued was told the
+    write may not have landed; it does not land later behind its back."""
+    blocker = await database.connect_owner()
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT position FROM ledger_head FOR UPDATE")  # the writer waits on this
+        first = asyncio.create_task(store.append([opt_out(uuid4(), 1)]))
+        await asyncio.sleep(0.3)  # its batch has begun and waits for the head row
+        abandoned = asyncio.create_task(store.append([opt_out(uuid4(), 1, nhs="4010232137")]))
+        await asyncio.sleep(0.05)  # queued behind the first batch
+        abandoned.cancel()
+        await tx.rollback()
+        assert (await first).receipts[0].position == 1
+        after = await store.append([opt_out(uuid4(), 1)])
+    finally:
+        await blocker.close()
+    assert after.receipts[0].position == 2, "the abandoned append was written"
+    assert abandoned.cancelled()
