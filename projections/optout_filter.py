@@ -61,11 +61,12 @@ class Bitmap:
         span = int(members[-1]) - self.low + 1 if len(members) else 0
         self.bits = np.zeros((span + 7) // 8, dtype=np.uint8)
         if len(members):
-            rel = members.astype(np.int64) - self.low
-            byte = rel >> 3
+            rel = members.astype(np.uint32) - np.uint32(self.low)  # uint32 throughout: 3.5M members, no int64 copies
+            byte = rel >> np.uint32(3)
             starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+            bit = np.left_shift(np.uint8(1), (rel & np.uint32(7)).astype(np.uint8))
             # Members are unique, so per byte the sum of their bits is their OR.
-            self.bits[byte[starts]] = np.add.reduceat((1 << (rel & 7)).astype(np.uint8), starts)
+            self.bits[byte[starts]] = np.add.reduceat(bit, starts, dtype=np.uint8)
         self.span = span
 
     def contains(self, stems: np.ndarray) -> np.ndarray:
@@ -144,9 +145,9 @@ class Timeline:
 
     def __init__(self, positions: np.ndarray | None = None, stems: np.ndarray | None = None,
                  flags: np.ndarray | None = None):
-        self._positions = np.empty(0, np.int64) if positions is None else positions.astype(np.int64)
-        self._stems = _EMPTY if stems is None else stems.astype(np.uint32)
-        self._flags = np.empty(0, bool) if flags is None else flags.astype(bool)
+        self._positions = np.empty(0, np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
+        self._stems = _EMPTY if stems is None else np.asarray(stems, dtype=np.uint32)
+        self._flags = np.empty(0, bool) if flags is None else np.asarray(flags, dtype=bool)
         keys, last = _last_per_key(self._stems, self._flags)
         self.current = StemSet(keys[last])
         self._pending: list[tuple[int, int, bool]] = []
@@ -317,18 +318,23 @@ class OptOutFilter(Follower):
                                                          [np.empty(0, dtype)])
                                           for name, dtype in (("positions", np.int64), ("kinds", np.int8),
                                                               ("stems", np.uint32), ("type1", bool)))
+        del parts_found  # peak memory: the chunks go as soon as they are joined
         bad = positions[kinds == _MALFORMED]
         if len(bad):
             raise LedgerStateError(f"the ledger entry at position {int(bad.min())} is not laid out as this version "
                                    "writes entries; run `consent-ledger verify` before starting the service")
         other = positions[kinds == _OTHER]
         choice = kinds >= 0
-        positions, stems, opted_out, type1 = positions[choice], stems[choice], kinds[choice] == 1, type1[choice]
+        if not choice.all():
+            positions, stems, kinds, type1 = positions[choice], stems[choice], kinds[choice], type1[choice]
+        opted_out = kinds == 1
+        del kinds, choice
         if len(positions) > 1 and not (positions[1:] > positions[:-1]).all():  # the heap is nearly always in order
             order = np.argsort(positions, kind="stable")
             positions, stems, opted_out, type1 = positions[order], stems[order], opted_out[order], type1[order]
         for scope, mine in (("national", ~type1), ("type-1", type1)):
-            f.scopes[scope] = Timeline(positions[mine], stems[mine], opted_out[mine])
+            f.scopes[scope] = (Timeline(positions, stems, opted_out) if mine.all()
+                               else Timeline(positions[mine], stems[mine], opted_out[mine]))
         other = np.sort(other)
         async with pool.acquire() as conn:
             entries = [decode_entry(r[0]) for r in await conn.fetch(
