@@ -70,10 +70,16 @@ async def record_read(
     return result.receipts[0]
 
 
+def submitted_sha256(stems: np.ndarray) -> str:
+    """SHA-256 of a filter call's numbers: their stems as uint32 little-endian, in the order sent."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(stems, dtype="<u4"))).hexdigest()
+
+
 async def record_filter_call(
     store: EventStore,
     caller: Caller,
-    stems: np.ndarray,
+    submitted: int,
+    cohort_sha256: str,
     *,
     grant_id: str | None,
     purpose: Purpose | None,
@@ -86,10 +92,10 @@ async def record_filter_call(
     event = OptOutFilterApplied(
         recorded_by=caller.subject[:200],
         organisation_code=caller.org,
-        submitted=len(stems),
+        submitted=submitted,
         removed=removed,
         as_of=as_of,
-        cohort_sha256=hashlib.sha256(np.asarray(stems).astype("<u4", copy=False).tobytes()).hexdigest(),
+        cohort_sha256=cohort_sha256,
         grant_id=grant_id,
         purpose=purpose,
         request_id=current_request_id(),

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import numpy as np
 import structlog
 from aiohttp import web
 
@@ -37,7 +38,7 @@ from projections.uses import UsesProjection
 
 from . import __version__
 from . import numbers_body
-from .access import READ_HEADER, record_filter_call, record_read, current_request_id
+from .access import READ_HEADER, current_request_id, record_filter_call, record_read, submitted_sha256
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
@@ -371,9 +372,13 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
             raise invalid(f"the grant covers purpose {record.granted.purpose.code!r}, not {purpose!r}",
                           "query.purpose", slug="purpose-outside-grant")
     checkpoint = (await app[CHECKPOINTS].latest()).size
-    result, body = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed, grant_id, terms, checkpoint)
-    recorded = await record_filter_call(app[STORE], caller, parsed.stems, grant_id=grant_id, purpose=purpose,
-                                        removed=result.removed, as_of=result.as_of)
+    result, digest = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed.stems, grant_id, terms)
+    # The answer is rendered while the call is being recorded; it leaves only once recorded.
+    recorded, body = await asyncio.gather(
+        record_filter_call(app[STORE], caller, len(parsed.stems), digest, grant_id=grant_id, purpose=purpose,
+                           removed=result.removed, as_of=result.as_of),
+        app[WORKERS].run(_rendered, parsed, result, checkpoint),
+    )
     if parsed.media_type == numbers_body.JSON:
         return web.Response(body=body, content_type="application/json", headers={READ_HEADER: str(recorded.position)})
     headers = {
@@ -389,13 +394,17 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
 
 
 def _filtered(
-    optouts: OptOutFilter, parsed: numbers_body.NumbersBody, grant_id: str | None, terms: Terms, checkpoint: int
-) -> tuple[FilterResult, bytes | memoryview]:
-    """Filter and render the answer (in a worker thread, from a snapshot of the filter)."""
-    result = optouts.filter(parsed.stems, grant_id, terms)
+    optouts: OptOutFilter, stems: np.ndarray, grant_id: str | None, terms: Terms
+) -> tuple[FilterResult, str]:
+    """Filter (in a worker thread, from a snapshot of the filter), and the hash that records what was filtered."""
+    return optouts.filter(stems, grant_id, terms), submitted_sha256(stems)
+
+
+def _rendered(parsed: numbers_body.NumbersBody, result: FilterResult, checkpoint: int) -> bytes | memoryview:
+    """The answer in the caller's media type (in a worker thread)."""
     if parsed.media_type != numbers_body.JSON:
-        return result, numbers_body.render_lines(parsed, result.keep)
-    return result, numbers_body.render_json(parsed.stems[result.keep], {
+        return numbers_body.render_lines(parsed, result.keep)
+    return numbers_body.render_json(parsed.stems[result.keep], {
         "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
         "consented_kept": result.consented_kept, "exemption": result.exemption,
     })
