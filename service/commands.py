@@ -21,6 +21,7 @@ import asyncpg
 import numpy as np
 
 from contracts import cohort as cohorts
+from contracts import decision
 from contracts import events as ev
 from contracts.bodies import (
     ChoiceRequest,
@@ -33,7 +34,6 @@ from contracts.bodies import (
     Receipt,
     ScopeChoice,
 )
-from contracts import decision
 from contracts.codes import OptOutScope, values
 from contracts.decision import Claim, Reason, Terms
 from contracts.entry import format_recorded_at
