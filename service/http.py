@@ -389,7 +389,9 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
         READ_HEADER: str(recorded.position),
     }
     if result.exemption is not None:
-        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
+        # New grants cannot carry control characters; one recorded before that rule must not break the answer.
+        reference = "".join(c if c.isprintable() else " " for c in result.exemption.reference)
+        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={reference}"
     return web.Response(body=body, content_type=parsed.media_type, headers=headers)
 
 

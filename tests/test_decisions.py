@@ -12,16 +12,18 @@ import json
 from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
+import msgspec
 import numpy as np
 from aiohttp.test_utils import TestClient, TestServer
 
 from contracts import cohort as cohorts
 from contracts.entry import chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
-from contracts.events import DataUseRecorded
+from contracts.events import AccessGranted, DataUseRecorded
 from samples import auth, choice, data_use, grant, head_position, nhs_numbers
 from service import tiles
-from service.domain import data_use_aggregate_id
+from service.domain import data_use_aggregate_id, grant_aggregate_id
 from service.http import CHECKPOINTS, SETTINGS, create_app
+from service.store import NewEvent
 from test_auditor import cli
 from test_http_rules import refused, written
 
@@ -318,3 +320,17 @@ async def forge_use(database, numbers: list[str], use_id: str, opted_out_include
         await conn.close()
     return position
 
+
+
+async def test_a_grant_recorded_with_a_line_break_does_not_break_filter_answers(client, app_store, make_token):
+    """Requests can no longer carry control characters; a grant an older build
+    recorded with one still gets a well-formed header."""
+    body = grant("G-OLD", opt_out_exemption={"basis": "s251-cag", "reference": "CAG 1\r\nX-Evil: 1"})
+    payload = msgspec.convert({**body, "recorded_by": "older-build"}, AccessGranted)
+    receipt = (await app_store.append([NewEvent(uuid4(), "AccessGranted", grant_aggregate_id("G-OLD"), 1,
+                                                payload)])).receipts[0]
+    r = await client.post(f"/v1/opt-out-filter?grant_id=G-OLD&min_position={receipt.position}",
+                          data=nhs_numbers(1, seed=87)[0], headers={**auth(make_token("sde", org="SDE-NORTH")),
+                                                                    "Content-Type": "text/plain"})
+    assert r.status == 200 and r.headers["Ledger-Exemption"] == "s251-cag; reference=CAG 1  X-Evil: 1"
+    assert "X-Evil" not in r.headers
