@@ -33,6 +33,7 @@ from contracts.entry import chain_hash, encode_entry, format_recorded_at, leaf_h
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from contracts.values import Actor  # noqa: E402
+from service import tiles  # noqa: E402
 from service.domain import patient_aggregate_id  # noqa: E402
 from service.schema import migrate  # noqa: E402
 
@@ -66,6 +67,7 @@ async def load(dsn: str, count: int, seed: int) -> None:
     for start in range(0, len(stems), CHUNK):
         now = datetime.now(timezone.utc)
         recorded_at = format_recorded_at(now)
+        tree_size = position
         events, choices, history = [], [], []
         for stem in stems[start:start + CHUNK].tolist():
             nhs = str(NhsNumber.from_stem(stem))
@@ -87,6 +89,8 @@ async def load(dsn: str, count: int, seed: int) -> None:
                 "ledger_events", records=events,
                 columns=["position", "event_id", "event_type", "aggregate_id", "aggregate_version", "recorded_at",
                          "entry", "leaf_hash", "chain_hash"])
+            # The Merkle tiles the writer would store, so checkpoints can be signed at once.
+            await tiles.extend(conn, tree_size, position)
             await conn.execute("UPDATE ledger_head SET position = $1, chain_hash = $2", position, chain)
             await conn.copy_records_to_table(
                 "patient_choices", records=choices, columns=["stem", "scope", "opted_out", "position", "changed_at"])
@@ -116,9 +120,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2021)
     args = p.parse_args()
     url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    print(describe())
 
     async def run() -> None:
+        print(await describe(url))
         dsn = await fresh_database(url, args.database)
         await load(dsn, args.opt_outs, args.seed)
 

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from bulk_load import database_dsn  # noqa: E402
-from machine import describe, peak_rss_mib  # noqa: E402
+from machine import describe, process_peak_rss_mib  # noqa: E402
 from population import random_stems  # noqa: E402
 from service_process import Service  # noqa: E402
 
@@ -35,7 +35,7 @@ async def main() -> None:
     p.add_argument("--size", type=int, default=5_000_000)
     args = p.parse_args()
     dsn = database_dsn(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"), args.database)
-    print(describe())
+    print(await describe(dsn))
     stems = random_stems(np.random.default_rng(99), args.size).astype(np.uint32)
     body = bulk.format_lines(stems, dat=True)
     service = Service(dsn)
@@ -82,7 +82,7 @@ async def main() -> None:
               f"store cohort of {cohort['size']:,} {cohort_s:.2f} s; record data use by cohort_id "
               f"(opt-out check of {cohort['size']:,}) {use_s:.2f} s [target <= 15 s]; "
               f"all three {filter_s + cohort_s + use_s:.2f} s; position {receipt['position']:,}")
-        print(f"service peak RSS (VmHWM) {peak_rss_mib(service.proc.pid):.0f} MiB")
+        print(f"service peak RSS (VmHWM) {process_peak_rss_mib(service.proc.pid):.0f} MiB")
     finally:
         service.stop()
 

@@ -63,13 +63,12 @@ async def main() -> None:
     p.add_argument("--queries", type=int, default=2000)
     args = p.parse_args()
     dsn = database_dsn(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"), args.database)
-    print(describe())
+    print(await describe(dsn))
     database = Database(owner_dsn=dsn, embedded=False)
     pool = await database.create_pool(min_size=2, max_size=6)
     store = EventStore(pool)
     store.start()
-    async with pool.acquire() as conn:
-        optouts = await OptOutFilter.load(conn)
+    optouts = await OptOutFilter.load(pool)
     runner = Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[optouts],
                     listen=database.connect_app, batch_size=50)
     await runner.prepare()

@@ -49,6 +49,12 @@ class Operation(NamedTuple):
     bulk: bool = False
     # Other media types the success body may come in (e.g. CSV), as strings.
     also_as: tuple[str, ...] = ()
+    # Acts for the caller's organisation: an `sde` token needs an `org` claim.
+    org_scoped: bool = False
+    # The request body may be left out (a DELETE that may say who acts).
+    body_optional: bool = False
+    # Answered only once a ledger event records who read what (Ledger-Read-Recorded).
+    recorded: bool = False
 
 
 _after = ("after", {"type": "integer", "minimum": 0}, False)
@@ -65,8 +71,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Record the patient's explicit consent to one approved project (grant)",
               PATIENT_APP, bodies.ConsentRequest, bodies.Receipt, 201),
     Operation("withdraw_consent", "DELETE", "/v1/patients/{nhs}/consents/{grant_id}",
-              "Withdraw the patient's consent to a project",
-              PATIENT_APP, None, bodies.Receipt, 201),
+              "Withdraw the patient's consent to a project; the optional body says who acts (default: the patient)",
+              PATIENT_APP, bodies.ConsentWithdrawal, bodies.Receipt, 201, body_optional=True),
     Operation("get_choices", "GET", "/v1/patients/{nhs}/choices",
               "The patient's current choice per scope and consents, with the position they reflect",
               PATIENT_APP, None, bodies.Choices),
@@ -80,18 +86,26 @@ OPERATIONS: tuple[Operation, ...] = (
               "A grant and its status (SDE callers see only their own organisation's grants)",
               DAC | SDE | AUDITOR, None, bodies.GrantView),
     Operation("record_data_use", "POST", "/v1/data-uses",
-              "Record a use of patients' data under a grant; refused if it includes opted-out patients without an exemption",
-              SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY),
+              "Record a use of patients' data under a grant; refused unless every member may be included under "
+              "the grant when the use occurred (opt-outs, consents, exemption)",
+              SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY, org_scoped=True),
     Operation("create_cohort", "POST", "/v1/cohorts",
-              "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers)",
-              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True),
+              "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers); "
+              "the ledger records that the caller's organisation stored it",
+              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True, org_scoped=True),
+    Operation("get_cohort", "GET", "/v1/cohorts/{cohort_id}",
+              "A stored cohort's canonical list (one 10-digit NHS number per line, sorted; its SHA-256 is the "
+              "cohort_id), for auditors re-checking data uses; the read is recorded",
+              AUDITOR, None, None, media_type="text/plain", recorded=True),
     Operation("opt_out_filter", "POST", "/v1/opt-out-filter",
-              "The NHS numbers that may be used, in input order (JSON, text/plain or MESH .dat, answered in kind)",
+              "The NHS numbers that may be used under a grant of the caller's organisation (or with opt-outs "
+              "alone), in input order (JSON, text/plain or MESH .dat, answered in kind); every call is recorded",
               SDE, bodies.FilterRequest, bodies.FilterResult, 200, BULK_BODY,
-              query=(("purpose", {"type": "string", "enum": list(values(Purpose))}, False),
+              query=(("purpose", {"type": "string", "enum": list(values(Purpose)),
+                                  "description": "checked against the grant's purpose (needs grant_id)"}, False),
                      ("grant_id", {"type": "string"}, False),
                      ("min_position", {"type": "integer", "minimum": 0}, False)), bulk=True,
-              also_as=("text/plain", "application/vnd.nhs.mesh.dat")),
+              also_as=("text/plain", "application/vnd.nhs.mesh.dat"), org_scoped=True, recorded=True),
     Operation("get_history", "GET", "/v1/patients/{nhs}/history",
               "Who used my data: choice changes and data uses that included the patient, newest first",
               PATIENT_APP, None, bodies.HistoryPage,
@@ -142,6 +156,7 @@ BY_ID = {op.id: op for op in OPERATIONS}
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
     "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END},
+    "cohort_id": {"type": "string", "pattern": r"^[0-9a-f]{64}" + END},
     "position": {"type": "integer", "minimum": 1},
     "level": {"type": "integer", "minimum": 0, "maximum": 63},
     "tile_path": {"type": "string", "pattern": r"^(x\d{3}/)*\d{3}(\.p/\d{1,3})?$"},
@@ -198,7 +213,7 @@ def openapi(version: str) -> dict[str, Any]:
         }
         for media_type in op.also_as:
             responses[str(op.success)]["content"][media_type] = {"schema": {"type": "string"}}
-        if op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
+        if op.recorded or op.method == "GET" and op.roles and op.roles <= PATIENT_APP | AUDITOR:
             # Reads of personal data are written to the ledger first (PersonalDataRead).
             responses[str(op.success)]["headers"] = {"Ledger-Read-Recorded": {
                 "description": "ledger position of the PersonalDataRead event recording this read",
@@ -208,7 +223,7 @@ def openapi(version: str) -> dict[str, Any]:
                 "description": "already in force, or an idempotent replay: the existing receipt",
                 "content": {"application/json": {"schema": ok_schema}},
             }
-        if op.request is not None or params:
+        if op.request is not None or params or op.bulk:
             responses["400"] = _problem_response("malformed request")
         if op.roles:
             responses["401"] = _problem_response("missing or invalid credentials (RFC 6750 challenge)",
@@ -244,7 +259,7 @@ def openapi(version: str) -> dict[str, Any]:
             operation["security"] = []
         if op.request is not None:
             operation["requestBody"] = {
-                "required": True,
+                "required": not op.body_optional,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.request.__name__}"}}},
             }
         # Every write answers with a receipt and honours Idempotency-Key,
@@ -269,7 +284,8 @@ def openapi(version: str) -> dict[str, Any]:
             }}
             responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
             responses["415"] = _problem_response("not JSON, text/plain or application/vnd.nhs.mesh.dat")
-            responses["422"] = _problem_response("invalid NHS numbers: the errors list their lines")
+            responses["422"] = _problem_response(
+                "invalid NHS numbers (the errors list their lines), or the grant or purpose breaks a rule")
         paths.setdefault(openapi_path(op.path), {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",

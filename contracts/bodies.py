@@ -23,7 +23,9 @@ from .values import (
     ShortText,
     Text,
     UtcTime,
+    require_plain_text,
     require_unique,
+    require_utc_range,
 )
 
 Datasets = Annotated[list[Identifier], Meta(min_length=1, max_length=200)]
@@ -39,10 +41,25 @@ class ChoiceRequest(Frozen):
     channel: Channel
     actor: Actor
 
+    def __post_init__(self) -> None:
+        require_plain_text(self.actor, "actor")
+
 
 class ConsentRequest(Frozen):
     grant_id: Identifier
     actor: Actor
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.actor, "actor")
+
+
+class ConsentWithdrawal(Frozen):
+    """Optional body of a consent withdrawal: who acts (default: the patient)."""
+
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.actor, "actor")
 
 
 class GrantRequest(Frozen):
@@ -60,10 +77,19 @@ class GrantRequest(Frozen):
 
     def __post_init__(self) -> None:
         require_unique(self.datasets, "datasets")
+        require_plain_text(self.organisation, "organisation")
+        require_plain_text(self.purpose, "purpose")
+        require_plain_text(self.approved_by, "approved_by")
+        require_plain_text(self.opt_out_exemption, "opt_out_exemption")
+        require_utc_range(self.valid_from, "valid_from")
+        require_utc_range(self.valid_until, "valid_until")
 
 
 class RevokeRequest(Frozen):
     reason: Text
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.reason, "reason")
 
 
 class DataUseRequest(Frozen):
@@ -79,6 +105,7 @@ class DataUseRequest(Frozen):
 
     def __post_init__(self) -> None:
         require_unique(self.datasets, "datasets")
+        require_utc_range(self.occurred_at, "occurred_at")
         if (self.cohort_id is None) == (self.nhs_numbers is None):
             raise ValueError("give exactly one of `cohort_id` or `nhs_numbers`")
         if self.nhs_numbers is not None and not self.nhs_numbers:
@@ -255,6 +282,7 @@ __all__ = [
     "Cohort",
     "ConsentRequest",
     "ConsentState",
+    "ConsentWithdrawal",
     "DataUseRequest",
     "EventView",
     "FilterRequest",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from .nhs_number import InvalidNhsNumber, NhsNumber
+from .nhs_number import InvalidNhsNumber, NhsNumber, allocated
 
 TEXT = "text/plain"
 DAT = "application/vnd.nhs.mesh.dat"
@@ -83,7 +83,7 @@ def _from_digit_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         total += digit * np.uint32(10 - column)
     check = np.uint32(11) - total % np.uint32(11)
     check[check == 11] = 0
-    return stems, check != table[:, 9]
+    return stems, (check != table[:, 9]) | ~allocated(stems)
 
 
 def _fixed_table(raw: np.ndarray, dat: bool) -> np.ndarray | None:

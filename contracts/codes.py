@@ -37,7 +37,7 @@ ExemptionBasis = Literal[
 AccessMethod = Literal["sde", "extract"]
 Role = Literal["patient-app", "dac", "sde", "auditor"]
 # What a recorded read of personal data looked at (PersonalDataRead.what).
-ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export"]
+ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort"]
 
 LABELS: dict[str, str] = {
     "national": "national data opt-out",
@@ -69,6 +69,7 @@ LABELS: dict[str, str] = {
     "entries": "ledger entries",
     "entry-tiles": "ledger entries",
     "export": "an export of the ledger",
+    "cohort": "the members of a cohort",
 }
 
 

@@ -132,6 +132,39 @@ class PersonalDataRead(Frozen):
     entries: Count = 0
     by_patient: bool = False
     request_id: ShortText | None = None
+    cohort_id: Sha256Hex | None = None
+
+
+class CohortStored(Frozen):
+    """An organisation stored a cohort (``POST /v1/cohorts``).  Only the
+    organisations that stored a cohort, or recorded a use of it, may refer
+    to it by ``cohort_id``."""
+
+    cohort_id: Sha256Hex
+    size: Count
+    organisation_code: Identifier
+    recorded_by: ShortText
+    request_id: ShortText | None = None
+
+
+class OptOutFilterApplied(Frozen):
+    """One call of the opt-out filter: who checked how many patients, under
+    which grant, against the opt-out state of which position.
+
+    ``cohort_sha256`` is the SHA-256 of the submitted NHS numbers' 9-digit
+    stems as unsigned 32-bit little-endian integers, in the order submitted
+    (repeats kept): whoever holds the file can recompute it, and the entry
+    names nobody.  ``removed`` counts the numbers taken out."""
+
+    recorded_by: ShortText
+    organisation_code: Identifier
+    submitted: Count
+    removed: Count
+    as_of: Annotated[int, Meta(ge=0)]
+    cohort_sha256: Sha256Hex
+    grant_id: Identifier | None = None
+    purpose: Purpose | None = None
+    request_id: ShortText | None = None
 
 
 class TransparencySecretCommitted(Frozen):
@@ -158,6 +191,8 @@ Event = (
     | AccessRevoked
     | DataUseRecorded
     | PersonalDataRead
+    | CohortStored
+    | OptOutFilterApplied
     | TransparencySecretCommitted
 )
 
@@ -172,6 +207,8 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         AccessRevoked,
         DataUseRecorded,
         PersonalDataRead,
+        CohortStored,
+        OptOutFilterApplied,
         TransparencySecretCommitted,
     )
 }

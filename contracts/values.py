@@ -83,6 +83,31 @@ def require_unique(items: list[str], field: str) -> None:
         raise ValueError(f"`{field}` lists the same value more than once")
 
 
+def _control_characters(value: object) -> bool:
+    if isinstance(value, str):
+        return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
+    if isinstance(value, Struct):
+        return any(_control_characters(getattr(value, f)) for f in value.__struct_fields__)
+    return False
+
+
+def require_plain_text(value: object, field: str) -> None:
+    """Texts of a request end up in headers (an exemption's reference), CSV
+    rows and patients' histories: refuse control characters (a CR/LF would
+    break every line-oriented answer that carries it).  Checked on requests
+    only: entries already in the ledger must keep decoding."""
+    if _control_characters(value):
+        raise ValueError(f"`{field}` must not contain control characters (line breaks, tabs, ...)")
+
+
+def require_utc_range(moment: datetime, field: str) -> None:
+    """A timestamp whose offset pushes it past year 1 or 9999 in UTC cannot be stored."""
+    try:
+        utc(moment)
+    except OverflowError:
+        raise ValueError(f"`{field}` is out of range once converted to UTC") from None
+
+
 __all__ = [
     "END",
     "Actor",
@@ -96,6 +121,8 @@ __all__ = [
     "ShortText",
     "Text",
     "UtcTime",
+    "require_plain_text",
     "require_unique",
+    "require_utc_range",
     "utc",
 ]

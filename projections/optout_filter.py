@@ -1,31 +1,38 @@
-"""The in-memory opt-out filter: who is opted out, at a known position.
+"""The in-memory decision state: every patient's opt-outs and consents, and
+every grant, at any position, built from the ledger's own entries.
 
-Each service process holds, per scope, the opted-out stems as a sorted
-uint32 array (3.5M stems = 14 MB) plus a small dict of changes since that
-array was built; membership of a million stems is one ``searchsorted``.
-The changes are merged into the array once they grow past ``_COMPACT_AT``.
+The opt-out filter and the data-use check both answer from here, through
+the one rule (``contracts.decision``).  Nothing here comes from a
+projection table: at start the state is read from the hash-chained entry
+bytes of ``ledger_events`` (``load``), then it follows the ledger through
+the runner.  So what a decision sees cannot be changed by rewriting a
+read model, and the auditor's ``verify --decisions`` replays the very same
+entries.
 
-It starts from a snapshot of the choices projection (read with that
-projection's position in one repeatable-read transaction) and then follows
-the ledger through the runner, so it can be ahead of the projection tables
-but never skips an event.  A patient counts as opted out while any scope
-is opted out (the rule the domain applies to data uses).  Consents are
-tracked per grant, and each grant's recorded opt-out exemption, so answers
-are grant-aware.
+Each yes/no choice (opted out of one scope; consented to one grant) is a
+``Timeline``: the current members as a sorted uint32 array with a bitmap
+index (3.5M opt-outs: 14 MB + 9 MB; a million lookups ~10 ms), plus every
+change as (position, stem, value) arrays, so the state at an earlier
+position (a data use that occurred in the past) is the current state with
+only the stems changed since then looked up again.
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 import asyncpg
 import numpy as np
 
+from contracts import decision
 from contracts.codes import OptOutScope, values
 from contracts.cohort import sorted_unique
+from contracts.decision import Choices, Terms
 from contracts.entry import Entry, decode_entry
+from contracts.events import AccessGranted
 from contracts.values import Exemption
 
 from .choices import stem_of
@@ -33,6 +40,7 @@ from .runner import Follower
 
 _COMPACT_AT = 50_000
 _EMPTY = np.empty(0, dtype=np.uint32)
+SCOPES: tuple[str, ...] = values(OptOutScope)
 
 
 def _member(sorted_set: np.ndarray, stems: np.ndarray) -> np.ndarray:
@@ -53,11 +61,12 @@ class Bitmap:
         span = int(members[-1]) - self.low + 1 if len(members) else 0
         self.bits = np.zeros((span + 7) // 8, dtype=np.uint8)
         if len(members):
-            rel = members.astype(np.int64) - self.low
-            byte = rel >> 3
+            rel = members.astype(np.uint32) - np.uint32(self.low)  # uint32 throughout: 3.5M members, no int64 copies
+            byte = rel >> np.uint32(3)
             starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+            bit = np.left_shift(np.uint8(1), (rel & np.uint32(7)).astype(np.uint8))
             # Members are unique, so per byte the sum of their bits is their OR.
-            self.bits[byte[starts]] = np.add.reduceat((1 << (rel & 7)).astype(np.uint8), starts)
+            self.bits[byte[starts]] = np.add.reduceat(bit, starts, dtype=np.uint8)
         self.span = span
 
     def contains(self, stems: np.ndarray) -> np.ndarray:
@@ -117,35 +126,81 @@ class StemSet:
                 mask |= _member(added, stems)
         return mask
 
-    def __len__(self) -> int:
-        added, removed = self._pending() if self.changes else (_EMPTY, _EMPTY)
-        base = self.base
-        return len(base) - int(_member(base, removed).sum()) + int((~_member(base, added)).sum())
-
     def array(self) -> np.ndarray:
         if self.changes:
             self.compact()
         return self.base
 
 
-_COPY_ROW = np.dtype([("fields", ">i2"), ("length", ">i4"), ("stem", ">i4")])
+def _last_per_key(keys: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique keys, the flag of each key's last change) for changes in position order."""
+    order = np.argsort(keys, kind="stable")
+    k, f = keys[order], flags[order]
+    last = np.r_[k[1:] != k[:-1], True] if len(k) else np.empty(0, dtype=bool)
+    return k[last], f[last]
 
 
-async def _copy_stems(conn: asyncpg.Connection, query: str, *args: object) -> np.ndarray:
-    """One integer column via binary COPY, parsed by numpy: millions of rows
-    without a Python object each (seconds and hundreds of MB saved)."""
-    buffer = io.BytesIO()
-    await conn.copy_from_query(query, *args, output=buffer, format="binary")
-    data = buffer.getbuffer()
-    header = 19 + int.from_bytes(data[15:19], "big")  # signature, flags, extension length
-    rows = np.frombuffer(data[header:len(data) - 2], dtype=_COPY_ROW)
-    return rows["stem"].astype(np.uint32)
+class Timeline:
+    """One yes/no choice per stem, now and at any earlier position."""
+
+    def __init__(self, positions: np.ndarray | None = None, stems: np.ndarray | None = None,
+                 flags: np.ndarray | None = None):
+        self._positions = np.empty(0, np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
+        self._stems = _EMPTY if stems is None else np.asarray(stems, dtype=np.uint32)
+        self._flags = np.empty(0, bool) if flags is None else np.asarray(flags, dtype=bool)
+        keys, last = _last_per_key(self._stems, self._flags)
+        self.current = StemSet(keys[last])
+        self._pending: list[tuple[int, int, bool]] = []
+
+    def set(self, position: int, stem: int, flag: bool) -> None:
+        self._pending.append((position, stem, flag))
+        self.current.set(stem, flag)
+
+    def snapshot(self) -> "Timeline":
+        """A copy later changes do not touch (arrays shared: they are replaced, never changed in place)."""
+        copy = Timeline.__new__(Timeline)
+        copy._positions, copy._stems, copy._flags = self._positions, self._stems, self._flags
+        copy._pending = list(self._pending)
+        copy.current = self.current.snapshot()
+        return copy
+
+    def _log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._pending:
+            p, s, f = zip(*self._pending)
+            self._positions = np.concatenate([self._positions, np.array(p, np.int64)])
+            self._stems = np.concatenate([self._stems, np.array(s, np.uint32)])
+            self._flags = np.concatenate([self._flags, np.array(f, bool)])
+            self._pending.clear()
+        return self._positions, self._stems, self._flags
+
+    def contains(self, stems: np.ndarray, position: int | None = None) -> np.ndarray:
+        """Membership now, or as it was once ``position`` was applied."""
+        mask = self.current.contains(stems)
+        if position is None:
+            return mask
+        positions, log_stems, flags = self._log()
+        cut = int(np.searchsorted(positions, position, side="right"))
+        if cut == len(positions):
+            return mask
+        changed = _member(sorted_unique(log_stems[cut:]), stems)
+        if not changed.any():
+            return mask
+        asked = sorted_unique(stems[changed])
+        before = _member(asked, log_stems[:cut])
+        keys, last = _last_per_key(log_stems[:cut][before], flags[:cut][before])
+        mask[changed] = _member(keys[last], stems[changed])
+        return mask
 
 
 @dataclass
-class GrantRule:
-    exemption: Exemption | None
-    revoked: bool = False
+class GrantRecord:
+    granted: AccessGranted
+    position: int
+    recorded_at: str
+    revoked_position: int | None = None
+
+    def terms(self, position: int, instant: datetime) -> Terms:
+        return Terms.at(self.granted, self.position, self.revoked_position, position, instant)
 
 
 @dataclass(frozen=True)
@@ -157,46 +212,154 @@ class FilterResult:
     as_of: int
 
 
+# --- reading the state from the ledger's entry bytes ----------------------------------
+
+# An entry is the JCS (sorted keys) encoding of {aggregate_id, aggregate_version,
+# event_id, event_type, payload, position, recorded_at}: its event type starts
+# at byte 141 + (digits of aggregate_version).  JSON escaping means a quoted key
+# can only be matched where it is a key.  Each row is checked against that
+# layout, so an entry this code cannot read refuses the start.  Every
+# expression appears once: PostgreSQL would evaluate a repeated one again.
+_CLASSIFY = """
+SELECT position, kind,
+       CASE WHEN kind >= 0 THEN substring(entry FROM s + position('"nhs_number":"'::bytea IN substring(entry FROM s))
+                                          + 13 FOR 9) ELSE '000000000'::bytea END AS digits,
+       position('"scope":"type-1"}'::bytea IN substring(entry FROM length(entry) - 90)) > 0 AS type1
+FROM (
+    SELECT position, entry, s,
+        CASE WHEN substring(entry FROM s - 14 FOR 14) <> '"event_type":"'::bytea THEN -2
+             WHEN substring(entry FROM s FOR 18) = 'OptOutRegistered",'::bytea THEN 1
+             WHEN substring(entry FROM s FOR 17) = 'OptOutWithdrawn",'::bytea THEN 0
+             WHEN substring(entry FROM s FOR 8) IN ('StudyCon'::bytea, 'AccessGr'::bytea, 'AccessRe'::bytea) THEN -1
+             ELSE -3 END::int2 AS kind
+    FROM (SELECT position, entry, 140 + position(','::bytea IN substring(entry FROM 76 FOR 12)) AS s
+          FROM ledger_events WHERE position > $1 AND position <= $2) located
+) classified WHERE kind <> -3
+"""
+_ROW = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("position", ">i8"), ("l2", ">i4"), ("kind", ">i2"),
+                 ("l3", ">i4"), ("digits", "S9"), ("l4", ">i4"), ("type1", "u1")])
+_DIGITS = _ROW.fields["digits"][1]
+_OTHER, _MALFORMED = -1, -2
+
+
+@dataclass
+class _Classified:
+    """The decision-relevant entries of a position range, parsed as they stream
+    in (so a national set never sits in memory as raw COPY bytes)."""
+
+    positions: list[np.ndarray]
+    kinds: list[np.ndarray]
+    stems: list[np.ndarray]
+    type1: list[np.ndarray]
+    rest: bytes = b""
+    header: bool = True
+
+    async def take(self, chunk: bytes) -> None:
+        data = self.rest + chunk
+        start = 0
+        if self.header:
+            if len(data) < 19:
+                self.rest = data
+                return
+            start, self.header = 19 + int.from_bytes(data[15:19], "big"), False  # signature, flags, extension
+        whole = (len(data) - start) // _ROW.itemsize * _ROW.itemsize
+        rows = np.frombuffer(data, dtype=_ROW, count=whole // _ROW.itemsize, offset=start)
+        self.rest = data[start + whole:]
+        raw = np.frombuffer(data, dtype=np.uint8, count=whole, offset=start).reshape(-1, _ROW.itemsize)
+        digits = raw[:, _DIGITS:_DIGITS + 9] - np.uint8(48)
+        stems = np.zeros(len(rows), dtype=np.uint32)
+        for column in range(9):  # column by column in uint32: no (n, 9) int64 temporaries
+            stems *= np.uint32(10)
+            stems += digits[:, column]
+        kinds = rows["kind"].astype(np.int8)
+        if ((kinds >= 0) & (digits.max(axis=1, initial=0) > 9)).any():
+            raise LedgerStateError("an opt-out entry's NHS number is not 10 digits")
+        self.positions.append(rows["position"].astype(np.int64))
+        self.kinds.append(kinds)
+        self.stems.append(stems)
+        self.type1.append(rows["type1"].astype(bool))
+
+
+async def _classified(pool: asyncpg.Pool, after: int, upto: int) -> _Classified:
+    """Every entry in (after, upto] that decisions depend on, via binary COPY
+    parsed by numpy: millions of rows without a Python object each."""
+    found = _Classified([], [], [], [])
+    async with pool.acquire() as conn:
+        async with conn.transaction(readonly=True):
+            # JIT-compiling these expressions costs seconds and saves nothing.
+            await conn.execute("SET LOCAL jit = off")
+            await conn.copy_from_query(_CLASSIFY, after, upto, output=found.take, format="binary")
+    if found.rest not in (b"", b"\xff\xff"):  # the trailer
+        raise LedgerStateError("the ledger scan ended mid-row")
+    return found
+
+
+class LedgerStateError(RuntimeError):
+    """The ledger's entries cannot be read as this version writes them: refuse to start."""
+
+
 class OptOutFilter(Follower):
     def __init__(self) -> None:
         self.position = 0
-        self.scopes: dict[str, StemSet] = {s: StemSet() for s in values(OptOutScope)}
-        self.consents: dict[str, StemSet] = {}
-        self.grants: dict[str, GrantRule] = {}
+        self.scopes: dict[str, Timeline] = {s: Timeline() for s in SCOPES}
+        self.consents: dict[str, Timeline] = {}
+        self.grants: dict[str, GrantRecord] = {}
 
     @classmethod
-    async def load(cls, conn: asyncpg.Connection, projection: str = "choices") -> "OptOutFilter":
-        """Snapshot the choices projection (and grants from the ledger) at one position."""
+    async def load(cls, pool: asyncpg.Pool, parts: int = 2) -> "OptOutFilter":
+        """The state at the ledger head, read from the entries themselves, in
+        ``parts`` position ranges at once (entries at or below the head never change)."""
         f = cls()
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            f.position = await conn.fetchval(
-                "SELECT coalesce((SELECT position FROM projection_positions WHERE name = $1), 0)", projection
-            )
-            for scope in f.scopes:
-                # Sorted here, not by the server: a sequential scan beats an
-                # index scan in stem order over a heap in arrival order.
-                f.scopes[scope] = StemSet(np.sort(await _copy_stems(
-                    conn, "SELECT stem FROM patient_choices WHERE scope = $1 AND opted_out", scope
-                )))
-            consents: dict[str, list[int]] = {}
-            for r in await conn.fetch("SELECT grant_id, stem FROM patient_consents ORDER BY grant_id, stem"):
-                consents.setdefault(r[0], []).append(r[1])
-            f.consents = {g: StemSet(np.array(s, dtype=np.uint32)) for g, s in consents.items()}
-            # Grants are few: read their events from the ledger up to the snapshot.
-            rows = await conn.fetch(
-                "SELECT entry FROM ledger_events WHERE event_type IN ('AccessGranted', 'AccessRevoked')"
-                " AND position <= $1 ORDER BY position",
-                f.position,
-            )
-            f._grants([decode_entry(r[0]) for r in rows])
+        async with pool.acquire() as conn:
+            head = await conn.fetchval("SELECT position FROM ledger_head")
+        bounds = [head * i // parts for i in range(parts + 1)]
+        parts_found = await asyncio.gather(*(_classified(pool, lo, hi) for lo, hi in zip(bounds, bounds[1:])))
+        positions, kinds, stems, type1 = (np.concatenate([a for part in parts_found for a in getattr(part, name)] or
+                                                         [np.empty(0, dtype)])
+                                          for name, dtype in (("positions", np.int64), ("kinds", np.int8),
+                                                              ("stems", np.uint32), ("type1", bool)))
+        del parts_found  # peak memory: the chunks go as soon as they are joined
+        bad = positions[kinds == _MALFORMED]
+        if len(bad):
+            raise LedgerStateError(f"the ledger entry at position {int(bad.min())} is not laid out as this version "
+                                   "writes entries; run `consent-ledger verify` before starting the service")
+        other = positions[kinds == _OTHER]
+        choice = kinds >= 0
+        if not choice.all():
+            positions, stems, kinds, type1 = positions[choice], stems[choice], kinds[choice], type1[choice]
+        opted_out = kinds == 1
+        del kinds, choice
+        if len(positions) > 1 and not (positions[1:] > positions[:-1]).all():  # the heap is nearly always in order
+            order = np.argsort(positions, kind="stable")
+            positions, stems, opted_out, type1 = positions[order], stems[order], opted_out[order], type1[order]
+        for scope, mine in (("national", ~type1), ("type-1", type1)):
+            f.scopes[scope] = (Timeline(positions, stems, opted_out) if mine.all()
+                               else Timeline(positions[mine], stems[mine], opted_out[mine]))
+        other = np.sort(other)
+        async with pool.acquire() as conn:
+            entries = [decode_entry(r[0]) for r in await conn.fetch(
+                "SELECT entry FROM ledger_events WHERE position = ANY($1::bigint[]) ORDER BY position",
+                other.tolist())] if len(other) else []
+        consents: dict[str, list[tuple[int, int, bool]]] = {}
+        for e in entries:
+            if e.event_type in ("StudyConsentGiven", "StudyConsentWithdrawn"):
+                consents.setdefault(e.payload.grant_id, []).append(
+                    (e.position, stem_of(e.payload.nhs_number), e.event_type == "StudyConsentGiven"))
+            else:
+                f._grant(e)
+        for grant_id, changes in consents.items():
+            p, s, g = (np.array(c) for c in zip(*changes))
+            f.consents[grant_id] = Timeline(p, s, g)
+        f.position = head
         return f
 
-    def _grants(self, entries: Sequence[Entry]) -> None:
-        for e in entries:
-            if e.event_type == "AccessGranted":
-                self.grants[e.payload.grant_id] = GrantRule(e.payload.opt_out_exemption)
-            elif e.event_type == "AccessRevoked" and e.payload.grant_id in self.grants:
-                self.grants[e.payload.grant_id].revoked = True
+    def _grant(self, e: Entry) -> None:
+        if e.event_type == "AccessGranted":
+            self.grants[e.payload.grant_id] = GrantRecord(e.payload, e.position, e.recorded_at)
+        elif e.event_type == "AccessRevoked" and e.payload.grant_id in self.grants:
+            record = self.grants[e.payload.grant_id]
+            if record.revoked_position is None:
+                record.revoked_position = e.position
 
     def follow(self, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -204,53 +367,56 @@ class OptOutFilter(Follower):
                 continue
             t, p = e.event_type, e.payload
             if t == "OptOutRegistered" or t == "OptOutWithdrawn":
-                self.scopes[p.scope].set(stem_of(p.nhs_number), t == "OptOutRegistered")
+                self.scopes[p.scope].set(e.position, stem_of(p.nhs_number), t == "OptOutRegistered")
             elif t == "StudyConsentGiven" or t == "StudyConsentWithdrawn":
-                self.consents.setdefault(p.grant_id, StemSet()).set(stem_of(p.nhs_number), t == "StudyConsentGiven")
+                self.consents.setdefault(p.grant_id, Timeline()).set(
+                    e.position, stem_of(p.nhs_number), t == "StudyConsentGiven")
             elif t in ("AccessGranted", "AccessRevoked"):
-                self._grants([e])
+                self._grant(e)
             self.position = e.position
 
     def snapshot(self) -> "OptOutFilter":
         """A copy that ``follow`` does not change, so that a worker thread can
         answer a question about millions of stems from it while the event
         loop keeps following the ledger.  Cheap: arrays are shared, the
-        small pending changes and grant rules copied."""
+        small pending changes and grant records copied."""
         copy = OptOutFilter()
         copy.position = self.position
         copy.scopes = {scope: s.snapshot() for scope, s in self.scopes.items()}
         copy.consents = {grant: s.snapshot() for grant, s in self.consents.items()}
-        copy.grants = {grant: replace(rule) for grant, rule in self.grants.items()}
+        copy.grants = {grant: replace(record) for grant, record in self.grants.items()}
         return copy
 
-    # --- questions --------------------------------------------------------------
+    # --- questions: all answered by the one rule ------------------------------------
 
-    def opted_out(self, stems: np.ndarray) -> np.ndarray:
-        mask = np.zeros(len(stems), dtype=bool)
-        for s in self.scopes.values():
-            mask |= s.contains(stems)
-        return mask
+    def terms(self, grant_id: str | None, instant: datetime, position: int | None = None) -> Terms:
+        """A grant's terms at ``position`` (default: now); no grant means opt-outs only."""
+        if grant_id is None:
+            return Terms(status="active")
+        record = self.grants.get(grant_id)
+        if record is None:
+            return Terms(status="not-recorded")
+        return record.terms(self.position if position is None else position, instant)
 
-    def consented(self, stems: np.ndarray, grant_id: str | None) -> np.ndarray:
-        c = self.consents.get(grant_id) if grant_id else None
-        return c.contains(stems) if c is not None else np.zeros(len(stems), dtype=bool)
+    def choices(self, stems: np.ndarray, grant_id: str | None, position: int | None = None) -> Choices:
+        """Each stem's choices as of ``position`` (default: now)."""
+        consents = self.consents.get(grant_id) if grant_id else None
+        return Choices.of(
+            [s.contains(stems, position) for s in self.scopes.values()],
+            consents.contains(stems, position) if consents is not None else np.zeros(len(stems), dtype=bool),
+        )
 
-    def filter(self, stems: np.ndarray, grant_id: str | None = None) -> FilterResult:
-        """Which stems may be used: not opted out, or consented to the grant,
-        or all of them when the grant records an opt-out exemption."""
-        rule = self.grants.get(grant_id) if grant_id else None
-        if rule is not None and rule.exemption is not None:
-            return FilterResult(np.ones(len(stems), dtype=bool), 0, 0, rule.exemption, self.position)
-        out = self.opted_out(stems)
-        consented = out & self.consented(stems, grant_id)
-        excluded = out & ~consented
-        return FilterResult(~excluded, int(excluded.sum()), int(consented.sum()), None, self.position)
+    def assess(self, stems: np.ndarray, grant_id: str | None, terms: Terms, position: int | None = None) -> np.ndarray:
+        """The rule's reason for each stem at ``position`` (pure CPU, no I/O)."""
+        return decision.decide(self.choices(stems, grant_id, position), terms)
 
-    def assess(self, stems: np.ndarray, grant_id: str) -> tuple[int, int, int]:
-        """(position, opted out, of whom consented) for a sorted unique cohort."""
-        out = self.opted_out(stems)
-        consented = out & self.consented(stems, grant_id)
-        return self.position, int(out.sum()), int(consented.sum())
+    def filter(self, stems: np.ndarray, grant_id: str | None, terms: Terms) -> FilterResult:
+        """Which stems may be used now under the grant (or with opt-outs alone)."""
+        reasons = self.assess(stems, grant_id, terms)
+        keep = decision.included(reasons)
+        exemption = terms.exemption if not terms.opt_outs_apply else None
+        return FilterResult(keep, int(len(keep) - keep.sum()),
+                            int((reasons == decision.Reason.OPTED_OUT_CONSENTED).sum()), exemption, self.position)
 
     def opted_out_count(self) -> int:
-        return int(len(sorted_unique(np.concatenate([s.array() for s in self.scopes.values()]))))
+        return int(len(sorted_unique(np.concatenate([s.current.array() for s in self.scopes.values()]))))

@@ -5,11 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import asyncpg
+import numpy as np
 
+from contracts import decision
 from contracts.bodies import HistoryItem, HistoryPage, Labelled, Register, RegisterEntry
 from contracts.codes import LABELS
+from contracts.decision import Reason, Terms, grant_status
 from contracts.entry import format_recorded_at
-from contracts.values import Organisation
+from contracts.values import Exemption, Organisation
 
 from . import blocks
 from .choices import READ_EVENT
@@ -55,7 +58,7 @@ class _Choices:
         self.rows = sorted(rows, key=lambda r: r["position"])
 
     def at(self, position: int, grant_id: str) -> tuple[bool, bool]:
-        """(opted out in any scope, consented to grant) at ``position``."""
+        """(an opt-out of some scope in force, consented to the grant) once ``position`` was applied."""
         scopes: dict[str, bool] = {}
         consented = False
         for r in self.rows:
@@ -66,7 +69,8 @@ class _Choices:
                 scopes[r["scope"]] = t == "OptOutRegistered"
             elif r["grant_id"] == grant_id:
                 consented = t == "StudyConsentGiven"
-        return any(scopes.values()), consented
+        choices = decision.Choices.of([np.array([v]) for v in scopes.values()], np.array([consented]))
+        return bool(choices.opted_out[0]), consented
 
 
 _READ_WORDS = {"choices": "record of choices", "history": "history", "receipt": "ledger receipt"}
@@ -110,18 +114,23 @@ def _choice_item(r: asyncpg.Record) -> HistoryItem:
     )
 
 
+def _use_terms(r: asyncpg.Record) -> Terms:
+    """The grant as it stood when the use occurred, from its register row."""
+    revoked = r["revoked_position"] is not None and r["revoked_position"] <= r["opt_out_state_position"]
+    exemption = (Exemption(basis=r["grant_exemption_basis"], reference=r["grant_exemption_reference"])
+                 if r["grant_exemption_basis"] else None)
+    return Terms(status=grant_status(r["valid_from"], r["valid_until"], revoked, r["occurred_at"]),
+                 legal_basis=r["legal_basis"], exemption=exemption)
+
+
 def _use_item(r: asyncpg.Record, choices: _Choices) -> HistoryItem:
     opted_out, consented = choices.at(r["opt_out_state_position"], r["grant_id"])
-    exemption = _label(r["exemption_basis"])
-    if not opted_out:
-        words = "You had no opt-out in force when this was checked."
-        applied = None
-    elif exemption is not None:
-        words = f"Your opt-out did not apply: {exemption.label} (reference {r['exemption_reference']})."
-        applied = False
-    else:
-        words = "You had opted out, but you consented to this project, so your data was included."
-        applied = consented
+    terms = _use_terms(r)
+    reason = decision.decide_one(opted_out, consented, terms)
+    exemption = _label(terms.exemption.basis) if reason == Reason.OPTED_OUT_EXEMPT and terms.exemption else None
+    words = decision.WORDS[reason].format(exemption=exemption.label if exemption else "",
+                                          reference=terms.exemption.reference if terms.exemption else "")
+    applied = {Reason.OPTED_OUT_CONSENTED: True, Reason.CONSENTED: True, Reason.OPTED_OUT_EXEMPT: False}.get(reason)
     purpose = _label(r["purpose"])
     assert purpose is not None
     return HistoryItem(
@@ -139,7 +148,7 @@ def _use_item(r: asyncpg.Record, choices: _Choices) -> HistoryItem:
         access_method=_label(r["access_method"]),
         occurred_at=_ts(r["occurred_at"]),
         opt_out=words,
-        exemption=exemption if opted_out else None,
+        exemption=exemption,
         consent_applied=applied,
     )
 
@@ -158,7 +167,9 @@ async def history(
         )
         cohort_ids = await cohorts_containing(conn, stem)
         use_rows = await conn.fetch(
-            "SELECT d.*, g.organisation_code, g.organisation_name, g.purpose_description, g.legal_basis"
+            "SELECT d.*, g.organisation_name, g.purpose_description, g.legal_basis, g.valid_from, g.valid_until,"
+            " g.revoked_position, g.exemption_basis AS grant_exemption_basis,"
+            " g.exemption_reference AS grant_exemption_reference"
             " FROM data_uses_view d JOIN grants_view g USING (grant_id)"
             " WHERE d.cohort_id = ANY($1::bytea[]) AND d.position < $2 AND d.position <= $4"
             " ORDER BY d.position DESC LIMIT $3",
@@ -176,16 +187,6 @@ async def history(
         items=items,
         next_cursor=str(items[-1].position) if more and items else None,
     )
-
-
-def _status(r: asyncpg.Record, now: datetime) -> str:
-    if r["revoked_position"] is not None:
-        return "revoked"
-    if now < r["valid_from"]:
-        return "not-yet-valid"
-    if now >= r["valid_until"]:
-        return "expired"
-    return "active"
 
 
 async def register(conn: asyncpg.Connection) -> Register:
@@ -211,11 +212,13 @@ async def register(conn: asyncpg.Connection) -> Register:
             commercial=r["commercial"],
             valid_from=_ts(r["valid_from"]),
             valid_until=_ts(r["valid_until"]),
-            status=_status(r, now),
+            status=grant_status(r["valid_from"], r["valid_until"], r["revoked_position"] is not None, now),
             revoked_at=_ts(r["revoked_at"]) if r["revoked_at"] else None,
             uses=r["uses"],
             patients_covered=r["patients"],
-            opt_outs_applied=r["exemption_basis"] is None,
+            opt_outs_applied=Terms(status="active", legal_basis=r["legal_basis"],
+                                   exemption=Exemption(basis=r["exemption_basis"], reference=r["exemption_reference"])
+                                   if r["exemption_basis"] else None).opt_outs_apply,
             opt_out_exemption=_label(r["exemption_basis"]),
             opted_out_included=r["opted_out_included"],
         ))

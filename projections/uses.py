@@ -73,11 +73,12 @@ class UsesProjection(Projection):
         await conn.execute(
             f"INSERT INTO {self.t('data_uses_view')} (position, use_id, grant_id, cohort_id, cohort_size, purpose,"
             " datasets, access_method, occurred_at, recorded_at, opt_out_state_position, opted_out_included,"
-            " consented_included, exemption_basis, exemption_reference)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            " consented_included, exemption_basis, exemption_reference, organisation_code)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             e.position, p.use_id, p.grant_id, cohort_id, p.cohort_size, p.purpose, list(p.datasets),
             p.access_method, p.occurred_at, moment(e.recorded_at), p.opt_out_state_position,
             p.opted_out_included, p.consented_included, x.basis if x else None, x.reference if x else None,
+            p.organisation_code,
         )
         await conn.execute(
             f"UPDATE {self.t('grants_view')} SET uses = uses + 1,"

@@ -1,7 +1,8 @@
-"""Reads of personal data are written to the ledger before the data leaves.
+"""Reads are written to the ledger before the data leaves.
 
-A patient's choices, history and receipts, and the ledger entries an
-auditor pages through, are personal data.  Each such read appends a
+A patient's choices, history and receipts, the ledger entries an auditor
+pages through and the cohorts it re-checks are personal data; an opt-out
+filter call reveals who of a list opted out.  Each such read appends a
 ``PersonalDataRead`` event through the normal store path (so it is
 hash-chained like every other event) and only then is the answer sent: if
 the read cannot be recorded, it is not served.
@@ -12,13 +13,15 @@ reads never contends with the patient's own writes.
 
 from __future__ import annotations
 
+import hashlib
 from uuid import uuid4
 
+import numpy as np
 import structlog
 
 from contracts.bodies import Receipt
-from contracts.codes import ReadKind, Role
-from contracts.events import PersonalDataRead
+from contracts.codes import Purpose, ReadKind, Role
+from contracts.events import OptOutFilterApplied, PersonalDataRead
 
 from .commands import Caller
 from .store import EventStore, NewEvent
@@ -32,6 +35,12 @@ def _role(caller: Caller, allowed: frozenset[str]) -> Role:
     return sorted(caller.roles & allowed or caller.roles)[0]  # type: ignore[return-value]
 
 
+def current_request_id() -> str | None:
+    """The current request's id (bound by the HTTP middleware), to cross-reference logs."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return value if isinstance(value, str) else None
+
+
 async def record_read(
     store: EventStore,
     caller: Caller,
@@ -42,8 +51,8 @@ async def record_read(
     first_position: int | None = None,
     last_position: int | None = None,
     entries: int = 0,
+    cohort_id: str | None = None,
 ) -> Receipt:
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
     event = PersonalDataRead(
         what=what,
         role=_role(caller, allowed),
@@ -54,7 +63,42 @@ async def record_read(
         last_position=last_position,
         entries=entries,
         by_patient=nhs_number is not None and caller.nhs_number == nhs_number,
-        request_id=request_id if isinstance(request_id, str) else None,
+        request_id=current_request_id(),
+        cohort_id=cohort_id,
     )
     result = await store.append([NewEvent(uuid4(), "PersonalDataRead", uuid4(), 1, event)])
+    return result.receipts[0]
+
+
+def submitted_sha256(stems: np.ndarray) -> str:
+    """SHA-256 of a filter call's numbers: their stems as uint32 little-endian, in the order sent."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(stems, dtype="<u4"))).hexdigest()
+
+
+async def record_filter_call(
+    store: EventStore,
+    caller: Caller,
+    submitted: int,
+    cohort_sha256: str,
+    *,
+    grant_id: str | None,
+    purpose: Purpose | None,
+    removed: int,
+    as_of: int,
+) -> Receipt:
+    """Who checked how many patients, under which grant, against which state
+    (``OptOutFilterApplied``: no NHS number, only a hash of the submitted list)."""
+    assert caller.org is not None
+    event = OptOutFilterApplied(
+        recorded_by=caller.subject[:200],
+        organisation_code=caller.org,
+        submitted=submitted,
+        removed=removed,
+        as_of=as_of,
+        cohort_sha256=cohort_sha256,
+        grant_id=grant_id,
+        purpose=purpose,
+        request_id=current_request_id(),
+    )
+    result = await store.append([NewEvent(uuid4(), "OptOutFilterApplied", uuid4(), 1, event)])
     return result.receipts[0]

@@ -6,8 +6,14 @@ hashes, so the first entry whose recomputed leaf differs is named even when
 the whole tail was rewritten with fresh hashes.
 
 Export file (gzip, JSON lines):
-    line 1:  {"format": "consent-ledger-export/1", "checkpoint": "<signed note>"}
+    line 1:  {"format": "consent-ledger-export/2", "checkpoint": "<signed note>"}
     then:    [position, base64(entry bytes), base64(claimed leaf hash)]  one per entry
+    and, just before the first entry that uses a cohort:
+             {"cohort_id": "<hex>", "members": base64(canonical cohort bytes)}
+Version 1 files (no cohort lines) are still read.
+
+With ``--decisions`` every entry is also replayed through the one rule
+(``decision_audit``) and each data use's statements are re-checked.
 """
 
 from __future__ import annotations
@@ -27,18 +33,42 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from contracts import merkle, note
+from contracts import cohort as cohorts
+from contracts import bulk, merkle, note
 from contracts.merkle import TILE_WIDTH
 
 from .audit import ChainVerifier, Failure
+from .decision_audit import DecisionAudit
 
-EXPORT_FORMAT = "consent-ledger-export/1"
+EXPORT_FORMAT = "consent-ledger-export/2"
+READABLE_FORMATS = ("consent-ledger-export/1", EXPORT_FORMAT)
 
 
 class ExportLine(msgspec.Struct, array_like=True):
     position: int
     entry: bytes
     leaf: bytes
+
+
+class CohortLine(msgspec.Struct):
+    cohort_id: str
+    members: bytes
+
+
+class _UsedCohort(msgspec.Struct):
+    """The one field an exporter needs from a DataUseRecorded entry."""
+
+    class Payload(msgspec.Struct):
+        cohort_id: str
+
+    payload: Payload
+
+
+def used_cohort(entry: bytes) -> str | None:
+    """The cohort a DataUseRecorded entry refers to (None for other events)."""
+    if b'"event_type":"DataUseRecorded"' not in entry:
+        return None
+    return msgspec.json.decode(entry, type=_UsedCohort).payload.cohort_id
 
 
 class SourceError(Exception):
@@ -49,6 +79,7 @@ class Source(Protocol):
     def checkpoint(self) -> str: ...
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]: ...
     def consistency(self, old: int, new: int) -> list[bytes] | None: ...
+    def cohort(self, cohort_id: str) -> bytes | None: ...
 
 
 # --- reading a live log ---------------------------------------------------------------
@@ -96,6 +127,10 @@ class HttpSource:
         body = json.loads(self._must(f"/v1/proofs/consistency?from={old}&to={new}"))
         return [bytes.fromhex(h) for h in body["hashes"]]
 
+    def cohort(self, cohort_id: str) -> bytes | None:
+        """A cohort's canonical bytes (the read is recorded by the service)."""
+        return self.get(f"/v1/cohorts/{cohort_id}", auth=True, missing_ok=True)
+
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]:
         for n in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
             width = min(TILE_WIDTH, size - n * TILE_WIDTH)
@@ -125,9 +160,11 @@ class ExportSource:
                 header = json.loads(f.readline())
         except (OSError, ValueError, EOFError) as exc:
             raise SourceError(f"{path}: not a consent-ledger export: {exc}") from None
-        if header.get("format") != EXPORT_FORMAT:
+        if header.get("format") not in READABLE_FORMATS:
             raise SourceError(f"{path}: unknown export format {header.get('format')!r}")
         self._checkpoint = header["checkpoint"]
+        # Compactly (about a byte a member) until a data use needs them.
+        self._cohorts: dict[str, tuple[str, bytes]] = {}
 
     def checkpoint(self) -> str:
         return self._checkpoint
@@ -135,8 +172,27 @@ class ExportSource:
     def consistency(self, old: int, new: int) -> list[bytes] | None:
         return None  # offline: the recomputed tree is compared with the remembered root instead
 
+    def cohort(self, cohort_id: str) -> bytes | None:
+        stored = self._cohorts.get(cohort_id)
+        return cohorts.canonical_bytes(cohorts.decode_members(*stored)) if stored is not None else None
+
+    def _keep_cohort(self, raw: bytes) -> None:
+        line = msgspec.json.decode(raw, type=CohortLine)
+        parsed = bulk.parse_lines(line.members)
+        if parsed.ok and cohorts.canonical_bytes(cohorts.normalise(parsed.stems)) == line.members:
+            self._cohorts[line.cohort_id] = cohorts.encode_members(cohorts.normalise(parsed.stems))
+        else:  # kept as given: verify reports that its hash is not the cohort_id
+            self._cohorts[line.cohort_id] = cohorts.RAW, b""
+
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]:
-        decode = msgspec.json.Decoder(ExportLine).decode
+        line_decoder = msgspec.json.Decoder(ExportLine).decode
+
+        def decode(raw: bytes) -> ExportLine | None:
+            if raw.startswith(b"{"):
+                self._keep_cohort(raw)
+                return None
+            return line_decoder(raw)
+
         try:
             with gzip.open(self._path, "rb") as f:
                 f.readline()
@@ -147,12 +203,14 @@ class ExportSource:
                     rest = lines.pop()
                     for raw in lines:
                         line = decode(raw)
+                        if line is None:
+                            continue
                         if line.position > size:
                             return
                         yield line.position, line.entry, line.leaf or None
                 if rest.strip():
                     line = decode(rest)
-                    if line.position <= size:
+                    if line is not None and line.position <= size:
                         yield line.position, line.entry, line.leaf or None
         except (OSError, EOFError, msgspec.DecodeError) as exc:
             raise SourceError(f"{self._path}: unreadable export: {exc}") from None
@@ -167,7 +225,14 @@ def export(source: HttpSource, out: Path, progress: IO[str] | None = None) -> in
     with gzip.open(tmp, "wb", compresslevel=6) as f:
         f.write(json.dumps({"format": EXPORT_FORMAT, "checkpoint": checkpoint_text}).encode() + b"\n")
         count = 0
+        written: set[str] = set()
         for position, entry, leaf in source.entries(size):
+            cohort_id = used_cohort(entry)
+            if cohort_id is not None and cohort_id not in written:
+                members = source.cohort(cohort_id)
+                if members is not None:  # else verify --decisions names the use whose cohort is missing
+                    f.write(encode(CohortLine(cohort_id, members)) + b"\n")
+                written.add(cohort_id)
             f.write(encode(ExportLine(position, entry, leaf or b"")) + b"\n")
             count += 1
             if progress is not None and count % 4096 == 0:
@@ -214,18 +279,26 @@ class Outcome:
     seconds: float
     failure: Failure | None = None
     chain: bytes = b""
+    decisions: DecisionAudit | None = None
 
     def report(self) -> str:
         if self.failure is not None:
-            return f"FAILED: first bad position {self.failure.position}: {self.failure.what}: {self.failure.detail}"
+            lines = [f"FAILED: first bad position {self.failure.position}: {self.failure.what}: {self.failure.detail}"]
+            if self.decisions is not None and len(self.decisions.findings) > 1:
+                lines += [f"  also position {f.position}: {f.what}: {f.detail}" for f in self.decisions.findings[1:20]]
+                if len(self.decisions.findings) > 20:
+                    lines.append(f"  ... {len(self.decisions.findings) - 20} more")
+            return "\n".join(lines)
         rate = self.size / self.seconds if self.seconds > 0 else 0
+        checked = (f"; decisions: {self.decisions.uses} data use(s) re-checked with the rule"
+                   if self.decisions is not None else "")
         # The chain head lets anyone holding the last write receipt compare it too.
         return (f"OK: {self.size} entries verified; root {base64.b64encode(self.root).decode()}; "
-                f"chain {self.chain.hex()}; {self.seconds:.2f}s ({rate:,.0f} entries/s)")
+                f"chain {self.chain.hex()}; {self.seconds:.2f}s ({rate:,.0f} entries/s){checked}")
 
 
 def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | None = None,
-           progress: IO[str] | None = None) -> Outcome:
+           progress: IO[str] | None = None, decisions: bool = False) -> Outcome:
     started = time.perf_counter()
 
     def failed(position: int, what: str, detail: str, size: int = 0) -> Outcome:
@@ -254,10 +327,13 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
                               f"checkpoint of size {cp.size} is not consistent with the remembered size "
                               f"{state.size}: {exc}")
     checker = ChainVerifier(mark=state.size if state else 0, typed=False)
+    replay = DecisionAudit(source.cohort) if decisions else None
     tick = max(1, cp.size // 200)
     for position, entry, leaf in source.entries(cp.size):
         if not checker.add(position, entry, leaf, None):
             break
+        if replay is not None:
+            replay.add(position, entry)
         if progress is not None and position % tick == 0:
             progress.write(f"\rverifying {position:,}/{cp.size:,} ({100 * position // max(cp.size, 1)}%)")
     if progress is not None:
@@ -276,9 +352,14 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
                       f"recomputed root {base64.b64encode(root).decode()} != signed {base64.b64encode(cp.root).decode()}"
                       f" (and the log's own hash tiles agree with its entries: both were rewritten after "
                       f"position {first - 1})")
+    if replay is not None:
+        replay.finish()
+        if replay.findings:
+            return Outcome(False, cp.size, root, time.perf_counter() - started, replay.findings[0], checker.chain,
+                           replay)
     if state_path is not None:
         save_state(state_path, cp, checkpoint_text)
-    return Outcome(True, cp.size, root, time.perf_counter() - started, chain=checker.chain)
+    return Outcome(True, cp.size, root, time.perf_counter() - started, chain=checker.chain, decisions=replay)
 
 
 def read_key(value: str) -> list[note.Verifier]:

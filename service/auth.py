@@ -101,6 +101,9 @@ class Verifier:
     issuer: str
     audience: str
     source: JwksUrl | None = None
+    # Longest accepted token lifetime (CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS):
+    # a stolen token must not stay good for years.
+    max_lifetime: float = 86_400.0
 
     def caller(self, authorization: str | None) -> Caller:
         token = _bearer(authorization)
@@ -117,7 +120,17 @@ class Verifier:
             ).validate(decoded.claims)
         except (JoseError, ValueError, TypeError, KeyError) as exc:
             raise Unauthenticated(f"the token was refused: {_reason(exc)}") from None
+        self._check_lifetime(decoded.claims)
         return _caller_from_claims(decoded.claims)
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        exp, iat, now = claims["exp"], claims.get("iat"), time.time()
+        if not isinstance(exp, (int, float)) or iat is not None and not isinstance(iat, (int, float)):
+            raise Unauthenticated("the token's `exp` and `iat` must be numbers")
+        longest = self.max_lifetime + LEEWAY_SECONDS
+        if exp - now > longest or iat is not None and exp - iat > longest:
+            raise Unauthenticated(f"the token lives longer than the {self.max_lifetime:g} s this service accepts: "
+                                  "ask the issuer for a shorter-lived token")
 
     async def authenticate(self, authorization: str | None) -> Caller:
         """``caller``, after refreshing a URL-published JWKS if the token
@@ -263,14 +276,17 @@ def verifier(config: Config) -> tuple[Verifier, bool]:
     if config.jwks and is_url(config.jwks):
         source = JwksUrl(config.jwks, interval=config.jwks_refresh_seconds,
                          min_interval=config.jwks_min_refresh_seconds)
-        return Verifier(KeySet([]), config.jwt_issuer, config.jwt_audience, source), False
+        return Verifier(KeySet([]), config.jwt_issuer, config.jwt_audience, source,
+                        max_lifetime=config.token_max_lifetime_seconds), False
     if config.jwks:
-        return Verifier(load_keys(config.jwks), config.jwt_issuer, config.jwt_audience), False
+        return Verifier(load_keys(config.jwks), config.jwt_issuer, config.jwt_audience,
+                        max_lifetime=config.token_max_lifetime_seconds), False
     if config.production:
         raise RuntimeError("CONSENT_LEDGER_JWKS must be set when CONSENT_LEDGER_ENV=production")
     key = load_or_create_dev_key(config)
     public = KeySet.import_key_set({"keys": [key.as_dict(private=False)]})
-    return Verifier(public, config.jwt_issuer, config.jwt_audience), True
+    return Verifier(public, config.jwt_issuer, config.jwt_audience,
+                    max_lifetime=config.token_max_lifetime_seconds), True
 
 
 def issue_token(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import structlog
 from aiohttp import web
 
+from contracts import nhs_number
 from contracts.api import ROLES
 
 from . import config as config_module
@@ -197,6 +198,9 @@ def _token_issue(args: argparse.Namespace) -> None:
         raise CommandError("token issue signs development tokens only; CONSENT_LEDGER_JWKS is set")
     if cfg.production:
         raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production")
+    if args.lifetime > cfg.token_max_lifetime_seconds:
+        raise CommandError(f"--lifetime {args.lifetime} is longer than the service accepts "
+                           f"(CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS={cfg.token_max_lifetime_seconds:g})")
     key = load_or_create_dev_key(cfg)
     token = issue_token(
         key,
@@ -252,7 +256,8 @@ def _verify(args: argparse.Namespace) -> None:
     try:
         keys = auditor.read_key(args.key)
         source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
-        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream())
+        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream(),
+                                 decisions=args.decisions)
     except (auditor.SourceError, ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     print(outcome.report())
@@ -344,6 +349,9 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--key", required=True, help="verifier key (vkey text) or a file holding vkeys")
     verify.add_argument("--state", help="file remembering the last verified checkpoint (refuses rollback/fork)")
     verify.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
+    verify.add_argument("--decisions", action="store_true",
+                        help="also replay every entry through the opt-out rule and re-check each data use's "
+                             "statements (reads each cohort; exits 1 naming the first false claim)")
     verify.set_defaults(run=_verify)
 
     exp = sub.add_parser("export", help="write the checkpoint and every entry to a gzip file")
@@ -364,7 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return witness_main(argv[1:])
     args = parser().parse_args(argv)
+    previous = None
     try:
+        try:
+            previous = nhs_number.accept_ranges(config_module.load().nhs_number_ranges)
+        except ValueError as exc:
+            raise CommandError(f"CONSENT_LEDGER_NHS_NUMBER_RANGES: {exc}") from None
         args.run(args)
     except CommandError as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
@@ -374,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
         print(f"consent-ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # main() may be called in a process that goes on (tests)
+            nhs_number.accept_ranges(previous)
     return 0
 
 

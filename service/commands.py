@@ -21,6 +21,7 @@ import asyncpg
 import numpy as np
 
 from contracts import cohort as cohorts
+from contracts import decision
 from contracts import events as ev
 from contracts.bodies import (
     ChoiceRequest,
@@ -34,6 +35,7 @@ from contracts.bodies import (
     ScopeChoice,
 )
 from contracts.codes import OptOutScope, values
+from contracts.decision import Claim, Reason, Terms
 from contracts.entry import format_recorded_at
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, utc
@@ -59,6 +61,7 @@ from .store import (
     IdempotencyKey,
     NewEvent,
     StoredEvent,
+    StoreUnavailable,
     VersionConflict,
 )
 
@@ -96,67 +99,59 @@ def idempotency_key(caller: Caller, key: str | None, method: str, path: str, bod
 
 @dataclass(frozen=True)
 class Assessment:
-    """How many of a cohort were opted out at ``position``, and how many of
-    those consented to the grant (consent overrides the opt-out for it)."""
+    """The rule's verdict on a cohort as the ledger stood at ``position``:
+    how many members each ``Reason`` applies to."""
 
     position: int
-    opted_out: int
-    consented: int
+    found: dict[Reason, int]
 
     @property
     def excluded(self) -> int:
-        return self.opted_out - self.consented
+        return sum(n for r, n in self.found.items() if r not in decision.INCLUDED)
 
 
 class OptOutAssessor(ABC):
-    """Answers 'who in this cohort is opted out' at some position."""
+    """Applies the rule to a cohort at a past or present position."""
 
     @abstractmethod
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, as_of: int) -> Assessment:
-        """Opt-out state of the cohort at a position no later than ``as_of``."""
+    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
+                     position: int) -> Assessment:
+        """Each member's reason under ``terms``, with their choices as of ``position``."""
 
 
 class LedgerOptOutAssessor(OptOutAssessor):
-    """Folds each cohort member's own events from the ledger: exact at any
-    position, and fine for cohorts of thousands; the projection-backed
-    assessor serves national-scale cohorts."""
+    """Replays each cohort member's own events from the ledger into a fresh
+    decision state: exact at any position, and fine for cohorts of
+    thousands; the in-memory state serves national-scale cohorts."""
 
     def __init__(self, store: EventStore):
         self.store = store
 
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, as_of: int) -> Assessment:
-        numbers = cohort_numbers(stems)
-        ids = {patient_aggregate_id(n): n for n in numbers}
-        patients: dict[UUID, Patient] = {}
-        for stored in await self.store.aggregates_events(conn, ids, as_of):
-            e = stored.entry
-            agg_id = UUID(e.aggregate_id)
-            patient = patients.get(agg_id)
-            if patient is None:
-                patient = patients[agg_id] = Patient.blank(agg_id)
-            _replay(patient, stored)
-        opted_out = [p for p in patients.values() if p.opted_out]
-        consented = sum(1 for p in opted_out if grant_id in p.consents)
-        return Assessment(position=as_of, opted_out=len(opted_out), consented=consented)
+    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
+                     position: int) -> Assessment:
+        ids = [patient_aggregate_id(n) for n in cohort_numbers(stems)]
+        state = OptOutFilter()
+        state.follow([s.entry for s in await self.store.aggregates_events(conn, ids, position)])
+        return Assessment(position, decision.counts(state.assess(stems, grant_id, terms)))
 
 
 class ProjectedOptOutAssessor(OptOutAssessor):
-    """Answers from the in-memory opt-out filter: a 5M cohort is a few
+    """Answers from the in-memory decision state: a 5M cohort is a few
     hundred milliseconds of bitmap lookups, not millions of ledger reads.
-
-    The filter may be behind ``as_of`` (then the data use's AppendCondition
-    covers the gap up to commit) or ahead of it (then it already reflects
-    those events); either way the Assessment reports the position it used."""
+    The state may be ahead of ``position``; it answers as of ``position``."""
 
     def __init__(self, opt_outs: OptOutFilter, runner: Runner, wait: float = 2.0):
         self.opt_outs = opt_outs
         self.runner = runner
         self.wait = wait
 
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, as_of: int) -> Assessment:
-        await self.runner.wait_for(as_of, self.wait, lambda: self.opt_outs.position)
-        position, opted_out, consented = await asyncio.to_thread(self.opt_outs.snapshot().assess, stems, grant_id)
-        return Assessment(position=position, opted_out=opted_out, consented=consented)
+    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
+                     position: int) -> Assessment:
+        if not await self.runner.wait_for(position, self.wait, lambda: self.opt_outs.position):
+            raise StoreUnavailable(f"the opt-out state has not yet reached position {position}")
+        # Millions of lookups off the event loop, on a copy `follow` does not change meanwhile.
+        reasons = await asyncio.to_thread(self.opt_outs.snapshot().assess, stems, grant_id, terms, position)
+        return Assessment(position, decision.counts(reasons))
 
 
 def cohort_numbers(stems: np.ndarray) -> list[str]:
@@ -262,9 +257,8 @@ class Ledger:
         )
 
     async def withdraw_consent(
-        self, caller: Caller, nhs: NhsNumber, grant_id: str, idem: IdempotencyKey | None
+        self, caller: Caller, nhs: NhsNumber, grant_id: str, actor: Actor, idem: IdempotencyKey | None
     ) -> Outcome:
-        actor = Actor(kind="patient")
         return await self._execute(
             Patient, patient_aggregate_id(nhs),
             lambda p: p.withdraw_consent(str(nhs), grant_id, actor, caller.subject), idem,
@@ -323,22 +317,32 @@ class Ledger:
 
     # --- data uses ------------------------------------------------------------
 
-    async def load_cohort(self, cohort_id: str) -> np.ndarray:
+    async def load_cohort(self, cohort_id: str, organisation: str) -> np.ndarray:
+        """A stored cohort, for an organisation that stored it or recorded a use of it.
+        Anyone else is told it does not exist: a cohort_id must reveal nothing."""
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT encoding, members FROM cohorts WHERE cohort_id = $1", bytes.fromhex(cohort_id)
-            )
+                "SELECT c.encoding, c.members FROM cohorts c JOIN cohort_holders h USING (cohort_id)"
+                " WHERE c.cohort_id = $1 AND h.organisation_code = $2", bytes.fromhex(cohort_id), organisation)
         if row is None:
             raise RuleBroken(
-                f"no cohort {cohort_id} is stored: POST it to /v1/cohorts first",
+                f"your organisation has stored no cohort {cohort_id}: POST it to /v1/cohorts first",
                 code="unknown-cohort", path="$.cohort_id",
             )
         return await asyncio.to_thread(cohorts.decode_members, row["encoding"], row["members"])
 
-    async def store_cohort(self, cohort: cohorts.EncodedCohort) -> None:
-        """Store a cohort once, content-addressed."""
+    async def store_cohort(self, caller: Caller, cohort: cohorts.EncodedCohort, request_id: str | None) -> None:
+        """Store a cohort once, content-addressed, and record in the ledger that
+        the caller's organisation stored it."""
+        assert caller.org is not None
         async with self.store.pool.acquire() as conn:
-            await _store_cohort(cohort)(conn)
+            held = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM cohort_holders WHERE cohort_id = $1"
+                                       " AND organisation_code = $2)", bytes.fromhex(cohort.cohort_id), caller.org)
+        if not held:
+            event = ev.CohortStored(cohort_id=cohort.cohort_id, size=len(cohort.stems), organisation_code=caller.org,
+                                    recorded_by=caller.subject, request_id=request_id)
+            await self.store.append([NewEvent(uuid4(), "CohortStored", uuid4(), 1, event)],
+                                   side_write=_store_cohort(cohort, caller.org))
 
     async def record_data_use(
         self, caller: Caller, request: DataUseRequest, idem: IdempotencyKey | None,
@@ -351,15 +355,18 @@ class Ledger:
             earlier = await self.store.find_idempotent(idem)
             if earlier is not None:
                 return Outcome(earlier.receipts[0], created=True, replayed=True)
+        organisation = caller.org
+        assert organisation is not None, "data uses are organisation-scoped operations"
         if request.nhs_numbers is not None:
             numbers = np.fromiter((int(n[:9]) for n in request.nhs_numbers), dtype=np.int64)
             cohort = await asyncio.to_thread(cohorts.encode_cohort, numbers)
         if cohort is not None:
-            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, _store_cohort(cohort)
+            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, _store_cohort(cohort, organisation)
         else:
             assert request.cohort_id is not None
-            stems, cohort_id, side_write = await self.load_cohort(request.cohort_id), request.cohort_id, None
-        organisation = caller.org or ""
+            stems, cohort_id = await self.load_cohort(request.cohort_id, organisation), request.cohort_id
+            side_write = None
+        occurred = utc(request.occurred_at)
         for _ in range(_ATTEMPTS):
             now = datetime.now(timezone.utc)
             async with self.store.pool.acquire() as conn:
@@ -373,21 +380,19 @@ class Ledger:
                             code="position-in-future", path="$.opt_out_state_position",
                         )
                     grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
-                    use = await self._load(conn, DataUse, data_use_aggregate_id(request.use_id))
+                    use = await self._load(conn, DataUse, data_use_aggregate_id(organisation, request.use_id))
                     grant.check_use(request, organisation, now)
-                    assessment = await self.assessor.assess(conn, stems, request.grant_id, head)
+                    # The state in force when the use occurred: the last position recorded by then.
+                    position = await self.store.position_at(conn, occurred, head)
+                    terms = grant.terms(position, occurred)
+                    if terms.status != "active":
+                        raise _not_in_force(grant, terms, request.grant_id)
+                    assessment = await self.assessor.assess(conn, stems, request.grant_id, terms, position)
+            if assessment.excluded:
+                raise _excluded(assessment, request.grant_id, "$.nhs_numbers" if cohort is not None else "$.cohort_id")
             granted = grant.granted
             assert granted is not None
-            exemption = granted.opt_out_exemption
-            if assessment.excluded and exemption is None:
-                raise RuleBroken(
-                    f"{assessment.excluded} patient(s) in the cohort have an opt-out in force at position "
-                    f"{assessment.position} and the grant records no opt-out exemption; filter the cohort with "
-                    f"POST /v1/opt-out-filter?grant_id={request.grant_id}&min_position={assessment.position} "
-                    "and submit the filtered cohort",
-                    code="opted-out-patients-in-cohort",
-                    path="$.nhs_numbers" if cohort is not None else "$.cohort_id",
-                )
+            claim = Claim.of(assessment.found, terms)
             use.record(ev.DataUseRecorded(
                 use_id=request.use_id,
                 grant_id=request.grant_id,
@@ -397,20 +402,19 @@ class Ledger:
                 datasets=list(request.datasets),
                 cohort_id=cohort_id,
                 cohort_size=len(stems),
-                occurred_at=utc(request.occurred_at),
+                occurred_at=occurred,
                 access_method=request.access_method,
-                opt_out_state_position=assessment.position,
-                opted_out_included=assessment.opted_out if exemption else assessment.consented,
-                consented_included=assessment.consented,
+                opt_out_state_position=position,
+                opted_out_included=claim.opted_out_included,
+                consented_included=claim.consented_included,
                 recorded_by=caller.subject,
-                exemption_applied=exemption if assessment.opted_out else None,
+                exemption_applied=claim.exemption_applied,
                 caller_filter_position=request.opt_out_state_position,
             ))
-            # The assessor may be ahead of the snapshot `head` the grant was
-            # checked at: watch from the earlier of the two.
-            condition = _data_use_condition(
-                min(head, assessment.position), request.grant_id, stems, exemption is not None
-            )
+            # Anything recorded after `occurred_at` cannot change the decision;
+            # when the use occurred at the head (now), a change landing before
+            # the append still could.
+            condition = _data_use_condition(position, request.grant_id, stems, terms) if position == head else None
             try:
                 result = await self.store.append(
                     _new_events(use), condition=condition, idempotency=idem, side_write=side_write
@@ -421,12 +425,46 @@ class Ledger:
         raise Contended("opt-outs or the grant kept changing while this data use was checked; retry")
 
 
-def _store_cohort(cohort: cohorts.EncodedCohort) -> Callable[[asyncpg.Connection], Any]:
+def _not_in_force(grant: Grant, terms: Terms, grant_id: str) -> RuleBroken:
+    g = grant.granted
+    assert g is not None and grant.granted_at is not None
+    if terms.status == "not-recorded":
+        return RuleBroken(f"`occurred_at` is before grant {grant_id!r} was recorded "
+                          f"({format_recorded_at(grant.granted_at)}): a use is recorded only under a grant "
+                          "already in the ledger", code="invalid-dates", path="$.occurred_at")
+    detail = {
+        "not-yet-valid": f"the grant is not yet valid at `occurred_at`: it starts {format_recorded_at(g.valid_from)}",
+        "expired": f"the grant had expired at `occurred_at`: it ended {format_recorded_at(g.valid_until)}",
+        "revoked": f"the grant was revoked (position {grant.revoked_position}) before `occurred_at`",
+    }[terms.status]
+    return RuleBroken(f"{detail}; data uses need a grant in force when they occur",
+                      code=f"grant-{terms.status}", path="$.grant_id")
+
+
+def _excluded(assessment: Assessment, grant_id: str, path: str) -> RuleBroken:
+    fix = (f"filter the cohort with POST /v1/opt-out-filter?grant_id={grant_id}"
+           f"&min_position={assessment.position} and submit the filtered cohort")
+    missing = assessment.found[Reason.CONSENT_MISSING]
+    if missing:
+        return RuleBroken(f"{missing} patient(s) in the cohort had not consented to this project when the use "
+                          f"occurred (position {assessment.position}), and its legal basis is explicit consent; "
+                          + fix, code="consent-missing", path=path)
+    return RuleBroken(
+        f"{assessment.found[Reason.OPTED_OUT_EXCLUDED]} patient(s) in the cohort have an opt-out in force at "
+        f"position {assessment.position} (when the use occurred) and the grant records no opt-out exemption; "
+        + fix, code="opted-out-patients-in-cohort", path=path)
+
+
+def _store_cohort(cohort: cohorts.EncodedCohort, organisation: str) -> Callable[[asyncpg.Connection], Any]:
     async def write(conn: asyncpg.Connection) -> None:
         await conn.execute(
             "INSERT INTO cohorts (cohort_id, size, encoding, members) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (cohort_id) DO NOTHING",
             bytes.fromhex(cohort.cohort_id), len(cohort.stems), cohort.encoding, cohort.members,
+        )
+        await conn.execute(
+            "INSERT INTO cohort_holders (cohort_id, organisation_code) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            bytes.fromhex(cohort.cohort_id), organisation,
         )
 
     return write
@@ -440,19 +478,19 @@ def _in_cohort(stems: np.ndarray, nhs_number: str) -> bool:
     return i < len(stems) and int(stems[i]) == stem
 
 
-def _data_use_condition(after: int, grant_id: str, stems: np.ndarray, exempt: bool) -> AppendCondition:
-    """Events after the assessed position that would change the decision."""
+def _data_use_condition(after: int, grant_id: str, stems: np.ndarray, terms: Terms) -> AppendCondition:
+    """Events after the assessed position that would leave a member excluded."""
 
     def violated(events: Sequence[tuple[str, Any]]) -> str | None:
         for event_type, p in events:
             if event_type == "AccessRevoked" and p.grant_id == grant_id:
                 return "the grant was revoked"
-            if exempt:
-                continue
-            if event_type == "OptOutRegistered" and _in_cohort(stems, p.nhs_number):
-                return "a patient in the cohort opted out"
-            if event_type == "StudyConsentWithdrawn" and p.grant_id == grant_id and _in_cohort(stems, p.nhs_number):
+            if event_type == "StudyConsentWithdrawn" and p.grant_id == grant_id and _in_cohort(stems, p.nhs_number) \
+                    and (terms.needs_consent or terms.exemption is None):
                 return "a patient in the cohort withdrew consent"
+            if event_type == "OptOutRegistered" and terms.opt_outs_apply and not terms.needs_consent \
+                    and _in_cohort(stems, p.nhs_number):
+                return "a patient in the cohort opted out"
         return None
 
     return AppendCondition(

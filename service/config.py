@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from contracts import nhs_number
+
 
 @dataclass(frozen=True)
 class Config:
@@ -30,6 +32,8 @@ class Config:
     checkpoint_interval: float = 1.0
     projection_poll_interval: float = 1.0
     filter_wait: float = 5.0
+    token_max_lifetime_seconds: float = 86_400.0
+    nhs_number_ranges: tuple[str, ...] = ()
     task_stall_seconds: float = 30.0
 
     @property
@@ -68,6 +72,13 @@ def load(env: dict[str, str] | None = None) -> Config:
         projection_poll_interval=float(env.get("CONSENT_LEDGER_PROJECTION_POLL", "1.0")),
         # How long an opt-out filter call waits for `min_position` before 503.
         filter_wait=float(env.get("CONSENT_LEDGER_FILTER_WAIT", "5.0")),
+        # Tokens that would live longer than this are refused (a stolen one must expire).
+        token_max_lifetime_seconds=float(env.get("CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS", "86400")),
+        # Which allocated NHS number ranges are accepted; production leaves out the synthetic (test) range.
+        nhs_number_ranges=tuple(r.strip() for r in env.get(
+            "CONSENT_LEDGER_NHS_NUMBER_RANGES",
+            ",".join(nhs_number.PRODUCTION_RANGES if environment == "production" else nhs_number.RANGES),
+        ).split(",") if r.strip()),
         # A background task without progress for this long (beyond its own
         # period) makes /readyz answer 503, naming the task.
         task_stall_seconds=float(env.get("CONSENT_LEDGER_TASK_STALL_SECONDS", "30")),

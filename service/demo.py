@@ -107,7 +107,8 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
                 await ledger.record_data_use(sde, DataUseRequest(
                     use_id=f"{grant_id}-use-{i + 1:03d}", grant_id=grant_id,
                     purpose=_GRANTS[i % len(_GRANTS)][3], datasets=datasets[:1],
-                    occurred_at=now - timedelta(hours=12 - i), access_method="sde" if i % 2 else "extract",
+                    # Uses are judged when they occur: after the grants were recorded.
+                    occurred_at=datetime.now(timezone.utc), access_method="sde" if i % 2 else "extract",
                     nhs_numbers=cohort,
                 ), None)
             except AlreadyExists:

@@ -18,12 +18,18 @@ from eventsourcing.domain import Aggregate
 
 from contracts import events as ev
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
+from contracts.decision import GrantStatus, Terms, grant_status
 from contracts.values import Actor, utc
 
 _NAMESPACE = UUID("6c1b3f0e-4a53-5d0c-9a7e-2f1c7b0d8e11")
 
 # Clocks of callers and the ledger differ a little; more than this is an error.
 CLOCK_SKEW = timedelta(minutes=5)
+# A committee's approval may be recorded a while after its meeting: a grant may
+# start up to this long before it is recorded (README, "Grants and dates").
+BACKDATING_ALLOWANCE = timedelta(days=90)
+# ... and ends at most this long after it is recorded; longer studies are renewed.
+MAX_GRANT_LENGTH = timedelta(days=5 * 365 + 1)
 
 
 def patient_aggregate_id(nhs_number: str) -> UUID:
@@ -34,8 +40,10 @@ def grant_aggregate_id(grant_id: str) -> UUID:
     return uuid5(_NAMESPACE, f"grant/{grant_id}")
 
 
-def data_use_aggregate_id(use_id: str) -> UUID:
-    return uuid5(_NAMESPACE, f"data-use/{use_id}")
+def data_use_aggregate_id(organisation: str, use_id: str) -> UUID:
+    """Per organisation: one organisation's ``use_id`` never collides with, or
+    reveals, another's."""
+    return uuid5(_NAMESPACE, f"data-use/{organisation}/{use_id}")
 
 
 class RuleBroken(Exception):
@@ -144,14 +152,6 @@ class Patient(LedgerAggregate):
             patient.consents.pop(self.data.grant_id, None)
             patient.withdrawn[self.data.grant_id] = self.position
 
-    @property
-    def opted_out(self) -> bool:
-        return any(c.state == "opted-out" for c in self.scopes.values())
-
-    def excluded_from(self, grant_id: str) -> bool:
-        """Whether an opt-out keeps this patient out of a use under the grant."""
-        return self.opted_out and grant_id not in self.consents
-
     def choose(self, nhs_number: str, opt_out: bool, request: ChoiceRequest, recorded_by: str) -> int | None:
         """Set the scope's choice; the existing position if it is already in force."""
         wanted = "opted-out" if opt_out else "opted-in"
@@ -191,6 +191,7 @@ class Patient(LedgerAggregate):
 class Grant(LedgerAggregate):
     granted: ev.AccessGranted | None
     granted_position: int | None
+    granted_at: datetime | None
     revoked: ev.AccessRevoked | None
     revoked_position: int | None
     revoked_at: datetime | None
@@ -198,6 +199,7 @@ class Grant(LedgerAggregate):
     def _init_state(self) -> None:
         self.granted = None
         self.granted_position = None
+        self.granted_at = None
         self.revoked = None
         self.revoked_position = None
         self.revoked_at = None
@@ -206,6 +208,7 @@ class Grant(LedgerAggregate):
         def apply(self, grant: Grant) -> None:
             grant.granted = self.data
             grant.granted_position = self.position
+            grant.granted_at = self.timestamp
 
     class AccessRevoked(LedgerEvent):
         def apply(self, grant: Grant) -> None:
@@ -217,15 +220,13 @@ class Grant(LedgerAggregate):
     def exists(self) -> bool:
         return self.granted is not None
 
-    def status(self, now: datetime) -> str:
+    def status(self, now: datetime) -> GrantStatus:
         assert self.granted is not None
-        if self.revoked is not None:
-            return "revoked"
-        if now < self.granted.valid_from:
-            return "not-yet-valid"
-        if now >= self.granted.valid_until:
-            return "expired"
-        return "active"
+        return grant_status(self.granted.valid_from, self.granted.valid_until, self.revoked is not None, now)
+
+    def terms(self, position: int, instant: datetime) -> Terms:
+        """The grant as the ledger stood at ``position``, for a use at ``instant``."""
+        return Terms.at(self.granted, self.granted_position, self.revoked_position, position, instant)
 
     def grant(self, request: GrantRequest, recorded_by: str, now: datetime) -> None:
         if self.exists:
@@ -245,6 +246,12 @@ class Grant(LedgerAggregate):
             raise RuleBroken("`valid_until` must be later than `valid_from`", code="invalid-dates", path="$.valid_until")
         if valid_until <= now:
             raise RuleBroken("`valid_until` is already in the past", code="invalid-dates", path="$.valid_until")
+        if valid_from < now - BACKDATING_ALLOWANCE:
+            raise RuleBroken(f"`valid_from` may be at most {BACKDATING_ALLOWANCE.days} days before the grant is "
+                             "recorded", code="invalid-dates", path="$.valid_from")
+        if valid_until > now + MAX_GRANT_LENGTH:
+            raise RuleBroken("`valid_until` may be at most 5 years after the grant is recorded; renew a longer "
+                             "project with a new grant", code="invalid-dates", path="$.valid_until")
         self._trigger("AccessGranted", ev.AccessGranted(
             grant_id=request.grant_id,
             organisation=request.organisation,
@@ -269,17 +276,14 @@ class Grant(LedgerAggregate):
         return None
 
     def check_use(self, request: DataUseRequest, organisation: str, now: datetime) -> None:
-        """Everything about a data use that the grant alone decides."""
+        """What the grant alone decides about a data use, whenever it occurred;
+        whether the grant was in force at ``occurred_at`` is the rule's (``terms``)."""
         if not self.exists:
             raise RuleBroken(f"no grant {request.grant_id!r} is recorded", code="unknown-grant", path="$.grant_id")
         g = self.granted
         assert g is not None
         if g.organisation.code != organisation:
             raise NotPermitted("the grant belongs to another organisation: an SDE may only record uses under its own")
-        status = self.status(now)
-        if status != "active":
-            raise RuleBroken(f"the grant is {status}; data uses need an active grant", code=f"grant-{status}",
-                             path="$.grant_id")
         if request.purpose != g.purpose.code:
             raise RuleBroken(f"the grant covers purpose {g.purpose.code!r}, not {request.purpose!r}",
                              code="purpose-outside-grant", path="$.purpose")
@@ -287,12 +291,8 @@ class Grant(LedgerAggregate):
         if outside:
             raise RuleBroken(f"datasets outside the grant: {', '.join(outside)}", code="datasets-outside-grant",
                              path="$.datasets")
-        occurred = utc(request.occurred_at)
-        if occurred > now + CLOCK_SKEW:
+        if utc(request.occurred_at) > now + CLOCK_SKEW:
             raise RuleBroken("`occurred_at` is in the future", code="invalid-dates", path="$.occurred_at")
-        if not g.valid_from <= occurred < g.valid_until:
-            raise RuleBroken("`occurred_at` is outside the grant's validity", code="invalid-dates",
-                             path="$.occurred_at")
 
 
 class DataUse(LedgerAggregate):

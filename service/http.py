@@ -12,19 +12,24 @@ import csv
 import io
 import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import msgspec
+import numpy as np
 import structlog
 from aiohttp import web
 
 from contracts import api, bodies, merkle, note
+from contracts import cohort as cohorts
 from contracts.codes import Purpose, values
 from contracts.cohort import EncodedCohort, encode_cohort
+from contracts.decision import Terms
 from contracts.entry import decode_entry
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber, decode_hook
+from contracts.values import Actor
 from projections import reads as projection_reads
 from projections.choices import ChoicesProjection
 from projections.optout_filter import FilterResult, OptOutFilter
@@ -33,7 +38,7 @@ from projections.uses import UsesProjection
 
 from . import __version__
 from . import numbers_body
-from .access import READ_HEADER, record_read
+from .access import READ_HEADER, current_request_id, record_filter_call, record_read, submitted_sha256
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
@@ -198,9 +203,15 @@ async def give_consent(request: web.Request, caller: Caller | None) -> web.Respo
 
 async def withdraw_consent(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
+    op = api.BY_ID["withdraw_consent"]
     grant_id = request.match_info["grant_id"]
-    idem = idempotency_key(caller, _idempotency_header(request), request.method, request.path, b"")
-    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, idem)
+    raw = await read_body(request, op.body_limit)
+    actor = Actor(kind="patient")
+    if raw:
+        _require_json(request)
+        actor = decode_json(raw, _decoders[op.id]).actor
+    idem = idempotency_key(caller, _idempotency_header(request), request.method, request.path, raw)
+    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, actor, idem)
     return receipt_response(outcome)
 
 
@@ -229,15 +240,15 @@ async def revoke_grant(request: web.Request, caller: Caller | None) -> web.Respo
 async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
     view = await request.app[LEDGER].grant_view(request.match_info["grant_id"])
-    if caller.roles == {"sde"} and view.grant.organisation.code != caller.org:
+    # Each role keeps its own rule: a token that reads as `sde` (no dac or auditor
+    # role beside it) reads only its own organisation's grants.
+    if not caller.roles & (api.DAC | api.AUDITOR) and view.grant.organisation.code != caller.org:
         raise Forbidden("SDE callers may only read their own organisation's grants")
     return json_response(view)
 
 
 async def record_data_use(request: web.Request, caller: Caller | None) -> web.Response:
     caller = _caller(caller)
-    if not caller.org:
-        raise Forbidden("data uses need a token with an `org` claim")
     _require_json(request)
     raw = await read_body(request, api.BY_ID["record_data_use"].body_limit)
     key = _idempotency_header(request)
@@ -298,7 +309,7 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
 async def create_cohort(request: web.Request, caller: Caller | None) -> web.Response:
     raw = await read_body(request, api.BY_ID["create_cohort"].body_limit)
     cohort = await request.app[WORKERS].run(_cohort_of, request.content_type, raw)
-    await request.app[LEDGER].store_cohort(cohort)
+    await request.app[LEDGER].store_cohort(_caller(caller), cohort, current_request_id())
     return json_response(bodies.Cohort(cohort_id=cohort.cohort_id, size=len(cohort.stems)), 201)
 
 
@@ -309,47 +320,93 @@ def _cohort_of(content_type: str, raw: bytearray) -> EncodedCohort:
     return encode_cohort(parsed.stems)
 
 
+async def get_cohort(request: web.Request, caller: Caller | None) -> web.Response:
+    cohort_id = request.match_info["cohort_id"]
+    if len(cohort_id) != 64 or not all(c in "0123456789abcdef" for c in cohort_id):
+        raise invalid("a cohort_id is 64 lowercase hex digits", "path.cohort_id", status=400)
+    async with request.app[STORE].pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT encoding, members FROM cohorts WHERE cohort_id = $1", bytes.fromhex(cohort_id))
+    if row is None:
+        raise NotFound(f"no cohort {cohort_id} is stored")
+    body = await request.app[WORKERS].run(_canonical_cohort, row["encoding"], row["members"])
+    read = await record_read(request.app[STORE], _caller(caller), "cohort", api.AUDITOR, cohort_id=cohort_id)
+    return web.Response(body=body, content_type="text/plain", headers={READ_HEADER: str(read.position)})
+
+
+def _canonical_cohort(encoding: str, members: bytes) -> bytes:
+    return cohorts.canonical_bytes(cohorts.decode_members(encoding, members))
+
+
 async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Response:
     app = request.app
+    caller = _caller(caller)
     purpose = request.query.get("purpose")
     if purpose is not None and purpose not in values(Purpose):
         raise invalid(f"`purpose` must be one of {', '.join(values(Purpose))}", "query.purpose", status=400)
     grant_id = request.query.get("grant_id") or None
+    if purpose is not None and grant_id is None:
+        raise invalid("`purpose` is checked against a grant's purpose: give `grant_id` too (opt-outs alone "
+                      "apply whatever the purpose)", "query.purpose", slug="purpose-without-grant")
     min_position = _int_query(request, "min_position", 0, 0, 2**62)
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
     parsed = await app[WORKERS].run(numbers_body.parse, request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
+    wait = app[SETTINGS]["filter_wait"]
     if optouts.position < min_position and not await app[RUNNER].wait_for(
-        min_position, app[SETTINGS]["filter_wait"], lambda: optouts.position
+        min_position, wait, lambda: optouts.position
     ):
         raise ProblemError(503, "not-yet-reflected", "Opt-out state not yet reflected",
-                           f"the filter reflects position {optouts.position}, not yet {min_position}; retry",
-                           headers={"Retry-After": "1"})
-    if grant_id is not None and grant_id not in optouts.grants:
-        raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
+                           f"the filter reflects position {optouts.position}, not yet {min_position}, after "
+                           f"waiting {wait:g} s; retry", headers={"Retry-After": "1"})
+    terms = optouts.terms(grant_id, datetime.now(timezone.utc))
+    if grant_id is not None:
+        record = optouts.grants.get(grant_id)
+        if record is None:
+            raise invalid(f"no grant {grant_id!r} is recorded (as of position {optouts.position})", "query.grant_id")
+        if record.granted.organisation.code != caller.org:
+            raise Forbidden("the grant belongs to another organisation: an SDE may only filter under its own grants")
+        if terms.status != "active":
+            raise invalid(f"the grant is {terms.status}: the filter applies only grants in force",
+                          "query.grant_id", slug=f"grant-{terms.status}")
+        if purpose is not None and purpose != record.granted.purpose.code:
+            raise invalid(f"the grant covers purpose {record.granted.purpose.code!r}, not {purpose!r}",
+                          "query.purpose", slug="purpose-outside-grant")
     checkpoint = (await app[CHECKPOINTS].latest()).size
-    result, body = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed, grant_id, checkpoint)
+    result, digest = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed.stems, grant_id, terms)
+    # The answer is rendered while the call is being recorded; it leaves only once recorded.
+    recorded, body = await asyncio.gather(
+        record_filter_call(app[STORE], caller, len(parsed.stems), digest, grant_id=grant_id, purpose=purpose,
+                           removed=result.removed, as_of=result.as_of),
+        app[WORKERS].run(_rendered, parsed, result, checkpoint),
+    )
     if parsed.media_type == numbers_body.JSON:
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", headers={READ_HEADER: str(recorded.position)})
     headers = {
         "Ledger-As-Of": str(result.as_of),
         "Ledger-Removed": str(result.removed),
         "Ledger-Checkpoint": str(checkpoint),
         "Ledger-Consented-Kept": str(result.consented_kept),
+        READ_HEADER: str(recorded.position),
     }
     if result.exemption is not None:
-        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={result.exemption.reference}"
+        # New grants cannot carry control characters; one recorded before that rule must not break the answer.
+        reference = "".join(c if c.isprintable() else " " for c in result.exemption.reference)
+        headers["Ledger-Exemption"] = f"{result.exemption.basis}; reference={reference}"
     return web.Response(body=body, content_type=parsed.media_type, headers=headers)
 
 
 def _filtered(
-    optouts: OptOutFilter, parsed: numbers_body.NumbersBody, grant_id: str | None, checkpoint: int
-) -> tuple[FilterResult, bytes | memoryview]:
-    """Filter and render the answer (in a worker thread, from a snapshot of the filter)."""
-    result = optouts.filter(parsed.stems, grant_id)
+    optouts: OptOutFilter, stems: np.ndarray, grant_id: str | None, terms: Terms
+) -> tuple[FilterResult, str]:
+    """Filter (in a worker thread, from a snapshot of the filter), and the hash that records what was filtered."""
+    return optouts.filter(stems, grant_id, terms), submitted_sha256(stems)
+
+
+def _rendered(parsed: numbers_body.NumbersBody, result: FilterResult, checkpoint: int) -> bytes | memoryview:
+    """The answer in the caller's media type (in a worker thread)."""
     if parsed.media_type != numbers_body.JSON:
-        return result, numbers_body.render_lines(parsed, result.keep)
-    return result, numbers_body.render_json(parsed.stems[result.keep], {
+        return numbers_body.render_lines(parsed, result.keep)
+    return numbers_body.render_json(parsed.stems[result.keep], {
         "as_of": result.as_of, "removed": result.removed, "checkpoint": checkpoint,
         "consented_kept": result.consented_kept, "exemption": result.exemption,
     })
@@ -440,12 +497,17 @@ async def openapi(request: web.Request, caller: Caller | None) -> web.Response:
 # --- transparency: checkpoints, tiles, proofs ---------------------------------------
 
 
+_MAX_TILE_INDEX = 2**62 // merkle.TILE_WIDTH
+
+
 def _tile_request(request: web.Request) -> tuple[int, int]:
     """(tile index N, width W) from <N>[.p/<W>], refusing non-canonical spellings."""
     raw = request.match_info["tile_path"]
     index_part, partial, width_part = raw.partition(".p/")
     try:
         n = merkle.parse_tile_index(index_part)
+        if n >= _MAX_TILE_INDEX:
+            raise ValueError  # beyond any log this ledger can hold (positions are below 2**62)
         width = int(width_part) if partial else merkle.TILE_WIDTH
         if partial and (not 1 <= width < merkle.TILE_WIDTH or str(width) != width_part):
             raise ValueError
@@ -581,6 +643,7 @@ HANDLERS: dict[str, Handler] = {
     "get_grant": get_grant,
     "record_data_use": record_data_use,
     "create_cohort": create_cohort,
+    "get_cohort": get_cohort,
     "opt_out_filter": opt_out_filter,
     "get_history": get_history,
     "get_register": get_register,
@@ -608,6 +671,8 @@ def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaita
             structlog.contextvars.bind_contextvars(caller=caller.subject)
             nhs = path_nhs(request) if "nhs" in request.match_info else None
             authorise(caller, op.roles, nhs)
+            if op.org_scoped and not caller.org:
+                raise Forbidden("this acts for an organisation: the token needs an `org` claim (organisation code)")
         return await handler(request, caller)
 
     endpoint.__name__ = op.id
@@ -731,8 +796,12 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
 async def _projections_context(app: web.Application) -> AsyncIterator[None]:
     """Compose the projections: runner, in-memory filter, projection-backed assessor."""
     store = app[STORE]
-    async with store.pool.acquire() as conn:
-        optouts = await OptOutFilter.load(conn)
+    started = time.perf_counter()
+    optouts = await OptOutFilter.load(store.pool)
+    settings = app[SETTINGS]
+    log.info("decision state loaded from the ledger's entries", position=optouts.position,
+             seconds=round(time.perf_counter() - started, 2), grants=len(optouts.grants),
+             projection_poll_interval=settings["projection_poll_interval"], filter_wait=settings["filter_wait"])
     runner = Runner(
         store.pool,
         [ChoicesProjection(), UsesProjection()],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from urllib.parse import unquote_plus
 from typing import Any
 
 import msgspec
@@ -19,7 +20,14 @@ _TEN_DIGITS = re.compile(r"(?<![0-9A-Za-z])\d{3}[ -]?\d{3}[ -]?\d{4}(?![0-9A-Za-
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return _TEN_DIGITS.sub("[nhs-number?]", value)
+        masked = _TEN_DIGITS.sub("[nhs-number?]", value)
+        # A raw request line keeps its percent-encoding ("943%20476%205927", "943+476+5927"):
+        # look again at the decoded text, and log that, masked, if it hides a number.
+        if "%" in masked or "+" in masked:
+            decoded = unquote_plus(masked)
+            if _TEN_DIGITS.search(decoded):
+                return _TEN_DIGITS.sub("[nhs-number?]", decoded)
+        return masked
     return value
 
 

@@ -89,7 +89,7 @@ def parse(content_type: str, body: bytes | bytearray, *, json_list: bool = False
         raise ProblemError(
             422, "invalid-nhs-numbers", "Invalid NHS numbers",
             f"{count} entr{'y is' if count == 1 else 'ies are'} not a valid NHS number (10 digits, modulus-11 "
-            f"check digit; spaces and dashes allowed){shown}; nothing was processed",
+            f"check digit, an allocated range; spaces and dashes allowed){shown}; nothing was processed",
             errors=[ProblemDetail(path=p, message="not a valid NHS number") for p in positions],
         )
     if len(parsed.stems) > MAX_COHORT_SIZE:

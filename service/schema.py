@@ -14,6 +14,8 @@ APP_ROLE = "consent_ledger_app"
 _LOCK_KEY = 0x434C4447  # "CLDG": serialises concurrent migrations
 
 LEDGER_TABLES = ("ledger_events", "ledger_idempotency", "cohorts")
+# Added by later migrations, append-only like the ledger tables.
+COHORT_HOLDERS = "cohort_holders"
 
 _V1 = f"""
 CREATE TABLE ledger_events (
@@ -229,6 +231,34 @@ CREATE TABLE grant_coverage (
 """
 
 
+# Issue 8.  Who may refer to a stored cohort: the organisations that stored it
+# (CohortStored) or recorded a use of it (DataUseRecorded), written in the
+# same transaction as that entry.  Existing holders come from the ledger's
+# data uses; a cohort stored but never used must be stored again (which now
+# records who stored it).  use_id is unique per organisation, not globally.
+_V4 = """
+CREATE TABLE cohort_holders (
+    cohort_id         bytea NOT NULL CHECK (length(cohort_id) = 32),
+    organisation_code text  NOT NULL,
+    PRIMARY KEY (cohort_id, organisation_code)
+);
+CREATE TRIGGER cohort_holders_append_only BEFORE UPDATE OR DELETE ON cohort_holders
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER cohort_holders_no_truncate BEFORE TRUNCATE ON cohort_holders
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+INSERT INTO cohort_holders
+    SELECT DISTINCT decode(p->>'cohort_id', 'hex'), p->>'organisation_code'
+    FROM (SELECT convert_from(entry, 'UTF8')::jsonb->'payload' AS p FROM ledger_events
+          WHERE event_type = 'DataUseRecorded') uses;
+
+ALTER TABLE data_uses_view ADD COLUMN organisation_code text;
+UPDATE data_uses_view d SET organisation_code = g.organisation_code FROM grants_view g WHERE g.grant_id = d.grant_id;
+ALTER TABLE data_uses_view ALTER COLUMN organisation_code SET NOT NULL;
+ALTER TABLE data_uses_view DROP CONSTRAINT data_uses_view_use_id_key;
+ALTER TABLE data_uses_view ADD CONSTRAINT data_uses_view_use_id_key UNIQUE (organisation_code, use_id);
+"""
+
+
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
 -- Checked first so that an owner without CREATEROLE can migrate once an
@@ -243,6 +273,8 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO {APP_ROLE};
 REVOKE ALL ON ledger_events, ledger_idempotency, cohorts, ledger_head, schema_migrations FROM PUBLIC;
 GRANT SELECT, INSERT ON ledger_events, ledger_idempotency, cohorts TO {APP_ROLE};
+REVOKE ALL ON {COHORT_HOLDERS} FROM PUBLIC;
+GRANT SELECT, INSERT ON {COHORT_HOLDERS} TO {APP_ROLE};
 GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
 GRANT SELECT ON schema_migrations TO {APP_ROLE};
 REVOKE ALL ON merkle_tiles, checkpoints FROM PUBLIC;
@@ -252,7 +284,7 @@ REVOKE ALL ON {", ".join(PROJECTION_TABLES)} FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_ROLE};
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1 + _APPEND_ONLY), (2, _V2), (3, _V3))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1 + _APPEND_ONLY), (2, _V2), (3, _V3), (4, _V4))
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:

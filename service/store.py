@@ -144,6 +144,22 @@ _STOP: Any = object()  # queued by stop(): everything before it is still written
 _SELECT = "SELECT entry, leaf_hash, chain_hash FROM ledger_events"
 
 
+# Binary search in one round trip.  recorded_at is the last member of the JCS
+# entry: its 27 characters end 2 bytes before the end (`"}`), and that fixed-width
+# RFC 3339 form orders like the instants it names.
+_POSITION_AT = """
+WITH RECURSIVE search(lo, hi) AS (
+    SELECT 0::bigint, $1::bigint
+    UNION ALL
+    SELECT CASE WHEN later THEN lo ELSE mid END, CASE WHEN later THEN mid - 1 ELSE hi END
+    FROM (SELECT lo, hi, (lo + hi + 1) / 2 AS mid FROM search WHERE lo < hi) step,
+         LATERAL (SELECT substring(entry FROM length(entry) - 28 FOR 27) > $2::bytea AS later
+                  FROM ledger_events WHERE position = step.mid) probe
+)
+SELECT min(hi) FROM search
+"""
+
+
 def _stored(row: asyncpg.Record) -> StoredEvent:
     return StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"]))
 
@@ -236,14 +252,19 @@ class EventStore:
         conn = await self.pool.acquire()
         try:
             async with _committing(conn):
-                head = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head FOR UPDATE")
+                head = await conn.fetchrow(
+                    "SELECT h.position, h.chain_hash, e.recorded_at FROM ledger_head h"
+                    " LEFT JOIN ledger_events e ON e.position = h.position FOR UPDATE OF h")
                 position, chain = head["position"], bytes(head["chain_hash"])
                 tree_size = position
                 known_keys = await self._known_keys(conn, batch)
                 versions = await self._versions(conn, batch)
                 newer = await self._events_after(conn, batch)
 
-                recorded = datetime.now(timezone.utc)
+                # Never earlier than the entry before: "the state at an instant" is
+                # then a prefix of the log (a clock stepping back, or another
+                # process's clock, cannot reorder time).
+                recorded = max(datetime.now(timezone.utc), head["recorded_at"] or datetime.min.replace(tzinfo=timezone.utc))
                 recorded_at = format_recorded_at(recorded)
                 rows: list[tuple[Any, ...]] = []
                 accepted: list[_Pending] = []
@@ -408,6 +429,12 @@ class EventStore:
                 return await self.head(conn)
         row = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head")
         return row["position"], bytes(row["chain_hash"])
+
+    async def position_at(self, conn: asyncpg.Connection, instant: datetime, head: int) -> int:
+        """The last position at or below ``head`` recorded at or before ``instant``
+        (0 if none), by binary search over the entries' own ``recorded_at``
+        (never decreasing along the log)."""
+        return await conn.fetchval(_POSITION_AT, head, format_recorded_at(instant).encode())
 
     async def aggregate_events(self, conn: asyncpg.Connection, aggregate_id: UUID) -> list[StoredEvent]:
         rows = await conn.fetch(

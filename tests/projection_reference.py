@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -14,6 +14,7 @@ import msgspec
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
 from contracts.entry import Entry, decode_entry
 from contracts.nhs_number import NhsNumber
+from contracts.values import Actor
 from samples import grant as grant_body
 from service.commands import Caller, Ledger
 from service.commands import Contended
@@ -34,6 +35,7 @@ class Reference:
     choices: dict[tuple[int, str], tuple[bool, int]] = field(default_factory=dict)
     consents: dict[tuple[int, str], int] = field(default_factory=dict)
     exempt: dict[str, bool] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
     events_by_stem: dict[int, list[Entry]] = field(default_factory=dict)
     uses: list[Entry] = field(default_factory=list)
     head: int = 0
@@ -57,6 +59,8 @@ class Reference:
                 ref.events_by_stem.setdefault(stem, []).append(e)
             elif e.event_type == "AccessGranted":
                 ref.exempt[p.grant_id] = p.opt_out_exemption is not None
+            elif e.event_type == "AccessRevoked":
+                ref.revoked.add(p.grant_id)
             elif e.event_type == "DataUseRecorded":
                 ref.uses.append(e)
         return ref
@@ -65,6 +69,8 @@ class Reference:
         return any(v[0] for (s, _), v in self.choices.items() if s == stem)
 
     def may_use(self, stem: int, grant_id: str | None) -> bool:
+        if grant_id in self.revoked:
+            return False
         if grant_id is not None and self.exempt.get(grant_id):
             return True
         if not self.opted_out(stem):
@@ -99,7 +105,7 @@ async def random_operation(rng: random.Random, ledger: Ledger, patients: list[st
             req = msgspec.convert({"grant_id": rng.choice(grants), "actor": actor}, ConsentRequest)
             await ledger.give_consent(APP, nhs, req, None)
         elif kind == "withdraw":
-            await ledger.withdraw_consent(APP, nhs, rng.choice(grants), None)
+            await ledger.withdraw_consent(APP, nhs, rng.choice(grants), Actor(kind="patient"), None)
         elif kind == "grant":
             gid = f"G-{len(grants) + 1}"
             await ledger.create_grant(DAC, grant_request(gid, exemption=rng.random() < 0.3), None)
@@ -116,7 +122,7 @@ async def random_operation(rng: random.Random, ledger: Ledger, patients: list[st
             now = datetime.now(timezone.utc)
             req = msgspec.convert({
                 "use_id": f"U-{counter[0]}", "grant_id": grant_id, "purpose": "research",
-                "datasets": ["hes-apc"], "occurred_at": (now - timedelta(seconds=1)).isoformat(),
+                "datasets": ["hes-apc"], "occurred_at": now.isoformat(),
                 "access_method": "sde", "nhs_numbers": members,
             }, DataUseRequest, dec_hook=lambda t, v: NhsNumber(v) if t is NhsNumber else v)
             outcome = await ledger.record_data_use(SDE, req, None)

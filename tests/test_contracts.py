@@ -44,8 +44,9 @@ offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timede
 aware_datetimes = st.datetimes(
     min_value=datetime(1900, 1, 2), max_value=datetime(9999, 12, 30), timezones=offsets
 )
-nhs_numbers = (
-    st.integers(0, 999_999_999)
+nhs_numbers = (  # in allocated ranges: England, Wales and IoM; synthetic
+    st.one_of(st.integers(400_000_000, 499_999_999), st.integers(600_000_000, 799_999_999),
+              st.integers(900_000_000, 999_999_999))
     .filter(lambda s: check_digit(f"{s:09d}") is not None)
     .map(NhsNumber.from_stem)
 )

@@ -29,8 +29,8 @@ class MeanwhileAssessor(LedgerOptOutAssessor):
         self.meanwhile = meanwhile
         self.calls = 0
 
-    async def assess(self, conn, stems, grant_id, as_of):
-        assessment = await super().assess(conn, stems, grant_id, as_of)
+    async def assess(self, conn, stems, grant_id, terms, position):
+        assessment = await super().assess(conn, stems, grant_id, terms, position)
         self.calls += 1
         if self.calls == 1:
             await self.meanwhile()
@@ -48,8 +48,10 @@ def _grant(grant_id: str) -> GrantRequest:
 
 
 def _use(use_id: str, cohort: list[str]) -> DataUseRequest:
+    # Occurring a little ahead (within the clock skew allowed): a change recorded
+    # before then applies to the use, so the in-between write must be caught.
     return DataUseRequest(use_id=use_id, grant_id="G1", purpose="research", datasets=["hes-apc"],
-                          occurred_at=datetime.now(timezone.utc), access_method="sde",
+                          occurred_at=datetime.now(timezone.utc) + timedelta(minutes=2), access_method="sde",
                           nhs_numbers=[NhsNumber(n) for n in cohort])
 
 

@@ -363,8 +363,12 @@ async def test_data_use_under_a_grant_that_has_just_expired(client, database, to
         await asyncio.sleep(0.1)
     assert view["status"] == "expired"
     problem = await refused(client, database, "POST", "/v1/data-uses", 422, headers=auth(tokens["sde"]),
-                            json=data_use("late", "SHORT-1", occurred_at=occurred, nhs_numbers=nhs_numbers(3)))
+                            json=data_use("late", "SHORT-1", occurred_at=iso(timedelta(0)), nhs_numbers=nhs_numbers(3)))
     assert problem["type"].endswith("grant-expired")
+    # A use that occurred while the grant was in force, reported after it ended,
+    # is judged at its `occurred_at` (issue 8): it is recorded as it happened.
+    await written(client, "POST", "/v1/data-uses", headers=auth(tokens["sde"]),
+                  json=data_use("in-time", "SHORT-1", occurred_at=occurred, nhs_numbers=nhs_numbers(3)))
     # An ended project no longer collects consent either; one not yet started may.
     consent = {"grant_id": "SHORT-1", "actor": {"kind": "patient"}}
     problem = await refused(client, database, "POST", f"/v1/patients/{NHS}/consents", 422, json=consent,

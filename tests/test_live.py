@@ -114,6 +114,10 @@ async def test_logs_of_a_full_scenario_hold_no_nhs_number_token_or_secret(live, 
     answer = await _raw(live, f"GET /v1/patients/{patient}/choices HTTP/1.1\r\nHost: x\r\n"
                         f"X-Patient: {patient}\x00\r\n\r\n".encode())
     assert b" 400 " in answer.split(b"\r\n")[0]
+    # An over-long request line is logged raw too, percent-encoding and all.
+    encoded = f"{patient[:3]}%20{patient[3:6]}%20{patient[6:]}"
+    answer = await _raw(live, f"GET /v1/patients/{encoded}/choices?pad={'a' * 9000} HTTP/1.1\r\n\r\n".encode())
+    assert answer.split(b"\r\n")[0].split()[1] in (b"400", b"414"), answer[:200]
 
     log = live.stop()
     assert '"event":"request"' in log and log.count('"event":"request"') >= len(statuses)
@@ -121,6 +125,7 @@ async def test_logs_of_a_full_scenario_hold_no_nhs_number_token_or_secret(live, 
     secrets = {
         **{f"NHS number {n}": n for n in [patient, other, *cohort, *WRONG_CHECK_DIGIT]},
         f"spaced NHS number {patient}": f"{patient[:3]} {patient[3:6]} {patient[6:]}",
+        f"percent-encoded NHS number {patient}": f"{patient[:3]}%20{patient[3:6]}%20{patient[6:]}",
         "service database password": SERVICE_PASSWORD,
         "signing key": signing_key.as_dict(private=True)["d"],
     }
@@ -158,3 +163,29 @@ def test_schemathesis_finds_nothing_on_any_operation(live, make_token, tmp_path:
     assert selected[1] == selected[2] == selected[3] and int(selected[3]) >= len(api.OPERATIONS) - 1
     log = live.stop()
     assert '"status":5' not in log, [line for line in log.splitlines() if '"status":5' in line][:5]
+
+
+async def test_configuration_reaches_the_running_service(database, signing_key, make_token, tmp_path: Path):
+    """CONSENT_LEDGER_FILTER_WAIT, _PROJECTION_POLL and _TOKEN_MAX_LIFETIME_SECONDS
+    set in the environment of `consent-ledger serve` are the ones it uses."""
+    server = LiveServer(database_url=database.owner_dsn, signing_key=signing_key, issuer=ISSUER, audience=AUDIENCE,
+                        workdir=tmp_path, extra_env={"CONSENT_LEDGER_FILTER_WAIT": "0.2",
+                                                     "CONSENT_LEDGER_PROJECTION_POLL": "0.3",
+                                                     "CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS": "900"})
+    try:
+        server.wait_ready()
+        now = int(time.time())
+        short = make_token("sde", org="SDE-NORTH", exp=now + 600)
+        long_lived = make_token("sde", org="SDE-NORTH", exp=now + 3600)
+        century = make_token("sde", org="SDE-NORTH", iat=now, exp=now + 100 * 365 * 86400)
+        async with aiohttp.ClientSession(server.url) as http:
+            async with http.post("/v1/opt-out-filter?min_position=1000000", json={"nhs_numbers": []},
+                                 headers=auth(short)) as r:
+                assert r.status == 503 and "after waiting 0.2 s" in (await r.json())["detail"]
+            for token in (long_lived, century):
+                async with http.post("/v1/opt-out-filter", json={"nhs_numbers": []}, headers=auth(token)) as r:
+                    assert r.status == 401 and "longer than the 900 s" in (await r.json())["detail"]
+    finally:
+        log = server.stop()
+    loaded = [line for line in log.splitlines() if "decision state loaded" in line]
+    assert loaded and '"projection_poll_interval":0.3' in loaded[0] and '"filter_wait":0.2' in loaded[0], loaded

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contracts import cohort
-from contracts.nhs_number import InvalidNhsNumber, NhsNumber, check_digit
+from contracts import bulk
+from contracts.nhs_number import PRODUCTION_RANGES, RANGES, InvalidNhsNumber, NhsNumber, accept_ranges, check_digit
 
 VALID = ["9434765919", "4010232137", "9990000026"]
 
@@ -25,7 +26,9 @@ def _stems_without_check_digit(limit: int) -> list[str]:
 
 
 NO_CHECK_DIGIT = _stems_without_check_digit(3)
-valid_stems = st.integers(0, 999_999_999).filter(lambda s: check_digit(f"{s:09d}") is not None)
+# Stems of numbers in allocated ranges (England, Wales and IoM; synthetic) with a check digit.
+valid_stems = st.one_of(st.integers(400_000_000, 499_999_999), st.integers(600_000_000, 799_999_999),
+                        st.integers(900_000_000, 999_999_999)).filter(lambda s: check_digit(f"{s:09d}") is not None)
 
 
 @pytest.mark.parametrize("number", VALID)
@@ -104,3 +107,65 @@ def test_canonical_cohort_bytes_are_sorted_unique_nhs_numbers(stems):
     assert cohort.canonical_bytes(normalised) == expected
     encoding, data = cohort.encode_members(normalised)
     assert list(cohort.decode_members(encoding, data)) == sorted(set(stems))
+
+
+# --- allocated ranges, cross-checked against the `nhs-number` package ---------------
+
+def _package_says(number: str, ranges: tuple[str, ...]) -> bool:
+    import nhs_number as package
+
+    regions = {"england-wales-iom": package.REGION_ENGLAND_WALES_IOM, "scotland": package.REGION_SCOTLAND,
+               "northern-ireland": package.REGION_NORTHERN_IRELAND, "synthetic": package.REGION_SYNTHETIC}
+    return package.is_valid(number) and any(regions[r].contains_number(number) for r in ranges)
+
+
+def _ours(number: str) -> bool:
+    try:
+        NhsNumber(number)
+    except InvalidNhsNumber:
+        return False
+    return True
+
+
+# Numbers with a valid check digit, drawn across every range and the CHI date rules.
+numbers_with_check_digit = st.integers(0, 999_999_999).filter(
+    lambda s: check_digit(f"{s:09d}") is not None).map(lambda s: f"{s:09d}{check_digit(f'{s:09d}')}")
+chi_like = st.tuples(st.integers(0, 39), st.integers(0, 19), st.integers(0, 99), st.integers(0, 999)).map(
+    lambda t: f"{t[0]:02d}{t[1]:02d}{t[2]:02d}{t[3]:03d}").filter(lambda s: check_digit(s) is not None).map(
+    lambda s: s + str(check_digit(s)))
+
+
+@pytest.mark.parametrize("ranges", [RANGES, PRODUCTION_RANGES])
+@given(number=st.one_of(numbers_with_check_digit, chi_like))
+def test_allocated_ranges_agree_with_the_nhs_number_package(ranges, number):
+    accept_ranges(ranges)
+    try:
+        assert _ours(number) == _package_says(number, ranges)
+        # The bulk parser applies the same ranges, vectorised.
+        assert bulk.parse_lines(number.encode()).ok == _ours(number)
+    finally:
+        accept_ranges(RANGES)
+
+
+@pytest.mark.parametrize("number, why", [
+    ("0000000000", "below every range"),
+    ("3113000009", "between Scotland and Northern Ireland"),
+    ("3102990002", "CHI range, but 31 February is no date"),
+    ("2902010001", "CHI range, 29 February 2001 is no date"),
+    ("5000000005", "reserved, never issued"),
+])
+def test_unallocated_numbers_are_refused(number, why):
+    assert check_digit(number[:9]) == int(number[9]), why
+    with pytest.raises(InvalidNhsNumber, match="allocated"):
+        NhsNumber(number)
+    assert list(bulk.parse_lines(f"{VALID[0]}\n{number}\n".encode()).invalid_lines) == [2]
+
+
+def test_production_leaves_out_the_synthetic_range():
+    accept_ranges(PRODUCTION_RANGES)
+    try:
+        assert not _ours("9434765919") and _ours("4010232137")
+    finally:
+        accept_ranges(RANGES)
+    with pytest.raises(ValueError, match="unknown NHS number range"):
+        accept_ranges(["mars"])

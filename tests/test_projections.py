@@ -4,6 +4,7 @@ folded from the raw events, exactly-once across failures, rebuild."""
 from __future__ import annotations
 
 import random
+from datetime import datetime, timezone
 
 import asyncpg
 import numpy as np
@@ -59,7 +60,7 @@ async def check_against_reference(conn: asyncpg.Connection, optouts: OptOutFilte
     assert optouts.position == ref.head
     stems = stems_of(patients)
     for grant_id in [None, *grants]:
-        got = optouts.filter(stems, grant_id)
+        got = optouts.filter(stems, grant_id, optouts.terms(grant_id, datetime.now(timezone.utc)))
         expected = np.array([ref.may_use(int(s), grant_id) for s in stems])
         assert (got.keep == expected).all(), grant_id
         assert got.removed == int((~expected).sum())
@@ -93,8 +94,7 @@ def _count(values) -> dict[str, int]:
 async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed, store: EventStore, pool, database):
     rng = random.Random(seed)
     patients = nhs_numbers(25, seed=seed)
-    async with pool.acquire() as conn:
-        optouts = await OptOutFilter.load(conn)
+    optouts = await OptOutFilter.load(pool)
     runner = make_runner(pool, database, optouts)
     supervisor = await follow_live(runner)
     ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner, wait=0.05))
@@ -103,7 +103,8 @@ async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed
     counter = [0]
 
     def allowed(candidates, grant_id):
-        keep = optouts.filter(stems_of(candidates), grant_id).keep
+        keep = optouts.filter(stems_of(candidates), grant_id,
+                              optouts.terms(grant_id, datetime.now(timezone.utc))).keep
         return [n for n, k in zip(candidates, keep) if k]
 
     try:

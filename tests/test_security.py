@@ -102,13 +102,14 @@ def _path(op: api.Operation, **values: str) -> str:
     return re.sub(r"\{([^}]+)\}", sub, op.path)
 
 
+# Built per call: a data use must occur after its grant was recorded.
 _BODIES: dict[str, Any] = {
-    "opt_out": choice(),
-    "opt_in": choice(),
-    "give_consent": {"grant_id": "G-OWN", "actor": {"kind": "patient"}},
-    "create_grant": grant("G-NEW"),
-    "revoke_grant": {"reason": "the study ended"},
-    "record_data_use": data_use("use-matrix", "G-OWN", nhs_numbers=[VALID[2]]),
+    "opt_out": choice,
+    "opt_in": choice,
+    "give_consent": lambda: {"grant_id": "G-OWN", "actor": {"kind": "patient"}},
+    "create_grant": lambda: grant("G-NEW"),
+    "revoke_grant": lambda: {"reason": "the study ended"},
+    "record_data_use": lambda: data_use("use-matrix", "G-OWN", nhs_numbers=[VALID[2]]),
 }
 
 
@@ -117,7 +118,7 @@ _PATHS: dict[str, dict[str, str]] = {"revoke_grant": {"grant_id": "G-SPARE"}}
 
 
 async def _call(client, op: api.Operation, headers: dict[str, str], **path: str):
-    body = _BODIES.get(op.id, {}) if op.request is not None else None
+    body = _BODIES.get(op.id, dict)() if op.request is not None and not op.body_optional else None
     return await client.request(op.method, _path(op, **{**_PATHS.get(op.id, {}), **path}), json=body,
                                 headers=headers)
 

@@ -56,8 +56,11 @@ async def test_checkpoint_tiles_and_proofs_match_the_reference(client, make_toke
     assert await (await client.get("/tile/0/000")).read() == b"".join(leaves[:256])
     assert await (await client.get("/tile/0/002.p/44")).read() == b"".join(leaves[512:556])
     assert await (await client.get("/tile/1/000.p/2")).read() == ref_mth(entries[:256]) + ref_mth(entries[256:512])
-    for missing in ("/tile/0/002", "/tile/0/003.p/1", "/tile/0/x000/002", "/tile/00/000", "/tile/0/002.p/045"):
+    huge = "/".join(["x999"] * 6 + ["999"])  # beyond any position a log can hold: not a 500
+    for missing in ("/tile/0/002", "/tile/0/003.p/1", "/tile/0/x000/002", "/tile/00/000", "/tile/0/002.p/045",
+                    f"/tile/0/{huge}", f"/tile/3/{huge}.p/7"):
         assert (await client.get(missing)).status == 404, missing
+    assert (await client.get(f"/tile/entries/{huge}", headers=auth(make_token("auditor")))).status == 404
 
     bundle = await (await client.get("/tile/entries/001", headers=auth(make_token("auditor")))).read()
     parsed, offset = [], 0
