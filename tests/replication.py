@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -103,7 +104,8 @@ class StreamingPair:
         self.replica.remove()
         self.primary.remove()
 
-    async def _fetchval(self, server: PrivateCluster, sql: str, database: str = "postgres"):
+    async def fetchval(self, server: PrivateCluster, sql: str, database: str = "postgres") -> Any:
+        """One statement on ``server`` (``primary`` or ``replica``), as the superuser."""
         conn = await asyncpg.connect(server.database_url(database))
         try:
             return await conn.fetchval(sql)
@@ -113,7 +115,7 @@ class StreamingPair:
     async def create_database(self, name: str, *, migrated: bool = True) -> None:
         """A new database on the primary (with the ledger schema unless told
         otherwise), returning once the replica has replayed it."""
-        await self._fetchval(self.primary, f'CREATE DATABASE "{name}"')
+        await self.fetchval(self.primary, f'CREATE DATABASE "{name}"')
         if migrated:
             conn = await asyncpg.connect(self.primary.database_url(name))
             try:
@@ -124,11 +126,11 @@ class StreamingPair:
 
     async def primary_lsn(self) -> int:
         """The end of the primary's WAL: what the replica has to replay."""
-        return lsn(await self._fetchval(self.primary, "SELECT pg_current_wal_lsn()::text"))
+        return lsn(await self.fetchval(self.primary, "SELECT pg_current_wal_lsn()::text"))
 
     async def replay_lsn(self) -> int:
         """How far the replica has replayed (what its queries see)."""
-        return lsn(await self._fetchval(self.replica, "SELECT pg_last_wal_replay_lsn()::text"))
+        return lsn(await self.fetchval(self.replica, "SELECT pg_last_wal_replay_lsn()::text"))
 
     async def lag_bytes(self) -> int:
         """WAL the replica has not replayed yet (0 when it has caught up)."""
@@ -154,10 +156,10 @@ class StreamingPair:
     async def pause_replay(self) -> None:
         """Keep the replica up and answering, but showing a frozen past: it
         receives WAL and does not apply it until ``resume_replay``."""
-        await self._fetchval(self.replica, "SELECT pg_wal_replay_pause()")
+        await self.fetchval(self.replica, "SELECT pg_wal_replay_pause()")
 
     async def resume_replay(self) -> None:
-        await self._fetchval(self.replica, "SELECT pg_wal_replay_resume()")
+        await self.fetchval(self.replica, "SELECT pg_wal_replay_resume()")
 
     def mark(self) -> Mark:
         return Mark({s.log: s.log.stat().st_size if s.log.exists() else 0 for s in (self.primary, self.replica)})
