@@ -20,6 +20,9 @@ from deploy_reference import (DEPLOY, READ_REPLICA_VARIABLE, ROOT, config_variab
 from service.cli import parser
 from service.schema import APP_ROLE
 
+INSTANCES = ("consent-ledger-1", "consent-ledger-2")
+POSTGRES = ("postgres", "postgres-replica")
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -47,10 +50,6 @@ def _readme_commands() -> list[list[str]]:
     block = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert block, "the README opens with a sh block of commands"
     return [shlex.split(part) for line in block.group(1).splitlines() for part in line.split("&&")]
-
-
-INSTANCES = ("consent-ledger-1", "consent-ledger-2")
-POSTGRES = ("postgres", "postgres-replica")
 
 
 def test_compose_wires_primary_replica_migration_instances_and_proxy(compose: dict):

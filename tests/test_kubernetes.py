@@ -32,10 +32,12 @@ SERVICE_PORT = 8080
 OWNER, SERVICE_LOGIN = "consent_ledger_owner", "consent_ledger_service"
 
 Manifest = dict[str, Any]
+# libyaml reads the 460 KB CRD in a tenth of the pure-Python loader's second.
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _load_all(path) -> list[Manifest]:
-    return [doc for doc in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader) if doc]
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=LOADER) if doc]
 
 
 def _kustomization(folder) -> tuple[dict, list[Manifest]]:
@@ -60,7 +62,7 @@ def cluster_validator() -> tuple[str, jsonschema.protocols.Validator]:
     kubectl's default field validation) refuses a field the schema does not
     declare, so every object without an explicit ``additionalProperties`` or
     ``x-kubernetes-preserve-unknown-fields`` gets ``additionalProperties: false``."""
-    crd = yaml.load(CLUSTER_CRD.read_text(), Loader=yaml.CSafeLoader)
+    crd = yaml.load(CLUSTER_CRD.read_text(), Loader=LOADER)
     (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
 
     def strict(node: Any) -> None:
