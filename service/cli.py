@@ -1,13 +1,19 @@
-"""The `consent-ledger` command line (the composition root for every command)."""
+"""The `consent-ledger` command line (the composition root for every command).
+
+Every failure is one line on stderr that says what went wrong and what to
+do next (`--debug` adds the traceback); the exit statuses are listed at the
+end of `consent-ledger --help`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import structlog
 from aiohttp import web
@@ -15,29 +21,31 @@ from aiohttp import web
 from contracts.api import ROLES
 
 from . import config as config_module
-from . import logs
-from .auth import issue_token, load_or_create_dev_key, verifier
+from . import failures, logs
+from .auth import dev_key_path, issue_token, load_dev_key, load_or_create_dev_key, verifier
 from .checkpoints import load_signers
 from .database import Database, describe, locate
+from .failures import CommandError
 from .schema import migrate
 
 log = structlog.get_logger("consent_ledger")
 
 
-class CommandError(Exception):
-    """A failure to report as one line and a non-zero exit."""
-
-
 def _serve(args: argparse.Namespace) -> None:
     cfg = config_module.load()
     logs.configure(cfg.log_level, cfg.log_format)
+    if args.workers <= 1:
+        _check_port_free(args.host, args.port)  # before minutes of database start-up, not after
     database = asyncio.run(locate(cfg))
     verifier(cfg)  # fail fast on bad auth configuration, before any worker starts
     signers, dev_log_key = load_signers(cfg)  # creates the development key once, before any worker starts
     if dev_log_key:
         log.warning("DEVELOPMENT LOG KEY: checkpoints are signed by a key generated in the data directory;"
                     " set CONSENT_LEDGER_LOG_KEY (see `consent-ledger keys generate`)", vkey=signers[0].verifier.vkey)
-    log.info("database", url=describe(database.owner_dsn), embedded=database.embedded)
+    if database.embedded:
+        log.info("database: embedded PostgreSQL", data=str(cfg.data_dir / "pgdata"), url=describe(database.owner_dsn))
+    else:
+        log.info("database", url=describe(database.owner_dsn))
     if cfg.production and not cfg.service_database_url:
         log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
                     "owner's login; see deploy/POSTGRES-ROLES.md")
@@ -57,7 +65,7 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         log.warning(
             "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
             "the data directory. Get one with: consent-ledger token issue --role patient-app",
-            key_file=str(cfg.data_dir),
+            key_file=str(dev_key_path(cfg)),
         )
     app = create_app(
         database,
@@ -73,8 +81,35 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         filter_wait=cfg.filter_wait,
         task_stall=cfg.task_stall_seconds,
     )
-    log.info("serving", host=host, port=port)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
+
+    def serving(_banner: str) -> None:  # aiohttp calls this once the port is bound
+        log.info("serving", host=host, port=port, url=f"http://{host}:{port}")
+
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=serving, reuse_port=reuse_port or None)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_in_use(host, port) from None
+        raise
+    log.info("stopped", host=host, port=port)
+
+
+def _port_in_use(host: str, port: int) -> CommandError:
+    return CommandError(f"{host}:{port} is already in use, perhaps by another `consent-ledger serve`: stop it "
+                        f"(`consent-ledger doctor` lists this data directory's processes) or use --port")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _port_in_use(host, port) from None
+            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from None
 
 
 def _worker(database: Database, host: str, port: int) -> None:
@@ -194,9 +229,18 @@ def _migrate(args: argparse.Namespace) -> None:
 def _token_issue(args: argparse.Namespace) -> None:
     cfg = config_module.load()
     if cfg.jwks:
-        raise CommandError("token issue signs development tokens only; CONSENT_LEDGER_JWKS is set")
+        raise CommandError("token issue signs development tokens only, and CONSENT_LEDGER_JWKS is set: "
+                           "get tokens from the issuer that JWKS belongs to")
     if cfg.production:
-        raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production")
+        raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production: "
+                           "get tokens from your identity provider")
+    key = load_dev_key(cfg)
+    if key is None and not cfg.data_dir.is_dir():
+        # A key made here would be one no server knows: its tokens would all be refused.
+        raise CommandError(f"no data directory at {cfg.data_dir}: run this in the folder where "
+                           "`consent-ledger serve` runs (it uses ./.consent-ledger there), or set "
+                           "CONSENT_LEDGER_DATA_DIR to the server's data directory")
+    created = key is None
     key = load_or_create_dev_key(cfg)
     token = issue_token(
         key,
@@ -208,8 +252,22 @@ def _token_issue(args: argparse.Namespace) -> None:
         nhs_number=args.nhs_number,
         lifetime=args.lifetime,
     )
-    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s", file=sys.stderr)
+    made = "a NEW development key (only a server using this data directory accepts it)" if created \
+        else "the development key"
+    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s, signed by {made} "
+          f"in {dev_key_path(cfg)}", file=sys.stderr)
     print(token)
+
+
+def _lifetime(text: str) -> int:
+    """--lifetime: whole seconds, at least one, at most 30 days (a development token, not a credential for life)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= value <= 30 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 2592000 seconds (30 days)")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -296,9 +354,24 @@ def _projections(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, naming the --help to read; every
+    command also takes --debug (after its name, where people type it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of a failure")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(failures.FAILED, f"consent-ledger: {message}; see `{self.prog} --help`\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="consent-ledger", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="consent-ledger", description=__doc__, epilog=failures.EXIT_STATUSES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(debug=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
@@ -328,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--org")
     issue.add_argument("--nhs-number")
     issue.add_argument("--subject")
-    issue.add_argument("--lifetime", type=int, default=3600)
+    issue.add_argument("--lifetime", type=_lifetime, default=3600, help="seconds, 1 to 2592000 (default 3600)")
     issue.set_defaults(run=_token_issue)
 
     keys = sub.add_parser("keys", help="checkpoint signing keys").add_subparsers(dest="keys_command", required=True)
@@ -366,15 +439,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except CommandError as exc:
-        print(f"consent-ledger: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
-        print(f"consent-ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        print("consent-ledger: interrupted; every entry already written is complete (a write is whole or "
+              "absent), so the command can simply be run again", file=sys.stderr)
+        return failures.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        reason = failures.explain(exc)
+        if reason is not None:
+            print(f"consent-ledger: {reason}", file=sys.stderr)
+            return failures.FAILED
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(f"consent-ledger: unexpected error ({detail}); run the command again with --debug and report "
+              "what it prints", file=sys.stderr)
+        return failures.BUG
+    return failures.OK
 
 
 if __name__ == "__main__":

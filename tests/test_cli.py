@@ -137,3 +137,58 @@ async def test_concurrent_migrations_apply_once(empty_dsn, tmp_path):
     outputs = [p.communicate(timeout=120) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     assert sorted("up to date" in out for out, _ in outputs) == [False, True], outputs
+
+
+def test_token_issue_outside_the_servers_folder_refuses_instead_of_making_a_key(tmp_path):
+    """Run where no data directory exists (the default ./.consent-ledger of
+    another folder), it used to create a new key there silently, and every
+    token it printed was then refused by the server."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+    result = subprocess.run([*_command(), "token", "issue", "--role", "auditor"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    line = one_line_reason(result)
+    assert str(elsewhere / ".consent-ledger") in line and "CONSENT_LEDGER_DATA_DIR" in line
+    assert "consent-ledger serve" in line
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_token_issue_names_the_key_it_signed_with(tmp_path):
+    first = run("token", "issue", "--role", "sde", env={"CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    assert "NEW development key" in first.stderr and str(tmp_path / DEV_KEY_FILE) in first.stderr
+    again = run("token", "issue", "--role", "sde", env={"CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    assert "NEW" not in again.stderr and str(tmp_path / DEV_KEY_FILE) in again.stderr
+
+
+@pytest.mark.parametrize("lifetime", ["-120", "0", "ten", "99999999"])
+def test_token_lifetime_must_be_a_sensible_number_of_seconds(tmp_path, lifetime):
+    line = one_line_reason(run("token", "issue", "--role", "sde", "--lifetime", lifetime,
+                               env={"CONSENT_LEDGER_DATA_DIR": str(tmp_path)}))
+    assert "--lifetime" in line and "token issue --help" in line
+    assert not (tmp_path / DEV_KEY_FILE).exists()
+
+
+def test_usage_mistakes_are_one_line_and_help_lists_the_exit_statuses(tmp_path):
+    env = {"CONSENT_LEDGER_DATA_DIR": str(tmp_path)}
+    line = one_line_reason(run("serv", env=env))
+    assert "invalid choice: 'serv'" in line and "consent-ledger --help" in line
+    line = one_line_reason(run("verify", "--key", "k", env=env))
+    assert "--url" in line and "--export" in line
+    shown = run("--help", env=env)
+    assert shown.returncode == 0
+    statuses = shown.stdout.split("exit status:")[1]
+    for code in ("0", "1", "2", "3", "130"):
+        assert f"\n  {code} " in statuses, statuses
+
+
+def test_an_unreachable_database_says_where_and_what_to_do(tmp_path):
+    result = run("migrate", env={"DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:1/none",
+                                 "CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    line = one_line_reason(result)
+    assert result.returncode == 2
+    assert "postgresql://127.0.0.1:1/none" in line and "connection refused" in line and "DATABASE_URL" in line
+    assert "secret" not in line and "Error" not in line  # no password, no exception class
+    debug = run("migrate", "--debug", env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                                           "CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
+    assert "Traceback" in debug.stderr and debug.stderr.strip().splitlines()[-1] == line
