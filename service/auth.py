@@ -39,7 +39,7 @@ from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from contracts.values import Identifier, ShortText
 
 from .commands import Caller
-from .config import Config
+from .config import Config, ConfigError
 
 ALGORITHMS = ("EdDSA", "Ed25519", "ES256")
 LEEWAY_SECONDS = 60
@@ -311,7 +311,8 @@ def verifier(config: Config) -> tuple[Verifier, bool]:
     if config.jwks:
         return Verifier(load_keys(config.jwks), config.jwt_issuer, config.jwt_audience), False
     if config.production:
-        raise RuntimeError("CONSENT_LEDGER_JWKS must be set when CONSENT_LEDGER_ENV=production")
+        raise ConfigError("CONSENT_LEDGER_JWKS must be set when CONSENT_LEDGER_ENV=production "
+                          "(a JWKS file or URL with your token issuer's public keys)")
     key = load_or_create_dev_key(config)
     public = KeySet.import_key_set({"keys": [key.as_dict(private=False)]})
     return Verifier(public, config.jwt_issuer, config.jwt_audience, development=True), True

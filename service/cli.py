@@ -26,6 +26,7 @@ from .auth import dev_key_path, issue_token, load_dev_key, load_or_create_dev_ke
 from .checkpoints import load_signers
 from .database import Database, describe, locate
 from .failures import CommandError
+from .progress import Progress
 from .schema import migrate
 
 log = structlog.get_logger("consent_ledger")
@@ -310,12 +311,12 @@ def _verify(args: argparse.Namespace) -> None:
     try:
         keys = auditor.read_key(args.key)
         source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
-        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream())
-    except (auditor.SourceError, ValueError, OSError) as exc:
+        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None)
+    except (auditor.SourceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(outcome.report())
     if not outcome.ok:
-        raise SystemExit(1)
+        raise SystemExit(failures.NOT_VERIFIED)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -324,10 +325,22 @@ def _export(args: argparse.Namespace) -> None:
     from . import auditor
 
     try:
-        size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out), auditor.progress_stream())
-    except (auditor.SourceError, ValueError, OSError) as exc:
+        size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out))
+    except (auditor.SourceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(f"exported {size} entries and their checkpoint to {args.out}")
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from .doctor import examine
+
+    findings = examine(args.url, _token(args))
+    for finding in findings:
+        print(finding)
+    if any(f.verdict == "FAIL" for f in findings):
+        raise SystemExit(failures.NOT_VERIFIED)
+
+
 def _projections(args: argparse.Namespace) -> None:
     from projections import rebuild as projection_admin
 
@@ -344,9 +357,8 @@ def _projections(args: argparse.Namespace) -> None:
                 return
             if args.name not in projection_admin.PROJECTIONS:
                 raise CommandError(f"no projection {args.name!r}; known: {', '.join(projection_admin.PROJECTIONS)}")
-            position = await projection_admin.rebuild(
-                conn, args.name, progress=lambda at, head: print(f"# {args.name}: {at}/{head}", file=sys.stderr)
-            )
+            with Progress(f"rebuild {args.name}") as progress:
+                position = await projection_admin.rebuild(conn, args.name, progress=progress.update)
             print(f"{args.name} rebuilt from position 0 to {position}")
         finally:
             await conn.close()
@@ -424,6 +436,12 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
     exp.set_defaults(run=_export)
+
+    doctor = sub.add_parser("doctor", help="check the set-up: data directory, keys, database, server, token, "
+                                           "stray embedded PostgreSQL")
+    doctor.add_argument("--url", default="http://127.0.0.1:8080", help="the server to check (default %(default)s)")
+    doctor.add_argument("--token", help="bearer token to check (default: CONSENT_LEDGER_TOKEN)")
+    doctor.set_defaults(run=_doctor)
 
     # Listed here for --help; main() hands its arguments to the witness's own parser.
     sub.add_parser("witness", help="run a C2SP witness for consent-ledger logs (see `witness --help`)")

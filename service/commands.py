@@ -374,6 +374,9 @@ class Ledger:
                         )
                     grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
                     use = await self._load(conn, DataUse, data_use_aggregate_id(request.use_id))
+                    if use.recorded is not None:  # sent again: answered like a repeated opt-out
+                        return Outcome(await self.receipt_at(use.repeated(request, cohort_id, organisation)),
+                                       created=False)
                     grant.check_use(request, organisation, now)
                     assessment = await self.assessor.assess(conn, stems, request.grant_id, head)
             granted = grant.granted

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class ConfigError(RuntimeError):
+    """Settings that cannot work together; the message says what to set."""
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str | None
@@ -31,6 +35,7 @@ class Config:
     projection_poll_interval: float = 1.0
     filter_wait: float = 5.0
     task_stall_seconds: float = 30.0
+    progress_seconds: float = 10.0
 
     @property
     def production(self) -> bool:
@@ -71,4 +76,6 @@ def load(env: dict[str, str] | None = None) -> Config:
         # A background task without progress for this long (beyond its own
         # period) makes /readyz answer 503, naming the task.
         task_stall_seconds=float(env.get("CONSENT_LEDGER_TASK_STALL_SECONDS", "30")),
+        # Long commands print a progress line this often when stderr is not a terminal.
+        progress_seconds=float(env.get("CONSENT_LEDGER_PROGRESS_SECONDS", "10")),
     )

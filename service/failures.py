@@ -40,7 +40,7 @@ class CommandError(Exception):
 def explain(exc: BaseException) -> str | None:
     """The one line for a failure of a known kind; None for a bug."""
     match exc:
-        case CommandError():
+        case CommandError() | config_module.ConfigError():
             return str(exc)
         case RuleBroken():
             return exc.detail
