@@ -34,7 +34,6 @@ log = structlog.get_logger("consent_ledger")
 
 def _serve(args: argparse.Namespace) -> None:
     cfg = config_module.load()
-    logs.configure(cfg.log_level, cfg.log_format)
     if args.workers <= 1:
         _check_port_free(args.host, args.port)  # before minutes of database start-up, not after
     database = asyncio.run(locate(cfg))
@@ -275,7 +274,6 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     cfg = config_module.load()
-    logs.configure(cfg.log_level, cfg.log_format)
     summary = asyncio.run(run_demo(cfg, patients=args.patients, seed=args.seed))
     print(summary)
 
@@ -456,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return witness_main(argv[1:])
     args = parser().parse_args(argv)
     try:
+        cfg = config_module.load()
+        logs.configure(cfg.log_level, cfg.log_format)  # on stderr: stdout carries only a command's result
         args.run(args)
     except KeyboardInterrupt:
         print("consent-ledger: interrupted; every entry already written is complete (a write is whole or "

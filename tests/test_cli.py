@@ -108,14 +108,48 @@ def test_unknown_role_is_refused(tmp_path):
     assert result.returncode != 0 and "invalid choice" in result.stderr
 
 
-async def test_demo_can_run_again_on_the_same_data(database, tmp_path):
+async def _opt_out_as_someone_else(database, numbers) -> None:
+    from contracts.bodies import ChoiceRequest
+    from contracts.values import Actor
+    from service.commands import Caller, Ledger
+    from service.store import EventStore
+
+    pool = await database.create_pool(min_size=1, max_size=2)
+    store = EventStore(pool)
+    store.start()
+    try:
+        app = Caller(subject="someone-else", roles=frozenset({"patient-app"}))
+        for nhs in numbers:
+            await Ledger(store).choose(app, nhs, True, ChoiceRequest(scope="national", channel="app",
+                                                                      actor=Actor(kind="patient")), None)
+    finally:
+        await store.stop()
+        await pool.close()
+
+
+async def test_demo_honours_other_writes_and_can_run_again(database, tmp_path):
+    """The demo used to filter cohorts by its own opt-outs only, so opt-outs
+    written by anyone else (before it, or between two runs) made it fail
+    with 'RuleBroken: 1 patient(s) ... POST /v1/opt-out-filter'.  It now
+    filters each cohort as an SDE would, through the filter at the head."""
+    import random
+
+    from service.demo import _patients
+
+    people = _patients(300, random.Random(2021))  # the demo's own draw for its default seed
+    await _opt_out_as_someone_else(database, people[::10])
     env = {"DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_DATA_DIR": str(tmp_path),
            "CONSENT_LEDGER_LOG_LEVEL": "warning"}
     first = run("demo", "--patients", "300", env=env)
     assert first.returncode == 0, first.stderr
-    assert "demo loaded: 300 patients" in first.stdout and "already recorded" not in first.stdout
+    assert "demo loaded: 300 patients" in first.stdout and "12 data uses" in first.stdout
+    await _opt_out_as_someone_else(database, people[5::10])
     conn = await database.connect_owner()
     try:
+        uses = [json.loads(r[0])["payload"] for r in await conn.fetch(
+            "SELECT entry FROM ledger_events WHERE event_type = 'DataUseRecorded'")]
+        assert len(uses) == 12 and all(u["opted_out_included"] == u["consented_included"]
+                                       for u in uses if u.get("exemption_applied") is None)
         head = await conn.fetchval("SELECT position FROM ledger_head")
         again = run("demo", "--patients", "300", env=env)
         assert again.returncode == 0, again.stderr
@@ -125,6 +159,51 @@ async def test_demo_can_run_again_on_the_same_data(database, tmp_path):
         assert await conn.fetchval("SELECT position FROM ledger_head") == head
         verified = await verify_database(conn)
         assert verified.failure is None and verified.size == head
+    finally:
+        await conn.close()
+
+
+def test_demo_refuses_more_patients_than_the_test_range_holds(tmp_path):
+    """--patients 1000000 used to spin for ever at 80 % CPU: only 909,091
+    test-range numbers have a valid check digit."""
+    from service.demo import MAX_PATIENTS, demo_range_stems
+
+    assert MAX_PATIENTS == len(demo_range_stems()) == 909_091
+    for count in ("1000000", "0"):
+        result = run("demo", "--patients", count, env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                                                       "CONSENT_LEDGER_DATA_DIR": str(tmp_path)}, timeout=30)
+        line = one_line_reason(result)
+        assert "909,091" in line and "test-range" in line and result.returncode == 2
+
+
+async def test_ctrl_c_stops_a_long_demo_at_once_with_one_line(database, tmp_path):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+    env.update({"DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_DATA_DIR": str(tmp_path),
+                "CONSENT_LEDGER_LOG_LEVEL": "warning", "CONSENT_LEDGER_PROGRESS_SECONDS": "0.2"})
+    errors = tmp_path / "stderr"
+    with errors.open("w") as sink:
+        process = subprocess.Popen([*_command(), "demo", "--patients", "200000"], env=env, stdout=subprocess.PIPE,
+                                   stderr=sink, text=True, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while "demo: " not in errors.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, errors.read_text()
+                time.sleep(0.1)
+            assert "patients/s" in errors.read_text(), errors.read_text()  # it is writing, with progress
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=20)
+        finally:
+            process.kill()
+    lines = errors.read_text().strip().splitlines()
+    assert process.returncode == 130
+    assert lines[-1].startswith("consent-ledger: interrupted") and "run again" in lines[-1]
+    assert "Traceback" not in errors.read_text() and "CancelledError" not in errors.read_text()
+    conn = await database.connect_owner()
+    try:
+        assert (await verify_database(conn)).failure is None  # whatever it wrote is whole
     finally:
         await conn.close()
 
@@ -192,3 +271,100 @@ def test_an_unreachable_database_says_where_and_what_to_do(tmp_path):
     debug = run("migrate", "--debug", env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
                                            "CONSENT_LEDGER_DATA_DIR": str(tmp_path)})
     assert "Traceback" in debug.stderr and debug.stderr.strip().splitlines()[-1] == line
+
+
+async def test_a_second_server_on_a_busy_port_says_so_before_starting_and_the_first_logs_its_life(
+        database, signing_key, tmp_path):
+    """A second `serve` used to log "serving ... port" and only then die with
+    'OSError: [Errno 98]'; nothing was logged on shutdown."""
+    import asyncio
+
+    from conftest import AUDIENCE, ISSUER
+    from live_server import LiveServer
+
+    first = LiveServer(database_url=database.owner_dsn, signing_key=signing_key, issuer=ISSUER, audience=AUDIENCE,
+                       workdir=tmp_path)
+    try:
+        await asyncio.to_thread(first.wait_ready)
+        second = run("serve", "--port", str(first.port),
+                     env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",  # never reached: the port is checked first
+                          "CONSENT_LEDGER_DATA_DIR": str(tmp_path / "second")}, timeout=30)
+    finally:
+        log = first.stop()
+    line = one_line_reason(second)
+    assert f"127.0.0.1:{first.port} is already in use" in line and "--port" in line and "doctor" in line
+    assert "serving" not in second.stderr
+    events = [json.loads(raw) for raw in log.splitlines() if raw.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.index("serving") < names.index("stopped")
+    assert next(e for e in events if e["event"] == "serving")["url"] == f"http://127.0.0.1:{first.port}"
+
+
+def test_embedded_database_urls_are_logged_readably():
+    from service.database import describe
+
+    assert describe("postgresql://postgres:@/consent_ledger?host=/tmp/x/pgdata") == \
+        "postgresql:///consent_ledger (socket in /tmp/x/pgdata)"
+    assert describe("postgresql://u:secret@db.example:5433/ledger") == "postgresql://db.example:5433/ledger"
+
+
+def test_a_postgres_left_by_a_killed_command_is_listed_and_then_stopped(tmp_path):
+    """Killing a command used to leave the embedded PostgreSQL running (parent
+    PID 1) for ever: later commands did not stop it.  Now `doctor` lists it
+    with the command that stops it, and the next command takes it over and
+    stops it when it ends.  Also: no platformdirs warning without XDG_RUNTIME_DIR."""
+    import signal
+    import time
+    import urllib.request
+
+    import psutil
+
+    from live_server import free_port
+    from service.database import running_postmaster
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CONSENT_LEDGER_") and k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}
+    env["CONSENT_LEDGER_DATA_DIR"] = str(tmp_path / "data")
+    pgdata = tmp_path / "data" / "pgdata"
+    port = free_port()
+    errors = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*_command(), "serve", "--port", str(port)], env=env, stdout=errors, stderr=errors,
+                              stdin=subprocess.DEVNULL)
+    postmaster = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        postmaster = running_postmaster(pgdata)
+        assert postmaster is not None and postmaster.holders == (server.pid,)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        assert psutil.pid_exists(postmaster.pid)  # left behind, as before
+
+        doctor = subprocess.run([*_command(), "doctor", "--url", f"http://127.0.0.1:{port}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert doctor.returncode == 1, doctor.stdout
+        stray = [line for line in doctor.stdout.splitlines() if line.startswith("FAIL  stray PostgreSQL")]
+        assert stray and f"pid {postmaster.pid} runs on this data directory" in stray[0], doctor.stdout
+        assert f"kill -INT {postmaster.pid}" in stray[0] and str(server.pid) in stray[0]
+
+        later = subprocess.run([*_command(), "migrate"], env=env, capture_output=True, text=True, timeout=60)
+        assert later.returncode == 0, later.stderr
+        assert "takes it over" in later.stderr
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(postmaster.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not psutil.pid_exists(postmaster.pid)
+        for output in (doctor.stderr, later.stderr, (tmp_path / "serve.log").read_text()):
+            assert "RuntimeDirWarning" not in output and "XDG_RUNTIME_DIR" not in output
+    finally:
+        server.kill()
+        errors.close()
+        if postmaster is not None and psutil.pid_exists(postmaster.pid):
+            os.kill(postmaster.pid, signal.SIGINT)
