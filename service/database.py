@@ -112,11 +112,12 @@ class Postmaster:
     pgdata: Path
     holders: tuple[int, ...]
     gone: tuple[int, ...]  # recorded holders that no longer run (killed: they never let go)
+    managed: bool = True  # started by pgserver, which keeps a list of its holders
 
     @property
     def stray(self) -> bool:
         """Left running by processes that were killed: nothing will stop it."""
-        return not self.holders
+        return self.managed and not self.holders
 
     def how_to_stop(self) -> str:
         return f"kill -INT {self.pid}"
@@ -137,6 +138,8 @@ def running_postmaster(pgdata: Path) -> Postmaster | None:
         return None
     try:
         recorded = [int(p) for p in json.loads((pgdata / ".handle_pids.json").read_text())]
+    except FileNotFoundError:
+        return Postmaster(pid, pgdata, (), (), managed=False)
     except (OSError, ValueError, TypeError):
         recorded = []
     alive = tuple(p for p in recorded if psutil.pid_exists(p))

@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncpg
 
 from . import config as config_module
-from .auth import dev_key_path, is_url
+from .auth import DEV_KEY_FILE, dev_key_path, is_url
 from .checkpoints import DEV_LOG_KEY_FILE
 from .database import EMBEDDED_DATABASE, Postmaster, describe, pgdata_of, running_postmaster
 
@@ -139,7 +139,7 @@ def _embedded_processes(cfg: config_module.Config) -> list[Finding]:
     found = []
     for postmaster in _postmasters():
         here = postmaster.pgdata.resolve() == mine
-        if not (here or postmaster.stray):
+        if not (here or postmaster.stray and _looks_like_a_data_dir(postmaster.pgdata.parent)):
             continue
         where = "this data directory" if here else f"another data directory, {postmaster.pgdata}"
         if postmaster.stray:
@@ -170,6 +170,12 @@ def _postmasters() -> list[Postmaster]:
         if found is not None and found.pid == process.pid:
             seen.append(found)
     return seen
+
+
+def _looks_like_a_data_dir(path: Path) -> bool:
+    """A consent-ledger data directory: the default name, or the keys it makes."""
+    return path.name == ".consent-ledger" or any(
+        (path / name).exists() for name in (DEV_KEY_FILE, DEV_LOG_KEY_FILE))
 
 
 # --- the server and the token ------------------------------------------------------
