@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
 
 import structlog
 from aiohttp import web
@@ -364,24 +363,10 @@ def _projections(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes are one line too, naming the --help to read; every
-    command also takes --debug (after its name, where people type it)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                          help="show the traceback of a failure")
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(failures.FAILED, f"consent-ledger: {message}; see `{self.prog} --help`\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="consent-ledger", description=__doc__, epilog=failures.EXIT_STATUSES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(debug=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = failures.OneLineParser(top=True, prog="consent-ledger", description=__doc__, epilog=failures.EXIT_STATUSES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=failures.OneLineParser)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
@@ -453,28 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return witness_main(argv[1:])
     args = parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         cfg = config_module.load()
         logs.configure(cfg.log_level, cfg.log_format)  # on stderr: stdout carries only a command's result
         args.run(args)
-    except KeyboardInterrupt:
-        print("consent-ledger: interrupted; every entry already written is complete (a write is whole or "
-              "absent), so the command can simply be run again", file=sys.stderr)
-        return failures.INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
-        if args.debug:
-            import traceback
 
-            traceback.print_exc()
-        reason = failures.explain(exc)
-        if reason is not None:
-            print(f"consent-ledger: {reason}", file=sys.stderr)
-            return failures.FAILED
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
-        print(f"consent-ledger: unexpected error ({detail}); run the command again with --debug and report "
-              "what it prints", file=sys.stderr)
-        return failures.BUG
-    return failures.OK
+    return failures.run(run, debug=args.debug)
 
 
 if __name__ == "__main__":

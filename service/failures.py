@@ -8,8 +8,12 @@ else is a bug, reported as such (exit status 3).
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import asyncpg
 
@@ -35,6 +39,44 @@ EXIT_STATUSES = f"""exit status:
 
 class CommandError(Exception):
     """A failure with a known cause: reported as its one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, naming the --help to read; every
+    command also takes --debug (after its name, where people type it)."""
+
+    def __init__(self, *args: Any, top: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Only the top parser sets the default: a subcommand's would overwrite a --debug given before it.
+        self.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                          help="show the traceback of a failure")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(FAILED, f"consent-ledger: {message}; see `{self.prog} --help`\n")
+
+
+def run(command: Callable[[], None], *, debug: bool) -> int:
+    """Run a command; report a failure as one line on stderr; the exit status."""
+    try:
+        command()
+    except KeyboardInterrupt:
+        print("consent-ledger: interrupted; every entry already written is complete (a write is whole or "
+              "absent), so the command can simply be run again", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        reason = explain(exc)
+        if reason is not None:
+            print(f"consent-ledger: {reason}", file=sys.stderr)
+            return FAILED
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(f"consent-ledger: unexpected error ({detail}); run the command again with --debug and report "
+              "what it prints", file=sys.stderr)
+        return BUG
+    return OK
 
 
 def explain(exc: BaseException) -> str | None:

@@ -363,8 +363,46 @@ def test_a_postgres_left_by_a_killed_command_is_listed_and_then_stopped(tmp_path
         assert not psutil.pid_exists(postmaster.pid)
         for output in (doctor.stderr, later.stderr, (tmp_path / "serve.log").read_text()):
             assert "RuntimeDirWarning" not in output and "XDG_RUNTIME_DIR" not in output
+        started = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
+                   if line.startswith("{")]
+        database_line = next(e for e in started if e["event"].startswith("database"))
+        assert "host=" not in database_line["url"] and database_line["data"] == str(pgdata)
+        auth_line = next(e for e in started if e["event"].startswith("DEVELOPMENT AUTH"))
+        assert auth_line["key_file"] == str(tmp_path / "data" / DEV_KEY_FILE)
     finally:
         server.kill()
         errors.close()
         if postmaster is not None and psutil.pid_exists(postmaster.pid):
             os.kill(postmaster.pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("nonsense", "neither a verifier key"),  # used to be "[Errno 2] No such file or directory: 'nonsense'"
+    ("", "--key is empty"),  # what KEY=$(curl ...) gives when curl fails; used to be "[Errno 21] Is a directory: '.'"
+    ("a+b+c", "does not hold a verifier key"),
+])
+def test_verify_explains_a_bad_key(tmp_path, key, said):
+    line = one_line_reason(run("verify", "--url", "http://127.0.0.1:1", "--key", key,
+                               env={"CONSENT_LEDGER_DATA_DIR": str(tmp_path)}))
+    assert said in line and "Errno" not in line and "/v1/log-key" in line
+
+
+def test_verify_against_nothing_says_nothing_answers(tmp_path):
+    from contracts.note import Signer
+    from live_server import free_port
+
+    port = free_port()
+    vkey = Signer.generate("consent-ledger.example/log").verifier.vkey
+    line = one_line_reason(run("verify", "--url", f"http://127.0.0.1:{port}", "--key", vkey,
+                               env={"CONSENT_LEDGER_DATA_DIR": str(tmp_path)}))
+    assert f"nothing answers at http://127.0.0.1:{port}" in line and "consent-ledger serve" in line
+
+
+def test_witness_failures_are_one_line_too(tmp_path):
+    env = {"CONSENT_LEDGER_DATA_DIR": str(tmp_path)}
+    line = one_line_reason(run("witness", "serve", "--key", str(tmp_path / "none"), "--log", "x", env=env))
+    assert "--log" in line and "witness serve --help" in line
+    vkey = "consent-ledger.example/log+d5d09517+AWENtnBAsw3mRpmFrJwk3W6UYfFds5GzHTj2obNzYlch"
+    line = one_line_reason(run("witness", "serve", "--key", str(tmp_path / "none"),
+                               "--log", f"consent-ledger.example/log:{vkey}", env=env))
+    assert "cannot read the witness key" in line and "No such file" in line and "Errno" not in line
