@@ -128,7 +128,7 @@ OPERATIONS: tuple[Operation, ...] = (
                           "range: send the answer's `session` as the `Ledger-Read-Session` header on the pages "
                           "(events, entry bundles) of that range. `last_position` may not exceed the log's head. "
                           "A session covers only the caller (token subject) that opened it, only its range, "
-                          "and only until `expires_at`; otherwise 403 `read-session-refused`."),
+                          "and only until `expires_at`; otherwise the page is 403, saying which."),
     Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
               "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
               PATIENT_APP, None, bodies.ReceiptProof),

@@ -102,12 +102,12 @@ class HttpSource:
             raise SourceError(f"{method} {path}: HTTP {response.status}: {_problem(answer)}")
         return answer
 
-    def open_session(self, first: int, last: int) -> int:
-        """Record this run's read of ``first``..``last`` once; later pages name it."""
+    def open_session(self, first: int, last: int) -> int | None:
+        """Record this run's read of ``first``..``last`` once; later pages name it.
+        (A service without read sessions records each page, as it always did.)"""
         body = json.dumps({"first_position": first, "last_position": last}).encode()
-        answer = self._request("POST", "/v1/read-sessions", auth=True, body=body, ok=201)
-        assert answer is not None
-        self.session = int(json.loads(answer)["session"])
+        answer = self._request("POST", "/v1/read-sessions", auth=True, body=body, ok=201, missing_ok=True)
+        self.session = int(json.loads(answer)["session"]) if answer is not None else None
         return self.session
 
     def checkpoint(self) -> str:
@@ -123,7 +123,7 @@ class HttpSource:
         return [bytes.fromhex(h) for h in body["hashes"]]
 
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]:
-        if size and self.session is None:
+        if size:
             self.open_session(1, size)
         for n in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
             width = min(TILE_WIDTH, size - n * TILE_WIDTH)

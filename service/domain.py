@@ -314,9 +314,10 @@ class DataUse(LedgerAggregate):
         naming what differs, if it describes another one under the same id."""
         r = self.recorded
         assert r is not None and self.position is not None
+        if organisation != r.organisation_code:  # another organisation learns no more than that the id is taken
+            raise AlreadyExists(f"data use {r.use_id!r} is already recorded")
         given = {
             "grant_id": (request.grant_id, r.grant_id),
-            "organisation": (organisation, r.organisation_code),
             "purpose": (request.purpose, r.purpose),
             "datasets": (list(request.datasets), r.datasets),
             "cohort": (cohort_id, r.cohort_id),

@@ -93,6 +93,9 @@ def explain(exc: BaseException) -> str | None:
                    "password in DATABASE_URL"
         case asyncpg.InvalidCatalogNameError():
             return f"no such database at {_where()} ({_first_line(exc)}): create it, or fix DATABASE_URL"
+        case OSError() if exc.filename is not None:  # before `unavailable`, which takes any OSError
+            return f"{exc.strerror or 'cannot use'}: {exc.filename}; check the path and its permissions " \
+                   "(CONSENT_LEDGER_DATA_DIR and the key files are paths)"
         case _ if unavailable(exc):
             return f"cannot reach the database at {_where()} ({_first_line(exc) or 'no answer'}): start " \
                    "PostgreSQL there or fix DATABASE_URL; `consent-ledger doctor` checks the setup"
@@ -100,9 +103,6 @@ def explain(exc: BaseException) -> str | None:
             data_dir = config_module.load().data_dir
             return f"the embedded PostgreSQL did not start; its log is {data_dir / 'pgdata' / 'log'}; " \
                    "`consent-ledger doctor` lists what else runs on this data directory"
-        case PermissionError() | FileNotFoundError() | IsADirectoryError() | NotADirectoryError():
-            return f"{exc.strerror or 'cannot use'}: {exc.filename}; check the path and its permissions " \
-                   "(CONSENT_LEDGER_DATA_DIR and the key files are paths)"
     return None
 
 
