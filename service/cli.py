@@ -366,6 +366,7 @@ def _projections(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = failures.OneLineParser(top=True, prog="consent-ledger", description=__doc__, epilog=failures.EXIT_STATUSES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(logs=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=failures.OneLineParser)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
@@ -397,13 +398,13 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--nhs-number")
     issue.add_argument("--subject")
     issue.add_argument("--lifetime", type=_lifetime, default=3600, help="seconds, 1 to 2592000 (default 3600)")
-    issue.set_defaults(run=_token_issue)
+    issue.set_defaults(run=_token_issue, logs=False)  # prints a token; touches no database
 
     keys = sub.add_parser("keys", help="checkpoint signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="write a new Ed25519 log key; print its vkey")
     generate.add_argument("--out", required=True, help="private key file to create (mode 0600)")
     generate.add_argument("--name", help="key name = checkpoint origin (default CONSENT_LEDGER_LOG_ORIGIN)")
-    generate.set_defaults(run=_keys_generate)
+    generate.set_defaults(run=_keys_generate, logs=False)
 
     verify = sub.add_parser("verify", help="verify the log (live or exported) against its signed checkpoint")
     where = verify.add_mutually_exclusive_group(required=True)
@@ -441,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> None:
         cfg = config_module.load()
-        logs.configure(cfg.log_level, cfg.log_format)  # on stderr: stdout carries only a command's result
+        if args.logs:  # on stderr: stdout carries only a command's result
+            logs.configure(cfg.log_level, cfg.log_format)
         args.run(args)
 
     return failures.run(run, debug=args.debug)
