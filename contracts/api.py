@@ -55,15 +55,24 @@ class Operation(NamedTuple):
     body_optional: bool = False
     # Answered only once a ledger event records who read what (Ledger-Read-Recorded).
     recorded: bool = False
+    # Longer text for the OpenAPI `description` (behaviour a caller must know).
+    description: str = ""
+    # Pages of entries an auditor may read under a read session (header Ledger-Read-Session).
+    session_pages: bool = False
 
 
+_REPEATS = (
+    "Sending the same request again is safe: if the same {what} is already recorded the answer is 200 with "
+    "its existing receipt, whether or not an Idempotency-Key was sent. "
+)
 _after = ("after", {"type": "integer", "minimum": 0}, False)
 _limit = ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, False)
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("opt_out", "POST", "/v1/patients/{nhs}/opt-out",
               "Register an opt-out for the patient (201), or return the receipt of the one in force (200)",
-              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201),
+              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201,
+              description=_REPEATS.format(what="choice (that scope, opted out)")),
     Operation("opt_in", "POST", "/v1/patients/{nhs}/opt-in",
               "Withdraw an opt-out of that scope (201), or return the receipt of the choice in force (200)",
               PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201),
@@ -88,7 +97,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("record_data_use", "POST", "/v1/data-uses",
               "Record a use of patients' data under a grant; refused unless every member may be included under "
               "the grant when the use occurred (opt-outs, consents, exemption)",
-              SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY, org_scoped=True),
+              SDE, bodies.DataUseRequest, bodies.Receipt, 201, BULK_BODY, org_scoped=True,
+              description=_REPEATS.format(what="data use (same `use_id` and the same grant, purpose, datasets, "
+                                                 "cohort, `occurred_at`, access method and "
+                                                 "`opt_out_state_position`)")
+              + "A `use_id` already recorded with any of those different is 409 `already-exists`, naming them: "
+                "a use_id names one release, so a different release needs its own."),
     Operation("create_cohort", "POST", "/v1/cohorts",
               "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers); "
               "the ledger records that the caller's organisation stored it",
@@ -116,9 +130,19 @@ OPERATIONS: tuple[Operation, ...] = (
               query=(("format", {"type": "string", "enum": ["json", "csv"]}, False),), also_as=("text/csv",)),
     Operation("list_events", "GET", "/v1/events",
               "Ledger entries in position order", AUDITOR, None, bodies.EventsPage,
-              query=(_after, _limit)),
+              query=(_after, _limit), session_pages=True),
     Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
-              AUDITOR, None, bodies.EventView),
+              AUDITOR, None, bodies.EventView, session_pages=True),
+    Operation("open_read_session", "POST", "/v1/read-sessions",
+              "Record one read of a range of entries, covering every page of it for a day",
+              AUDITOR, bodies.ReadSessionRequest, bodies.ReadSession, 201,
+              description="An auditor's run (`consent-ledger verify`, `export`) reads thousands of pages. "
+                          "Without a session each page appends its own PersonalDataRead entry, so the log "
+                          "grows under the auditor's feet; with one, the run is one recorded read of a stated "
+                          "range: send the answer's `session` as the `Ledger-Read-Session` header on the pages "
+                          "(events, entry bundles) of that range. `last_position` may not exceed the log's head. "
+                          "A session covers only the caller (token subject) that opened it, only its range, "
+                          "and only until `expires_at`; otherwise the page is 403, saying which."),
     Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
               "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
               PATIENT_APP, None, bodies.ReceiptProof),
@@ -127,7 +151,7 @@ OPERATIONS: tuple[Operation, ...] = (
               media_type="text/plain"),
     Operation("get_entry_bundle", "GET", "/tile/entries/{tile_path:.+}",
               "Entry bundle (C2SP tlog-tiles): big-endian uint16 length-prefixed entries", AUDITOR,
-              media_type="application/octet-stream"),
+              media_type="application/octet-stream", session_pages=True),
     Operation("get_tile", "GET", r"/tile/{level:\d+}/{tile_path:.+}",
               "Merkle hash tile (C2SP tlog-tiles): 32-byte hashes", PUBLIC,
               media_type="application/octet-stream"),
@@ -143,6 +167,9 @@ OPERATIONS: tuple[Operation, ...] = (
                      ("to", {"type": "integer", "minimum": 1}, True)), may_be_missing=True),
     Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
               PUBLIC, None, bodies.LogKeys),
+    Operation("whoami", "GET", "/v1/whoami",
+              "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
+              frozenset(ROLES), None, bodies.TokenInfo),
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running, no background task stalled",
               PUBLIC, None, bodies.Health),
@@ -249,6 +276,7 @@ def openapi(version: str) -> dict[str, Any]:
         operation: dict[str, Any] = {
             "operationId": op.id,
             "summary": op.summary,
+            **({"description": op.description} if op.description else {}),
             "parameters": params,
             "responses": responses,
         }
@@ -271,6 +299,12 @@ def openapi(version: str) -> dict[str, Any]:
                  "schema": {"type": "string", "minLength": 1, "maxLength": 200,
                             "pattern": "^[!-~]([ -~]*[!-~])?$"}}
             )
+        if op.session_pages:
+            operation["parameters"].append(
+                {"name": "Ledger-Read-Session", "in": "header", "required": False,
+                 "description": "a read session (POST /v1/read-sessions) covering this page: the page is then "
+                                "not recorded again, and Ledger-Read-Recorded names the session",
+                 "schema": {"type": "integer", "minimum": 1}})
         if op.bulk:
             lines = {"type": "string", "description": "one NHS number per line (.dat: each followed by a comma)"}
             json_body = (

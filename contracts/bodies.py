@@ -112,6 +112,18 @@ class DataUseRequest(Frozen):
             raise ValueError("`nhs_numbers` must not be empty")
 
 
+class ReadSessionRequest(Frozen):
+    """An auditor's run over a range of entries (``consent-ledger verify`` or
+    ``export``): recorded as one read before the first page is served."""
+
+    first_position: Position
+    last_position: Position
+
+    def __post_init__(self) -> None:
+        if self.last_position < self.first_position:
+            raise ValueError("`last_position` must not be before `first_position`")
+
+
 # --- responses --------------------------------------------------------------
 
 
@@ -319,6 +331,34 @@ class ConsistencyProof(Struct, frozen=True, kw_only=True, rename={"from_size": "
     from_size: int
     to_size: int
     hashes: list[str]
+
+
+# How long a read session covers the pages of its range: longer than any
+# verify of a national log, short enough that it is not a standing licence.
+READ_SESSION_SECONDS = 24 * 3600
+
+
+class ReadSession(Struct, frozen=True, kw_only=True):
+    """A recorded read of entries ``first_position``..``last_position``.
+
+    ``session`` is the ledger position of its ``PersonalDataRead`` entry:
+    send it as the ``Ledger-Read-Session`` header on the pages of that range
+    (events, entry bundles) until ``expires_at``, and they are served without
+    recording each page again."""
+
+    session: int
+    first_position: int
+    last_position: int
+    expires_at: str
+
+
+class TokenInfo(Struct, frozen=True, kw_only=True):
+    """Who the bearer token says the caller is (its claims, as this service accepts them)."""
+
+    subject: str
+    roles: list[str]
+    org: str | None = None
+    patient_scoped: bool = False  # the token carries an `nhs_number` claim (not echoed)
 
 
 class LogKeys(Struct, frozen=True, kw_only=True):

@@ -64,6 +64,8 @@ class Parsed:
     rows: np.ndarray | None = None
     first_invalid: Element | None = None
     not_a_string: Element | None = None
+    # Lines ended with CRLF: an answer in lines ends its lines the same way.
+    crlf: bool = False
 
     @property
     def ok(self) -> bool:
@@ -183,7 +185,9 @@ def parse_lines(body: bytes | bytearray, *, dat: bool = False, chunk: int = CHUN
         first_line += len(stems)
     if bad:
         return Parsed(_EMPTY_STEMS, np.concatenate(bad).astype(np.int64))
-    return Parsed(np.concatenate(found) if found else _EMPTY_STEMS, _EMPTY_LINES, rows)
+    first_newline = body.find(b"\n")
+    crlf = first_newline > 0 and body[first_newline - 1] == _CR
+    return Parsed(np.concatenate(found) if found else _EMPTY_STEMS, _EMPTY_LINES, rows, crlf=crlf)
 
 
 def _unescaped_quotes(v: np.ndarray) -> np.ndarray:
@@ -407,7 +411,7 @@ def select_lines(parsed: Parsed, keep: np.ndarray, *, dat: bool = False) -> memo
     fixed-width in the same format, else freshly formatted."""
     rows = parsed.rows
     if rows is None or (rows.shape[1] - 11 - (rows[:1, -2] == _CR).all()) != dat:
-        return memoryview(_lines_table(parsed.stems[keep], dat).reshape(-1))
+        return memoryview(_lines_table(parsed.stems[keep], dat, parsed.crlf).reshape(-1))
     out = np.empty((int(keep.sum()), rows.shape[1]), dtype=np.uint8)
     at = 0
     for start in range(0, len(rows), 1 << 18):  # in pieces: no long stretch holding the GIL
@@ -422,14 +426,13 @@ def format_lines(stems: np.ndarray, *, dat: bool = False) -> bytes:
     return _lines_table(stems, dat).tobytes()
 
 
-def _lines_table(stems: np.ndarray, dat: bool) -> np.ndarray:
+def _lines_table(stems: np.ndarray, dat: bool, crlf: bool = False) -> np.ndarray:
+    table = number_table(stems, 11 + dat + crlf)
     if dat:
-        table = number_table(stems, 12)
         table[:, 10] = _COMMA
-        table[:, 11] = _NL
-    else:
-        table = number_table(stems, 11)
-        table[:, 10] = _NL
+    if crlf:
+        table[:, -2] = _CR
+    table[:, -1] = _NL
     return table
 
 

@@ -37,7 +37,8 @@ ExemptionBasis = Literal[
 AccessMethod = Literal["sde", "extract"]
 Role = Literal["patient-app", "dac", "sde", "auditor"]
 # What a recorded read of personal data looked at (PersonalDataRead.what).
-ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort"]
+# "audit-session": an auditor's whole run over a range of entries (one read, not one per page).
+ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort", "audit-session"]
 
 LABELS: dict[str, str] = {
     "national": "national data opt-out",

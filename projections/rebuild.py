@@ -37,7 +37,8 @@ async def status(conn: asyncpg.Connection) -> list[tuple[str, int, int]]:
     return out
 
 
-async def _catch_up(conn: asyncpg.Connection, projection: Projection, until: int, batch: int) -> int:
+async def _catch_up(conn: asyncpg.Connection, projection: Projection, until: int, batch: int,
+                    progress: Callable[[int, int], None] | None = None) -> int:
     position = await projection.position(conn)
     while position < until:
         entries = await read_entries(conn, position, min(batch, until - position))
@@ -45,6 +46,8 @@ async def _catch_up(conn: asyncpg.Connection, projection: Projection, until: int
             break
         async with conn.transaction():
             position = await projection.advance(conn, entries)
+        if progress is not None:
+            progress(position, until)
     return position
 
 
@@ -60,9 +63,7 @@ async def rebuild(
     await conn.execute("DELETE FROM projection_positions WHERE name = $1", shadow.position_name)
     while True:
         head = await ledger_head(conn)
-        reached = await _catch_up(conn, shadow, head, batch)
-        if progress is not None:
-            progress(reached, head)
+        reached = await _catch_up(conn, shadow, head, batch, progress)
         if head - reached < batch:
             break
     async with conn.transaction():

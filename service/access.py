@@ -9,25 +9,37 @@ the read cannot be recorded, it is not served.
 
 Each read is its own aggregate (a fresh id at version 1), so recording
 reads never contends with the patient's own writes.
+
+An auditor's run (verify, export) pages through the whole log: it opens a
+read session first, one ``PersonalDataRead`` of kind ``audit-session`` for
+the range it will read, and names it on each page (``Ledger-Read-Session``);
+pages the session covers are then served without another entry.  The
+ledger itself is the session store: the session is the position of that
+entry, checked against the caller, the range and its age.
 """
 
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
 import numpy as np
 import structlog
 
-from contracts.bodies import Receipt
+from contracts.bodies import READ_SESSION_SECONDS, Receipt
 from contracts.codes import Purpose, ReadKind, Role
 from contracts.events import OptOutFilterApplied, PersonalDataRead
 
+from .auth import Forbidden
 from .commands import Caller
 from .store import EventStore, NewEvent
 
 # The response header naming the ledger position where this read was recorded.
 READ_HEADER = "Ledger-Read-Recorded"
+# The request header naming the read session a page is read under.
+SESSION_HEADER = "Ledger-Read-Session"
+SESSION_KIND: ReadKind = "audit-session"
 
 
 def _role(caller: Caller, allowed: frozenset[str]) -> Role:
@@ -102,3 +114,51 @@ async def record_filter_call(
     )
     result = await store.append([NewEvent(uuid4(), "OptOutFilterApplied", uuid4(), 1, event)])
     return result.receipts[0]
+
+
+def session_expiry(recorded_at: datetime) -> datetime:
+    return recorded_at + timedelta(seconds=READ_SESSION_SECONDS)
+
+
+class ReadSessions:
+    """Checks pages against the sessions they name.  Sessions are ledger
+    entries, which never change, so each is looked up once and kept (a
+    few hundred bytes each; the cache is emptied when it grows large)."""
+
+    _KEEP = 10_000
+
+    def __init__(self, store: EventStore):
+        self.store = store
+        self._known: dict[int, PersonalDataRead] = {}
+        self._opened: dict[int, datetime] = {}
+
+    async def covering(self, caller: Caller, header: str, first: int, last: int) -> int:
+        """The session position if ``header`` names a live session of this
+        caller covering ``first``..``last``; otherwise Forbidden, saying why."""
+        position = int(header) if header.isascii() and header.isdigit() and len(header) <= 19 else 0
+        read = await self._session(position) if position else None
+        refused = f"{SESSION_HEADER} {header[:20]!r} "
+        if read is None:
+            raise Forbidden(refused + "is not a read session: open one with POST /v1/read-sessions")
+        if read.recorded_by != caller.subject[:200]:
+            raise Forbidden(refused + "was opened by another caller: open your own with POST /v1/read-sessions")
+        assert read.first_position is not None and read.last_position is not None
+        if not read.first_position <= first <= last <= read.last_position:
+            raise Forbidden(refused + f"covers positions {read.first_position}-{read.last_position}, not "
+                            f"{first}-{last}: open a session for this range with POST /v1/read-sessions")
+        if datetime.now(timezone.utc) >= session_expiry(self._opened[position]):
+            raise Forbidden(refused + "has expired: open a new one with POST /v1/read-sessions")
+        return position
+
+    async def _session(self, position: int) -> PersonalDataRead | None:
+        if position not in self._known:
+            found = await self.store.read_positions([position]) if position <= 2**62 else []
+            payload = found[0].entry.payload if found else None
+            if not (isinstance(payload, PersonalDataRead) and payload.what == SESSION_KIND):
+                return None  # not kept: a position beyond the head may yet become a session
+            if len(self._known) >= self._KEEP:
+                self._known.clear()
+                self._opened.clear()
+            self._known[position] = payload
+            self._opened[position] = datetime.fromisoformat(found[0].entry.recorded_at)
+        return self._known[position]

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -39,6 +39,7 @@ from contracts.merkle import TILE_WIDTH
 
 from .audit import ChainVerifier, Failure
 from .decision_audit import DecisionAudit
+from .progress import Progress
 
 EXPORT_FORMAT = "consent-ledger-export/2"
 READABLE_FORMATS = ("consent-ledger-export/1", EXPORT_FORMAT)
@@ -86,7 +87,10 @@ class Source(Protocol):
 
 
 class HttpSource:
-    """A running service, read over one keep-alive connection."""
+    """A running service, read over one keep-alive connection.
+
+    Reading entries opens a read session first: the whole run is one
+    recorded read of the range it covers, not one per page."""
 
     def __init__(self, url: str, token: str | None):
         parts = urlsplit(url.rstrip("/"))
@@ -96,24 +100,46 @@ class HttpSource:
         self._conn = cls(parts.hostname, parts.port, timeout=60)
         self._prefix = parts.path
         self._token = token
+        self._url = url
+        self.session: int | None = None
 
     def get(self, path: str, *, auth: bool = False, missing_ok: bool = False) -> bytes | None:
+        return self._request("GET", path, auth=auth, missing_ok=missing_ok)
+
+    def _request(self, method: str, path: str, *, auth: bool = False, missing_ok: bool = False,
+                 body: bytes | None = None, ok: int = 200) -> bytes | None:
         headers = {"Accept-Encoding": "identity"}
         if auth:
             if not self._token:
-                raise SourceError("reading entries needs an auditor token: set CONSENT_LEDGER_TOKEN or --token")
+                raise SourceError("reading entries needs an auditor token: set CONSENT_LEDGER_TOKEN "
+                                  "(`consent-ledger token issue --role auditor` on a development server) or --token")
             headers["Authorization"] = f"Bearer {self._token}"
+            if self.session is not None:
+                headers["Ledger-Read-Session"] = str(self.session)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            self._conn.request("GET", self._prefix + path, headers=headers)
+            self._conn.request(method, self._prefix + path, body=body, headers=headers)
             response = self._conn.getresponse()
-            body = response.read()
+            answer = response.read()
+        except ConnectionRefusedError:
+            raise SourceError(f"nothing answers at {self._url}: is the service running there "
+                              "(`consent-ledger serve`)? is the URL right?") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise SourceError(f"GET {path}: {exc}") from None
+            raise SourceError(f"{method} {self._url}{path}: {exc}") from None
         if response.status == 404 and missing_ok:
             return None
-        if response.status != 200:
-            raise SourceError(f"GET {path}: HTTP {response.status}: {body[:200].decode(errors='replace')}")
-        return body
+        if response.status != ok:
+            raise SourceError(f"{method} {path}: HTTP {response.status}: {_problem(answer)}")
+        return answer
+
+    def open_session(self, first: int, last: int) -> int | None:
+        """Record this run's read of ``first``..``last`` once; later pages name it.
+        (A service without read sessions records each page, as it always did.)"""
+        body = json.dumps({"first_position": first, "last_position": last}).encode()
+        answer = self._request("POST", "/v1/read-sessions", auth=True, body=body, ok=201, missing_ok=True)
+        self.session = int(json.loads(answer)["session"]) if answer is not None else None
+        return self.session
 
     def checkpoint(self) -> str:
         return self._must("/checkpoint").decode()
@@ -132,6 +158,8 @@ class HttpSource:
         return self.get(f"/v1/cohorts/{cohort_id}", auth=True, missing_ok=True)
 
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]:
+        if size:
+            self.open_session(1, size)
         for n in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
             width = min(TILE_WIDTH, size - n * TILE_WIDTH)
             bundle = self._must("/" + merkle.tile_path("entries", n, width), auth=True)
@@ -147,6 +175,15 @@ class HttpSource:
                 i += 1
             if i < width:
                 return  # a short bundle: the verifier reports the first missing position
+
+
+def _problem(body: bytes) -> str:
+    """An RFC 9457 problem's detail (what the service says to do), or the start of any other body."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return detail if isinstance(detail, str) else body[:200].decode(errors="replace")
 
 
 # --- reading an export ----------------------------------------------------------------------
@@ -216,15 +253,15 @@ class ExportSource:
             raise SourceError(f"{self._path}: unreadable export: {exc}") from None
 
 
-def export(source: HttpSource, out: Path, progress: IO[str] | None = None) -> int:
+def export(source: HttpSource, out: Path) -> int:
     """Write the latest checkpoint and every entry it covers; return the size."""
     checkpoint_text = source.checkpoint()
     size = note.parse_checkpoint(note.split(checkpoint_text)[0]).size
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     encode = msgspec.json.Encoder().encode
-    with gzip.open(tmp, "wb", compresslevel=6) as f:
+    with gzip.open(tmp, "wb", compresslevel=6) as f, Progress("export", size) as progress:
         f.write(json.dumps({"format": EXPORT_FORMAT, "checkpoint": checkpoint_text}).encode() + b"\n")
-        count = 0
         written: set[str] = set()
         for position, entry, leaf in source.entries(size):
             cohort_id = used_cohort(entry)
@@ -234,16 +271,12 @@ def export(source: HttpSource, out: Path, progress: IO[str] | None = None) -> in
                     f.write(encode(CohortLine(cohort_id, members)) + b"\n")
                 written.add(cohort_id)
             f.write(encode(ExportLine(position, entry, leaf or b"")) + b"\n")
-            count += 1
-            if progress is not None and count % 4096 == 0:
-                progress.write(f"\rexported {count:,}/{size:,}")
-    if progress is not None:
-        progress.write("\n")
+            progress.advance()
     os.replace(tmp, out)
-    if count != size and progress is not None:
+    if progress.done != size:
         # Kept anyway: an export of a damaged log is evidence; verify names the first gap.
-        progress.write(f"warning: the log served {count} entries for a checkpoint of {size}\n")
-    return count
+        sys.stderr.write(f"warning: the log served {progress.done} entries for a checkpoint of {size}\n")
+    return progress.done
 
 
 # --- verifying -----------------------------------------------------------------------------
@@ -265,6 +298,7 @@ def load_state(path: Path | None) -> State | None:
 
 
 def save_state(path: Path, cp: note.Checkpoint, checkpoint_text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"origin": cp.origin, "size": cp.size,
                                "root": base64.b64encode(cp.root).decode(), "checkpoint": checkpoint_text}))
@@ -298,7 +332,7 @@ class Outcome:
 
 
 def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | None = None,
-           progress: IO[str] | None = None, decisions: bool = False) -> Outcome:
+           decisions: bool = False) -> Outcome:
     started = time.perf_counter()
 
     def failed(position: int, what: str, detail: str, size: int = 0) -> Outcome:
@@ -328,16 +362,13 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
                               f"{state.size}: {exc}")
     checker = ChainVerifier(mark=state.size if state else 0, typed=False)
     replay = DecisionAudit(source.cohort) if decisions else None
-    tick = max(1, cp.size // 200)
-    for position, entry, leaf in source.entries(cp.size):
-        if not checker.add(position, entry, leaf, None):
-            break
-        if replay is not None:
-            replay.add(position, entry)
-        if progress is not None and position % tick == 0:
-            progress.write(f"\rverifying {position:,}/{cp.size:,} ({100 * position // max(cp.size, 1)}%)")
-    if progress is not None:
-        progress.write("\n")
+    with Progress("verify", cp.size) as progress:
+        for position, entry, leaf in source.entries(cp.size):
+            if not checker.add(position, entry, leaf, None):
+                break
+            if replay is not None:
+                replay.add(position, entry)
+            progress.advance()
     if checker.failure is not None:
         return Outcome(False, checker.size, b"", time.perf_counter() - started, checker.failure)
     if checker.size < cp.size:
@@ -364,11 +395,31 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
 
 def read_key(value: str) -> list[note.Verifier]:
     """--key: vkey text, or a file with one vkey per line."""
+    where = "the --key value"
     text = value
+    if not value.strip():
+        raise ValueError("--key is empty: give the log's verifier key (name+hash+base64, from "
+                         "`curl -s URL/v1/log-key` or, better, from the operator out of band) or a file "
+                         "holding it; if it came from `KEY=$(curl ...)`, that command failed: is the service "
+                         "running at that URL?")
     if "+" not in value or Path(value).exists():
-        text = Path(value).read_text()
-    return [note.parse_vkey(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def progress_stream() -> IO[str] | None:
-    return sys.stderr if sys.stderr.isatty() else None
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"--key {value!r} is neither a verifier key (name+hash+base64, as "
+                             "`GET /v1/log-key` lists them) nor a file holding one")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--key {value!r}: cannot read that file ({exc})") from None
+        where = f"the file {value!r}"
+    keys = []
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            try:
+                keys.append(note.parse_vkey(line.strip()))
+            except note.NoteError as exc:
+                raise ValueError(f"{where} does not hold a verifier key ({exc}): expected "
+                                 "name+hash+base64, as `GET /v1/log-key` lists them") from None
+    if not keys:
+        raise ValueError(f"{where} holds no verifier key")
+    return keys

@@ -21,7 +21,17 @@ import aiohttp
 import msgspec
 import structlog
 from joserfc import jws, jwt
-from joserfc.errors import JoseError
+from joserfc.errors import (
+    BadSignatureError,
+    DecodeError,
+    ExpiredTokenError,
+    InvalidClaimError,
+    InvalidKeyIdError,
+    JoseError,
+    MissingClaimError,
+    MissingKeyError,
+    UnsupportedAlgorithmError,
+)
 from joserfc.jwk import KeySet, OKPKey
 
 from contracts.api import ROLES
@@ -29,7 +39,7 @@ from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from contracts.values import Identifier, ShortText
 
 from .commands import Caller
-from .config import Config
+from .config import Config, ConfigError
 
 ALGORITHMS = ("EdDSA", "Ed25519", "ES256")
 LEEWAY_SECONDS = 60
@@ -104,6 +114,8 @@ class Verifier:
     # Longest accepted token lifetime (CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS):
     # a stolen token must not stay good for years.
     max_lifetime: float = 86_400.0
+    # Tokens are signed by the key generated in the data directory (`token issue`).
+    development: bool = False
 
     def caller(self, authorization: str | None) -> Caller:
         token = _bearer(authorization)
@@ -119,9 +131,35 @@ class Verifier:
                 nbf={"essential": False},
             ).validate(decoded.claims)
         except (JoseError, ValueError, TypeError, KeyError) as exc:
-            raise Unauthenticated(f"the token was refused: {_reason(exc)}") from None
+            reason = self._reason(exc)
+            log.info("token refused", reason=reason)
+            raise Unauthenticated(f"the token was refused: {reason}") from None
         self._check_lifetime(decoded.claims)
         return _caller_from_claims(decoded.claims)
+
+    def _reason(self, exc: Exception) -> str:
+        """Why a token was refused, in plain words and with what to do about it."""
+        match exc:
+            case BadSignatureError() | MissingKeyError() | InvalidKeyIdError() if self.development:
+                return ("its signature does not match this server's development key: issue the token with the "
+                        "same data directory as the server (run `consent-ledger token issue` in the folder "
+                        "where `consent-ledger serve` runs, or set CONSENT_LEDGER_DATA_DIR to its data directory)")
+            case BadSignatureError() | MissingKeyError() | InvalidKeyIdError():
+                return "its signature does not verify with any of this service's token keys (JWKS)"
+            case ExpiredTokenError():
+                return "it has expired: get a new one"
+            case InvalidClaimError() if exc.claim in ("iss", "aud"):
+                wanted = self.issuer if exc.claim == "iss" else self.audience
+                return f"its `{exc.claim}` claim is not {wanted!r}, which this service requires"
+            case InvalidClaimError() if exc.claim == "nbf":
+                return "it is not valid yet (`nbf` is in the future): check the clocks"
+            case MissingClaimError():
+                return f"it has no `{exc.claim}` claim, which this service requires"
+            case UnsupportedAlgorithmError():
+                return f"it is signed with an algorithm this service refuses (allowed: {', '.join(ALGORITHMS)})"
+            case DecodeError() | ValueError() | TypeError() | KeyError():
+                return "it is not a well-formed JWT (three base64url parts separated by dots)"
+        return _reason(exc)
 
     def _check_lifetime(self, claims: dict[str, Any]) -> None:
         exp, iat, now = claims["exp"], claims.get("iat"), time.time()
@@ -193,7 +231,7 @@ def _kid(authorization: str | None) -> str | None:
 
 
 def _reason(exc: Exception) -> str:
-    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    text = getattr(exc, "description", None) or str(exc).rstrip(": ") or "it does not verify"
     return text[:200]
 
 
@@ -238,10 +276,16 @@ def dev_key_path(config: Config) -> Path:
     return config.data_dir / DEV_KEY_FILE
 
 
+def load_dev_key(config: Config) -> OKPKey | None:
+    path = dev_key_path(config)
+    return OKPKey.import_key(json.loads(path.read_text())) if path.exists() else None
+
+
 def load_or_create_dev_key(config: Config) -> OKPKey:
     path = dev_key_path(config)
-    if path.exists():
-        return OKPKey.import_key(json.loads(path.read_text()))
+    key = load_dev_key(config)
+    if key is not None:
+        return key
     key = OKPKey.generate_key("Ed25519", parameters={"kid": "dev", "use": "sig", "alg": "EdDSA"})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -282,11 +326,12 @@ def verifier(config: Config) -> tuple[Verifier, bool]:
         return Verifier(load_keys(config.jwks), config.jwt_issuer, config.jwt_audience,
                         max_lifetime=config.token_max_lifetime_seconds), False
     if config.production:
-        raise RuntimeError("CONSENT_LEDGER_JWKS must be set when CONSENT_LEDGER_ENV=production")
+        raise ConfigError("CONSENT_LEDGER_JWKS must be set when CONSENT_LEDGER_ENV=production "
+                          "(a JWKS file or URL with your token issuer's public keys)")
     key = load_or_create_dev_key(config)
     public = KeySet.import_key_set({"keys": [key.as_dict(private=False)]})
     return Verifier(public, config.jwt_issuer, config.jwt_audience,
-                    max_lifetime=config.token_max_lifetime_seconds), True
+                    max_lifetime=config.token_max_lifetime_seconds, development=True), True
 
 
 def issue_token(

@@ -18,7 +18,7 @@ import structlog
 
 from contracts import merkle, note
 
-from .config import Config
+from .config import Config, ConfigError
 from .tiles import TileReader
 
 log = structlog.get_logger(__name__)
@@ -44,7 +44,8 @@ def load_signers(config: Config) -> tuple[list[note.Signer], bool]:
     development = False
     if not paths:
         if config.production:
-            raise RuntimeError("CONSENT_LEDGER_LOG_KEY must be set when CONSENT_LEDGER_ENV=production")
+            raise ConfigError("CONSENT_LEDGER_LOG_KEY must be set when CONSENT_LEDGER_ENV=production "
+                              "(make one with `consent-ledger keys generate`)")
         path = config.data_dir / DEV_LOG_KEY_FILE
         if not path.exists():
             write_key(path, note.Signer.generate(config.log_origin))

@@ -1,9 +1,14 @@
-"""The `consent-ledger` command line (the composition root for every command)."""
+"""The `consent-ledger` command line (the composition root for every command).
+
+Every failure is one line on stderr that says what went wrong and what to
+do next (`--debug` adds the traceback); the exit statuses are listed at the
+end of `consent-ledger --help`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import sys
 import time
@@ -16,29 +21,31 @@ from contracts import nhs_number
 from contracts.api import ROLES
 
 from . import config as config_module
-from . import logs
-from .auth import issue_token, load_or_create_dev_key, verifier
+from . import failures, logs
+from .auth import dev_key_path, issue_token, load_dev_key, load_or_create_dev_key, verifier
 from .checkpoints import load_signers
 from .database import Database, describe, locate
+from .failures import CommandError
+from .progress import Progress
 from .schema import migrate
 
 log = structlog.get_logger("consent_ledger")
 
 
-class CommandError(Exception):
-    """A failure to report as one line and a non-zero exit."""
-
-
 def _serve(args: argparse.Namespace) -> None:
     cfg = config_module.load()
-    logs.configure(cfg.log_level, cfg.log_format)
+    if args.workers <= 1:
+        _check_port_free(args.host, args.port)  # before minutes of database start-up, not after
     database = asyncio.run(locate(cfg))
     verifier(cfg)  # fail fast on bad auth configuration, before any worker starts
     signers, dev_log_key = load_signers(cfg)  # creates the development key once, before any worker starts
     if dev_log_key:
         log.warning("DEVELOPMENT LOG KEY: checkpoints are signed by a key generated in the data directory;"
                     " set CONSENT_LEDGER_LOG_KEY (see `consent-ledger keys generate`)", vkey=signers[0].verifier.vkey)
-    log.info("database", url=describe(database.owner_dsn), embedded=database.embedded)
+    if database.embedded:
+        log.info("database: embedded PostgreSQL", data=str(cfg.data_dir / "pgdata"), url=describe(database.owner_dsn))
+    else:
+        log.info("database", url=describe(database.owner_dsn))
     if cfg.production and not cfg.service_database_url:
         log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
                     "owner's login; see deploy/POSTGRES-ROLES.md")
@@ -58,7 +65,7 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         log.warning(
             "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
             "the data directory. Get one with: consent-ledger token issue --role patient-app",
-            key_file=str(cfg.data_dir),
+            key_file=str(dev_key_path(cfg)),
         )
     app = create_app(
         database,
@@ -74,8 +81,35 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
         filter_wait=cfg.filter_wait,
         task_stall=cfg.task_stall_seconds,
     )
-    log.info("serving", host=host, port=port)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
+
+    def serving(_banner: str) -> None:  # aiohttp calls this once the port is bound
+        log.info("serving", host=host, port=port, url=f"http://{host}:{port}")
+
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=serving, reuse_port=reuse_port or None)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_in_use(host, port) from None
+        raise
+    log.info("stopped", host=host, port=port)
+
+
+def _port_in_use(host: str, port: int) -> CommandError:
+    return CommandError(f"{host}:{port} is already in use, perhaps by another `consent-ledger serve`: stop it "
+                        f"(`consent-ledger doctor` lists this data directory's processes) or use --port")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _port_in_use(host, port) from None
+            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from None
 
 
 def _worker(database: Database, host: str, port: int) -> None:
@@ -195,12 +229,21 @@ def _migrate(args: argparse.Namespace) -> None:
 def _token_issue(args: argparse.Namespace) -> None:
     cfg = config_module.load()
     if cfg.jwks:
-        raise CommandError("token issue signs development tokens only; CONSENT_LEDGER_JWKS is set")
+        raise CommandError("token issue signs development tokens only, and CONSENT_LEDGER_JWKS is set: "
+                           "get tokens from the issuer that JWKS belongs to")
     if cfg.production:
-        raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production")
+        raise CommandError("token issue is not available when CONSENT_LEDGER_ENV=production: "
+                           "get tokens from your identity provider")
     if args.lifetime > cfg.token_max_lifetime_seconds:
         raise CommandError(f"--lifetime {args.lifetime} is longer than the service accepts "
                            f"(CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS={cfg.token_max_lifetime_seconds:g})")
+    key = load_dev_key(cfg)
+    if key is None and not cfg.data_dir.is_dir():
+        # A key made here would be one no server knows: its tokens would all be refused.
+        raise CommandError(f"no data directory at {cfg.data_dir}: run this in the folder where "
+                           "`consent-ledger serve` runs (it uses ./.consent-ledger there), or set "
+                           "CONSENT_LEDGER_DATA_DIR to the server's data directory")
+    created = key is None
     key = load_or_create_dev_key(cfg)
     token = issue_token(
         key,
@@ -212,15 +255,28 @@ def _token_issue(args: argparse.Namespace) -> None:
         nhs_number=args.nhs_number,
         lifetime=args.lifetime,
     )
-    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s", file=sys.stderr)
+    made = "a NEW development key (only a server using this data directory accepts it)" if created \
+        else "the development key"
+    print(f"# development token for role {', '.join(args.role)}, valid {args.lifetime}s, signed by {made} "
+          f"in {dev_key_path(cfg)}", file=sys.stderr)
     print(token)
+
+
+def _lifetime(text: str) -> int:
+    """--lifetime: whole seconds, at least one, at most 30 days (a development token, not a credential for life)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= value <= 30 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 2592000 seconds (30 days)")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     cfg = config_module.load()
-    logs.configure(cfg.log_level, cfg.log_format)
     summary = asyncio.run(run_demo(cfg, patients=args.patients, seed=args.seed))
     print(summary)
 
@@ -256,13 +312,13 @@ def _verify(args: argparse.Namespace) -> None:
     try:
         keys = auditor.read_key(args.key)
         source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
-        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None, auditor.progress_stream(),
+        outcome = auditor.verify(source, keys, Path(args.state) if args.state else None,
                                  decisions=args.decisions)
-    except (auditor.SourceError, ValueError, OSError) as exc:
+    except (auditor.SourceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(outcome.report())
     if not outcome.ok:
-        raise SystemExit(1)
+        raise SystemExit(failures.NOT_VERIFIED)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -271,10 +327,22 @@ def _export(args: argparse.Namespace) -> None:
     from . import auditor
 
     try:
-        size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out), auditor.progress_stream())
-    except (auditor.SourceError, ValueError, OSError) as exc:
+        size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out))
+    except (auditor.SourceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(f"exported {size} entries and their checkpoint to {args.out}")
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from .doctor import examine
+
+    findings = examine(args.url, _token(args))
+    for finding in findings:
+        print(finding)
+    if any(f.verdict == "FAIL" for f in findings):
+        raise SystemExit(failures.NOT_VERIFIED)
+
+
 def _projections(args: argparse.Namespace) -> None:
     from projections import rebuild as projection_admin
 
@@ -291,9 +359,8 @@ def _projections(args: argparse.Namespace) -> None:
                 return
             if args.name not in projection_admin.PROJECTIONS:
                 raise CommandError(f"no projection {args.name!r}; known: {', '.join(projection_admin.PROJECTIONS)}")
-            position = await projection_admin.rebuild(
-                conn, args.name, progress=lambda at, head: print(f"# {args.name}: {at}/{head}", file=sys.stderr)
-            )
+            with Progress(f"rebuild {args.name}") as progress:
+                position = await projection_admin.rebuild(conn, args.name, progress=progress.update)
             print(f"{args.name} rebuilt from position 0 to {position}")
         finally:
             await conn.close()
@@ -302,8 +369,10 @@ def _projections(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="consent-ledger", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = failures.OneLineParser(top=True, prog="consent-ledger", description=__doc__, epilog=failures.EXIT_STATUSES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(logs=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=failures.OneLineParser)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
@@ -333,14 +402,14 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--org")
     issue.add_argument("--nhs-number")
     issue.add_argument("--subject")
-    issue.add_argument("--lifetime", type=int, default=3600)
-    issue.set_defaults(run=_token_issue)
+    issue.add_argument("--lifetime", type=_lifetime, default=3600, help="seconds, 1 to 2592000 (default 3600)")
+    issue.set_defaults(run=_token_issue, logs=False)  # prints a token; touches no database
 
     keys = sub.add_parser("keys", help="checkpoint signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="write a new Ed25519 log key; print its vkey")
     generate.add_argument("--out", required=True, help="private key file to create (mode 0600)")
     generate.add_argument("--name", help="key name = checkpoint origin (default CONSENT_LEDGER_LOG_ORIGIN)")
-    generate.set_defaults(run=_keys_generate)
+    generate.set_defaults(run=_keys_generate, logs=False)
 
     verify = sub.add_parser("verify", help="verify the log (live or exported) against its signed checkpoint")
     where = verify.add_mutually_exclusive_group(required=True)
@@ -360,6 +429,12 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
     exp.set_defaults(run=_export)
 
+    doctor = sub.add_parser("doctor", help="check the set-up: data directory, keys, database, server, token, "
+                                           "stray embedded PostgreSQL")
+    doctor.add_argument("--url", default="http://127.0.0.1:8080", help="the server to check (default %(default)s)")
+    doctor.add_argument("--token", help="bearer token to check (default: CONSENT_LEDGER_TOKEN)")
+    doctor.set_defaults(run=_doctor)
+
     # Listed here for --help; main() hands its arguments to the witness's own parser.
     sub.add_parser("witness", help="run a C2SP witness for consent-ledger logs (see `witness --help`)")
     return p
@@ -372,25 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return witness_main(argv[1:])
     args = parser().parse_args(argv)
-    previous = None
-    try:
+
+    def run() -> None:
+        cfg = config_module.load()
+        if args.logs:  # on stderr: stdout carries only a command's result
+            logs.configure(cfg.log_level, cfg.log_format)
         try:
-            previous = nhs_number.accept_ranges(config_module.load().nhs_number_ranges)
+            previous = nhs_number.accept_ranges(cfg.nhs_number_ranges)
         except ValueError as exc:
             raise CommandError(f"CONSENT_LEDGER_NHS_NUMBER_RANGES: {exc}") from None
-        args.run(args)
-    except CommandError as exc:
-        print(f"consent-ledger: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
-        print(f"consent-ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if previous is not None:  # main() may be called in a process that goes on (tests)
+        try:
+            args.run(args)
+        finally:  # main() may be called in a process that goes on (tests)
             nhs_number.accept_ranges(previous)
-    return 0
+
+    return failures.run(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -381,6 +381,9 @@ class Ledger:
                         )
                     grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
                     use = await self._load(conn, DataUse, data_use_aggregate_id(organisation, request.use_id))
+                    if use.recorded is not None:  # sent again: answered like a repeated opt-out
+                        return Outcome(await self.receipt_at(use.repeated(request, cohort_id, organisation)),
+                                       created=False)
                     grant.check_use(request, organisation, now)
                     # The state in force when the use occurred: the last position recorded by then.
                     position = await self.store.position_at(conn, occurred, head)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+class ConfigError(RuntimeError):
+    """Settings that cannot work together; the message says what to set."""
 
 from contracts import nhs_number
 
@@ -35,6 +40,7 @@ class Config:
     token_max_lifetime_seconds: float = 86_400.0
     nhs_number_ranges: tuple[str, ...] = ()
     task_stall_seconds: float = 30.0
+    progress_seconds: float = 10.0
 
     @property
     def production(self) -> bool:
@@ -53,13 +59,13 @@ def load(env: dict[str, str] | None = None) -> Config:
         jwt_audience=env.get("CONSENT_LEDGER_JWT_AUDIENCE", "consent-ledger"),
         log_format=env.get("CONSENT_LEDGER_LOG_FORMAT", "json"),
         log_level=env.get("CONSENT_LEDGER_LOG_LEVEL", "info"),
-        writer_queue_size=int(env.get("CONSENT_LEDGER_WRITER_QUEUE", "10000")),
-        writer_max_batch=int(env.get("CONSENT_LEDGER_WRITER_BATCH", "500")),
-        pool_size=int(env.get("CONSENT_LEDGER_POOL_SIZE", "10")),
-        jwks_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_REFRESH_SECONDS", "300")),
-        jwks_min_refresh_seconds=float(env.get("CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS", "30")),
+        writer_queue_size=_number(env, "CONSENT_LEDGER_WRITER_QUEUE", "10000", int),
+        writer_max_batch=_number(env, "CONSENT_LEDGER_WRITER_BATCH", "500", int),
+        pool_size=_number(env, "CONSENT_LEDGER_POOL_SIZE", "10", int),
+        jwks_refresh_seconds=_number(env, "CONSENT_LEDGER_JWKS_REFRESH_SECONDS", "300", float),
+        jwks_min_refresh_seconds=_number(env, "CONSENT_LEDGER_JWKS_MIN_REFRESH_SECONDS", "30", float),
         service_database_url=env.get("CONSENT_LEDGER_SERVICE_DATABASE_URL") or None,
-        request_timeout_seconds=float(env.get("CONSENT_LEDGER_REQUEST_TIMEOUT_SECONDS", "60")),
+        request_timeout_seconds=_number(env, "CONSENT_LEDGER_REQUEST_TIMEOUT_SECONDS", "60", float),
         # The checkpoint origin and the log key's name: a schema-less URL of the log.
         log_origin=env.get("CONSENT_LEDGER_LOG_ORIGIN", "consent-ledger.example/log"),
         log_key_file=Path(env["CONSENT_LEDGER_LOG_KEY"]) if env.get("CONSENT_LEDGER_LOG_KEY") else None,
@@ -67,13 +73,13 @@ def load(env: dict[str, str] | None = None) -> Config:
         log_extra_key_files=tuple(
             Path(p) for p in env.get("CONSENT_LEDGER_LOG_EXTRA_KEYS", "").split(",") if p.strip()
         ),
-        checkpoint_interval=float(env.get("CONSENT_LEDGER_CHECKPOINT_INTERVAL", "1.0")),
+        checkpoint_interval=_number(env, "CONSENT_LEDGER_CHECKPOINT_INTERVAL", "1.0", float),
         # Projections also poll, so a lost NOTIFY only delays them by this much.
-        projection_poll_interval=float(env.get("CONSENT_LEDGER_PROJECTION_POLL", "1.0")),
+        projection_poll_interval=_number(env, "CONSENT_LEDGER_PROJECTION_POLL", "1.0", float),
         # How long an opt-out filter call waits for `min_position` before 503.
-        filter_wait=float(env.get("CONSENT_LEDGER_FILTER_WAIT", "5.0")),
+        filter_wait=_number(env, "CONSENT_LEDGER_FILTER_WAIT", "5.0", float),
         # Tokens that would live longer than this are refused (a stolen one must expire).
-        token_max_lifetime_seconds=float(env.get("CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS", "86400")),
+        token_max_lifetime_seconds=_number(env, "CONSENT_LEDGER_TOKEN_MAX_LIFETIME_SECONDS", "86400", float),
         # Which allocated NHS number ranges are accepted; production leaves out the synthetic (test) range.
         nhs_number_ranges=tuple(r.strip() for r in env.get(
             "CONSENT_LEDGER_NHS_NUMBER_RANGES",
@@ -81,5 +87,15 @@ def load(env: dict[str, str] | None = None) -> Config:
         ).split(",") if r.strip()),
         # A background task without progress for this long (beyond its own
         # period) makes /readyz answer 503, naming the task.
-        task_stall_seconds=float(env.get("CONSENT_LEDGER_TASK_STALL_SECONDS", "30")),
+        task_stall_seconds=_number(env, "CONSENT_LEDGER_TASK_STALL_SECONDS", "30", float),
+        # Long commands print a progress line this often when stderr is not a terminal.
+        progress_seconds=_number(env, "CONSENT_LEDGER_PROGRESS_SECONDS", "10", float),
     )
+
+
+def _number(env: dict[str, str], name: str, default: str, kind: type[int] | type[float]) -> Any:
+    value = env.get(name, default)
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number") from None

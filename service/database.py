@@ -9,13 +9,19 @@ the least-privileged ``consent_ledger_app`` role.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import structlog
 
 from .config import Config
 from .schema import APP_ROLE
+
+log = structlog.get_logger("consent_ledger.database")
 
 EMBEDDED_DATABASE = "consent_ledger"
 
@@ -80,12 +86,98 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-def _start_embedded(config: Config) -> str:
-    import pgserver  # imported lazily: only the embedded default needs it
+def pgserver() -> Any:
+    """The pgserver package, imported quietly: at import it looks up a runtime
+    directory and warns when XDG_RUNTIME_DIR is unset (it then uses /tmp),
+    which is noise on every command of a server or container without a login
+    session."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="platformdirs")
+        import pgserver as package
+        import pgserver.postgres_server  # noqa: F401 - the module whose class attributes warn
 
-    pgdata = config.data_dir / "pgdata"
+    return package
+
+
+def pgdata_of(config: Config) -> Path:
+    return config.data_dir / "pgdata"
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """An embedded PostgreSQL running on a data directory, and the processes
+    that hold it open (pgserver stops it when the last of them exits)."""
+
+    pid: int
+    pgdata: Path
+    holders: tuple[int, ...]
+    gone: tuple[int, ...]  # recorded holders that no longer run (killed: they never let go)
+    managed: bool = True  # started by pgserver, which keeps a list of its holders
+
+    @property
+    def stray(self) -> bool:
+        """Left running by processes that were killed: nothing will stop it."""
+        return self.managed and not self.holders
+
+    def how_to_stop(self) -> str:
+        return f"kill -INT {self.pid}"
+
+
+def running_postmaster(pgdata: Path) -> Postmaster | None:
+    """The PostgreSQL running on ``pgdata``, from its ``postmaster.pid`` and pgserver's holder list."""
+    import json
+
+    import psutil
+
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (OSError, ValueError, psutil.Error):
+        return None
+    try:
+        recorded = [int(p) for p in json.loads((pgdata / ".handle_pids.json").read_text())]
+    except FileNotFoundError:
+        return Postmaster(pid, pgdata, (), (), managed=False)
+    except (OSError, ValueError, TypeError):
+        recorded = []
+    alive = tuple(p for p in recorded if psutil.pid_exists(p))
+    return Postmaster(pid, pgdata, alive, tuple(p for p in recorded if p not in alive))
+
+
+def _forget_killed_holders(pgdata: Path) -> None:
+    """pgserver stops the server when its last holder exits, but a holder
+    that was killed (SIGKILL, a closed terminal) never says it left, so the
+    server would run for ever.  Forget those before taking hold: this command
+    then stops the server when it ends, as if the killed one had."""
+    import json
+
+    import psutil
+
+    holders = pgdata / ".handle_pids.json"
+    server_class = pgserver().postgres_server.PostgresServer
+    with server_class._lock:  # the lock pgserver holds while it edits this list
+        try:
+            recorded = [int(p) for p in json.loads(holders.read_text())]
+        except (OSError, ValueError, TypeError):
+            return
+        alive = [p for p in recorded if psutil.pid_exists(p)]
+        if alive == recorded:
+            return
+        running = running_postmaster(pgdata)
+        if running is not None:
+            log.warning("an embedded PostgreSQL was left running by a process that was killed; this command "
+                        "takes it over and stops it when it ends", pid=running.pid, pgdata=str(pgdata))
+        holders.write_text(json.dumps(alive))
+
+
+def _start_embedded(config: Config) -> str:
+    pgdata = pgdata_of(config)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    if pgdata.exists():
+        _forget_killed_holders(pgdata)
+    server = pgserver().get_server(pgdata, cleanup_mode="stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
@@ -101,7 +193,11 @@ async def locate(config: Config) -> Database:
 
 
 def describe(dsn: str) -> str:
-    """A DSN without credentials, safe to log."""
+    """A DSN without credentials, safe to log: ``postgresql://host:port/db``,
+    or for a Unix socket ``postgresql:///db (socket in DIR)``."""
     parts = urlsplit(dsn)
-    host = parts.hostname or parts.query
-    return f"{parts.scheme}://{host}{parts.path}"
+    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    host = "" if socket_dir else parts.hostname or ""
+    port = f":{parts.port}" if parts.port and host else ""
+    where = f"{parts.scheme}://{host}{port}{parts.path}"
+    return f"{where} (socket in {socket_dir})" if socket_dir else where

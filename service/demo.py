@@ -1,28 +1,50 @@
 """`consent-ledger demo`: realistic synthetic data through the real write path.
 
-Test-range NHS numbers (starting 999, valid check digits), opt-outs at the
-national rate (~5.4%), a few proxy and type-1 choices, grants from a data
-access committee, and data uses whose cohorts are filtered the way an SDE
-would (one grant carries a s251 exemption and so includes opted-out patients).
+Test-range NHS numbers (999 000 000 0 to 999 999 999 9, valid check digits:
+never issued to a real patient, and only 909,091 of them exist), opt-outs at
+the national rate (~5.4%), a few proxy and type-1 choices, grants from a
+data access committee, and data uses whose cohorts are filtered the way an
+SDE would: through the opt-out filter, at the ledger's current state, so
+choices written by anyone else since are honoured too (one grant carries a
+s251 exemption and so includes opted-out patients).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import datetime, timedelta, timezone
 
-from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
-from contracts.nhs_number import NhsNumber, check_digit
-from contracts.values import Actor, Exemption, Organisation, PurposeStatement
+import numpy as np
 
-from .commands import Caller, Ledger
-from .domain import AlreadyExists
+from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
+from contracts.nhs_number import NhsNumber
+from contracts.values import Actor, Exemption, Organisation, PurposeStatement
+from projections.optout_filter import OptOutFilter
+from projections.runner import Runner
+
+from .commands import Caller, Ledger, ProjectedOptOutAssessor
 from .config import Config
 from .database import locate
+from .domain import AlreadyExists
+from .failures import CommandError
+from .progress import Progress
 from .schema import migrate
 from .store import EventStore
 
 OPT_OUT_RATE = 0.054
+TEST_RANGE_FIRST_STEM = 999_000_000
+
+
+def demo_range_stems() -> np.ndarray:
+    """Every stem of the test range whose check digit exists (a remainder of 10 has none)."""
+    stems = np.arange(TEST_RANGE_FIRST_STEM, 10**9, dtype=np.int64)
+    digits = stems[:, None] // 10 ** np.arange(8, -1, -1) % 10
+    remainder = (digits * np.arange(10, 1, -1)).sum(axis=1) % 11
+    return stems[remainder != 1]
+
+
+MAX_PATIENTS = 909_091  # len(demo_range_stems()), checked by the tests
 
 _GRANTS = [
     ("DARS-NIC-100001", "SDE-NORTH", "North Secure Data Environment", "research", "public-task-research",
@@ -36,46 +58,52 @@ _GRANTS = [
 
 
 def _patients(count: int, rng: random.Random) -> list[NhsNumber]:
-    out: set[NhsNumber] = set()
-    while len(out) < count:
-        stem = f"999{rng.randrange(10**6):06d}"
-        if check_digit(stem) is not None:
-            out.add(NhsNumber.from_stem(int(stem)))
-    return sorted(out)
+    if not 1 <= count <= MAX_PATIENTS:
+        raise CommandError(f"--patients {count:,}: the demo takes 1 to {MAX_PATIENTS:,} patients, because it uses only "
+                           f"test-range NHS numbers (starting 999, never issued to real patients) and only "
+                           f"{MAX_PATIENTS:,} of those have a valid check digit")
+    stems = demo_range_stems()
+    return sorted(NhsNumber.from_stem(int(stems[i])) for i in rng.sample(range(len(stems)), count))
 
 
 async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     rng = random.Random(seed)
+    people = _patients(patients, rng)
     database = await locate(config)
     conn = await database.connect_owner()
     try:
         await migrate(conn)
+        optouts = await OptOutFilter.load(conn)
     finally:
         await conn.close()
     pool = await database.create_pool()
     store = EventStore(pool)
     store.start()
-    ledger = Ledger(store)
+    # The opt-out filter an SDE would call, following the ledger as the service's does.
+    runner = Runner(pool, [], followers=[optouts], poll_interval=0.05)
+    following = asyncio.create_task(runner.run())
+    ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
     app = Caller(subject="demo-patient-app", roles=frozenset({"patient-app"}))
     dac = Caller(subject="demo-dac", roles=frozenset({"dac"}))
     now = datetime.now(timezone.utc)
     try:
-        people = _patients(patients, rng)
-        opted_out = set()
         # The demo may run again on the same data: say what was already there
         # instead of failing on the first grant or data use that exists.
         existing = {"opt-outs": 0, "grants": 0, "study consents": 0, "data uses": 0}
-        for nhs in people:
-            if rng.random() < OPT_OUT_RATE:
-                proxy = rng.random() < 0.1
-                actor = Actor(kind="proxy", proxy_role="parent") if proxy else Actor(kind="patient")
-                scope = "type-1" if rng.random() < 0.15 else "national"
-                channel = rng.choice(["app", "online", "phone", "post", "gp-practice"])
-                outcome = await ledger.choose(
-                    app, nhs, True, ChoiceRequest(scope=scope, channel=channel, actor=actor), None
-                )
-                existing["opt-outs"] += not outcome.created
-                opted_out.add(nhs)
+        opted_out = []
+        with Progress("demo", len(people), unit="patients") as progress:
+            for nhs in people:
+                if rng.random() < OPT_OUT_RATE:
+                    proxy = rng.random() < 0.1
+                    actor = Actor(kind="proxy", proxy_role="parent") if proxy else Actor(kind="patient")
+                    scope = "type-1" if rng.random() < 0.15 else "national"
+                    channel = rng.choice(["app", "online", "phone", "post", "gp-practice"])
+                    outcome = await ledger.choose(
+                        app, nhs, True, ChoiceRequest(scope=scope, channel=channel, actor=actor), None
+                    )
+                    existing["opt-outs"] += not outcome.created
+                    opted_out.append(nhs)
+                progress.advance()
         for grant_id, org, org_name, purpose, basis, description, benefit, datasets, exemption in _GRANTS:
             try:
                 await ledger.create_grant(dac, GrantRequest(
@@ -90,18 +118,24 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
             except AlreadyExists:
                 existing["grants"] += 1
         # A few opted-out patients consent to the research study all the same.
-        consenting = rng.sample(sorted(opted_out), k=min(3, len(opted_out)))
+        consenting = rng.sample(opted_out, k=min(3, len(opted_out)))
         for nhs in consenting:
             outcome = await ledger.give_consent(
                 app, nhs, ConsentRequest(grant_id=_GRANTS[0][0], actor=Actor(kind="patient")), None
             )
             existing["study consents"] += not outcome.created
-        uses = 0
+        uses = skipped = 0
         for i in range(12):
             grant_id, org, *_rest, datasets, exemption = _GRANTS[i % len(_GRANTS)]
-            cohort = rng.sample(people, k=max(1, len(people) // 4))
-            if exemption is None:
-                cohort = [n for n in cohort if n not in opted_out or (grant_id == _GRANTS[0][0] and n in consenting)]
+            cohort = np.array(sorted(int(n[:9]) for n in rng.sample(people, k=max(1, len(people) // 4))),
+                              dtype=np.uint32)
+            # As an SDE would: the filter at the ledger's head now (POST /v1/opt-out-filter?grant_id=...).
+            head, _ = await store.head()
+            await runner.wait_for(head, 30.0, lambda: optouts.position)
+            filtered = optouts.snapshot().filter(cohort, grant_id)
+            if not filtered.keep.any():
+                skipped += 1  # everyone in it has opted out since: an SDE would release nothing
+                continue
             sde = Caller(subject=f"demo-{org.lower()}", roles=frozenset({"sde"}), org=org)
             try:
                 await ledger.record_data_use(sde, DataUseRequest(
@@ -109,13 +143,16 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
                     purpose=_GRANTS[i % len(_GRANTS)][3], datasets=datasets[:1],
                     # Uses are judged when they occur: after the grants were recorded.
                     occurred_at=datetime.now(timezone.utc), access_method="sde" if i % 2 else "extract",
-                    nhs_numbers=cohort,
+                    nhs_numbers=[NhsNumber.from_stem(int(s)) for s in cohort[filtered.keep]],
+                    opt_out_state_position=filtered.as_of or None,
                 ), None)
             except AlreadyExists:
                 existing["data uses"] += 1
             uses += 1
         head, _ = await store.head()
     finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
         await store.stop()
         await pool.close()
     already = ", ".join(f"{count} {what}" for what, count in existing.items() if count)
@@ -124,4 +161,5 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
         f"({len(opted_out) / max(1, len(people)):.1%}), {len(_GRANTS)} grants, {len(consenting)} study consents, "
         f"{uses} data uses; ledger head at position {head}"
         + (f"; already recorded before this run: {already}" if already else "")
+        + (f"; {skipped} data uses skipped: everyone in their cohort has opted out" if skipped else "")
     )

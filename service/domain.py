@@ -297,13 +297,39 @@ class Grant(LedgerAggregate):
 
 class DataUse(LedgerAggregate):
     recorded: ev.DataUseRecorded | None
+    position: int | None
 
     def _init_state(self) -> None:
         self.recorded = None
+        self.position = None
 
     class DataUseRecorded(LedgerEvent):
         def apply(self, use: DataUse) -> None:
             use.recorded = self.data
+            use.position = self.position
+
+    def repeated(self, request: DataUseRequest, cohort_id: str, organisation: str) -> int:
+        """The position of this use, already recorded, if ``request`` describes
+        the same release (answered like a repeated opt-out); AlreadyExists,
+        naming what differs, if it describes another one under the same id."""
+        r = self.recorded
+        assert r is not None and self.position is not None
+        if organisation != r.organisation_code:  # another organisation learns no more than that the id is taken
+            raise AlreadyExists(f"data use {r.use_id!r} is already recorded")
+        given = {
+            "grant_id": (request.grant_id, r.grant_id),
+            "purpose": (request.purpose, r.purpose),
+            "datasets": (list(request.datasets), r.datasets),
+            "cohort": (cohort_id, r.cohort_id),
+            "occurred_at": (utc(request.occurred_at), r.occurred_at),
+            "access_method": (request.access_method, r.access_method),
+            "opt_out_state_position": (request.opt_out_state_position, r.caller_filter_position),
+        }
+        differs = [name for name, (new, old) in given.items() if new != old]
+        if differs:
+            raise AlreadyExists(f"data use {r.use_id!r} is already recorded (position {self.position}) with another "
+                                f"{', '.join(differs)}: a use_id names one release; give a new release its own")
+        return self.position
 
     def record(self, payload: ev.DataUseRecorded) -> None:
         if self.recorded is not None:

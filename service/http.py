@@ -12,8 +12,8 @@ import csv
 import io
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -24,10 +24,10 @@ from aiohttp import web
 
 from contracts import api, bodies, merkle, note
 from contracts import cohort as cohorts
-from contracts.codes import Purpose, values
+from contracts.codes import Purpose, ReadKind, values
 from contracts.cohort import EncodedCohort, encode_cohort
 from contracts.decision import Terms
-from contracts.entry import decode_entry
+from contracts.entry import decode_entry, format_recorded_at
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber, decode_hook
 from contracts.values import Actor
 from projections import reads as projection_reads
@@ -38,7 +38,17 @@ from projections.uses import UsesProjection
 
 from . import __version__
 from . import numbers_body
-from .access import READ_HEADER, current_request_id, record_filter_call, record_read, submitted_sha256
+from .access import (
+    READ_HEADER,
+    SESSION_HEADER,
+    SESSION_KIND,
+    ReadSessions,
+    current_request_id,
+    record_filter_call,
+    record_read,
+    session_expiry,
+    submitted_sha256,
+)
 from .auth import Forbidden, Unauthenticated, Verifier, authorise
 from .checkpoints import CheckpointLog
 from .commands import Caller, Contended, Ledger, Outcome, ProjectedOptOutAssessor, idempotency_key
@@ -71,6 +81,7 @@ RUNNER = web.AppKey("projection_runner", Runner)
 OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 WORKERS = web.AppKey("worker_threads", WorkerThreads)
+READ_SESSIONS = web.AppKey("read_sessions", ReadSessions)
 
 _encode = msgspec.json.Encoder().encode
 _decoders = {
@@ -276,6 +287,36 @@ def event_view(stored: StoredEvent) -> bodies.EventView:
     )
 
 
+async def _entries_read(request: web.Request, caller: Caller | None, what: ReadKind, first: int, last: int) -> str:
+    """Record an auditor's read of entries ``first``..``last``, unless the read
+    session the request names covers them; the value for READ_HEADER."""
+    session = request.headers.get(SESSION_HEADER)
+    if session is not None:
+        return str(await request.app[READ_SESSIONS].covering(_caller(caller), session, first, last))
+    read = await record_read(request.app[STORE], _caller(caller), what, api.AUDITOR,
+                             first_position=first, last_position=last, entries=last - first + 1)
+    return str(read.position)
+
+
+async def open_read_session(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    _require_json(request)
+    raw = await read_body(request, api.BY_ID["open_read_session"].body_limit)
+    wanted = decode_json(raw, _decoders["open_read_session"])
+    head, _ = await request.app[STORE].head()
+    if wanted.last_position > head:
+        raise invalid(f"`last_position` {wanted.last_position} is beyond the log's head ({head})",
+                      "$.last_position")
+    read = await record_read(request.app[STORE], caller, SESSION_KIND, api.AUDITOR,
+                             first_position=wanted.first_position, last_position=wanted.last_position,
+                             entries=wanted.last_position - wanted.first_position + 1)
+    expires = session_expiry(datetime.fromisoformat(read.recorded_at))
+    return json_response(bodies.ReadSession(
+        session=read.position, first_position=wanted.first_position, last_position=wanted.last_position,
+        expires_at=format_recorded_at(expires),
+    ), 201, headers={READ_HEADER: str(read.position)})
+
+
 async def list_events(request: web.Request, caller: Caller | None) -> web.Response:
     after = _int_query(request, "after", 0, 0, 2**62)
     limit = _int_query(request, "limit", 100, 1, 1000)
@@ -283,10 +324,8 @@ async def list_events(request: web.Request, caller: Caller | None) -> web.Respon
     next_after = stored[-1].position if len(stored) == limit else None
     headers = None
     if stored:
-        read = await record_read(request.app[STORE], _caller(caller), "entries", api.AUDITOR,
-                                 first_position=stored[0].position, last_position=stored[-1].position,
-                                 entries=len(stored))
-        headers = {READ_HEADER: str(read.position)}
+        headers = {READ_HEADER: await _entries_read(request, caller, "entries",
+                                                     stored[0].position, stored[-1].position)}
     return json_response(bodies.EventsPage(events=[event_view(s) for s in stored], next_after=next_after),
                          headers=headers)
 
@@ -298,9 +337,14 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
     found = await request.app[STORE].read_positions([position]) if 1 <= position <= 2**62 else []
     if not found:
         raise NotFound(f"no ledger entry at position {position}")
-    read = await record_read(request.app[STORE], _caller(caller), "entries", api.AUDITOR,
-                             first_position=position, last_position=position, entries=1)
-    return json_response(event_view(found[0]), headers={READ_HEADER: str(read.position)})
+    recorded = await _entries_read(request, caller, "entries", position, position)
+    return json_response(event_view(found[0]), headers={READ_HEADER: recorded})
+
+
+async def whoami(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = _caller(caller)
+    return json_response(bodies.TokenInfo(subject=caller.subject, roles=sorted(caller.roles), org=caller.org,
+                                          patient_scoped=caller.nhs_number is not None))
 
 
 # --- projections: opt-out filter, cohorts, history, register ----------------------
@@ -555,10 +599,9 @@ async def get_entry_bundle(request: web.Request, caller: Caller | None) -> web.R
     for r in rows:
         entry = bytes(r[0])
         out += len(entry).to_bytes(2, "big") + entry
-    read = await record_read(request.app[STORE], _caller(caller), "entry-tiles", api.AUDITOR,
-                             first_position=start + 1, last_position=start + width, entries=width)
+    recorded = await _entries_read(request, caller, "entry-tiles", start + 1, start + width)
     response = _binary(bytes(out), width == merkle.TILE_WIDTH)
-    response.headers[READ_HEADER] = str(read.position)
+    response.headers[READ_HEADER] = recorded
     return response
 
 
@@ -649,6 +692,8 @@ HANDLERS: dict[str, Handler] = {
     "get_register": get_register,
     "list_events": list_events,
     "get_event": get_event,
+    "open_read_session": open_read_session,
+    "whoami": whoami,
     "healthz": healthz,
     "readyz": readyz,
     "metrics": get_metrics,
@@ -780,6 +825,7 @@ async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
     store.start()
     app[STORE] = store
     app[LEDGER] = Ledger(store)
+    app[READ_SESSIONS] = ReadSessions(store)
     app[TILES] = TileReader()
     checkpoints = CheckpointLog(pool, app[TILES], settings["log_signers"], settings["log_origin"],
                                 settings["checkpoint_interval"])

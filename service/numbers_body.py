@@ -28,6 +28,7 @@ from contracts.cohort import EncodedCohort, encode_cohort
 from contracts.nhs_number import NhsNumber, decode_hook
 from contracts.values import MAX_COHORT_SIZE
 
+from .body_mistakes import likely_mistake
 from .problems import ProblemError, decode_json, invalid, reject_duplicate_keys
 
 T = TypeVar("T")
@@ -68,6 +69,16 @@ class NumbersBody:
 def parse(content_type: str, body: bytes | bytearray, *, json_list: bool = False) -> NumbersBody:
     """``json_list``: the JSON form is a bare array (cohorts) rather than
     ``{"nhs_numbers": [...]}`` (filter)."""
+    try:
+        return _parse(content_type, body, json_list)
+    except ProblemError as problem:
+        hint = likely_mistake(content_type, body) if problem.status in (400, 422) else None
+        if hint is not None:
+            problem.detail = f"{problem.detail}; {hint}"
+        raise
+
+
+def _parse(content_type: str, body: bytes | bytearray, json_list: bool) -> NumbersBody:
     if content_type == JSON:
         where = "$" if json_list else "$.nhs_numbers"
         found = _array(body) if json_list else _split(body, _filter_request, b"[]")[1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -80,6 +82,10 @@ def decode_json(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         reject_duplicate_keys(body)
         message, _, where = str(exc).partition(" - at `")
         path = where.rstrip("`") or "$"
+        if message.startswith("Invalid enum value"):
+            allowed = allowed_values(decoder.type, path)
+            if allowed:
+                message += f"; allowed: {', '.join(allowed)}"
         raise ProblemError(
             422, "invalid-body", "The request body is not valid", f"{message} (at {path})",
             errors=[ProblemDetail(path=path, message=message)],
@@ -98,3 +104,37 @@ def reject_duplicate_keys(body: bytes) -> None:
         # msgspec has already parsed this body; these are limits of Python's
         # json module (e.g. 4300-digit integers, deep nesting), not ambiguity.
         pass
+
+
+def allowed_values(kind: Any, path: str) -> list[str]:
+    """The values an enum (or Literal) field at ``path`` (``$.a.b[0]``) of ``kind`` takes; [] if none is found."""
+    info: Any = msgspec.inspect.type_info(kind)
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path[1:]):
+        info = _step(info, name, bool(index))
+        if info is None:
+            return []
+    info = _unwrap(info, lambda t: isinstance(t, (msgspec.inspect.LiteralType, msgspec.inspect.EnumType)))
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return [str(v) for v in info.values]
+    if isinstance(info, msgspec.inspect.EnumType):
+        return [str(m.value) for m in info.cls]
+    return []
+
+
+def _unwrap(info: Any, wanted: Callable[[Any], bool]) -> Any:
+    """Through Metadata and Optional/Union to the first type ``wanted`` accepts."""
+    while isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        found = [_unwrap(t, wanted) for t in info.types]
+        return next((t for t in found if wanted(t)), None)
+    return info
+
+
+def _step(info: Any, name: str, item: bool) -> Any:
+    if item:
+        info = _unwrap(info, lambda t: isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.TupleType)))
+        return getattr(info, "item_type", None)
+    info = _unwrap(info, lambda t: isinstance(t, msgspec.inspect.StructType))
+    fields = getattr(info, "fields", ())
+    return next((f.type for f in fields if f.encode_name == name), None)

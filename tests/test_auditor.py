@@ -272,3 +272,116 @@ async def test_rewritten_entries_and_tree_still_fail_against_the_signed_root(liv
         cache.clear()
     code, out = await cli("verify", "--url", url, "--key", key, token=token)
     assert code == 1 and "first bad position 1: root" in out, out
+
+
+async def _reads(client) -> list:
+    async with client.server.app[STORE].pool.acquire() as conn:
+        rows = await conn.fetch("SELECT entry FROM ledger_events WHERE event_type = 'PersonalDataRead' ORDER BY position")
+    return [msgspec.json.decode(bytes(r[0]))["payload"] for r in rows]
+
+
+async def test_an_audit_run_is_one_recorded_read_of_its_range(live, tmp_path, client):
+    """verify and export page through three entry bundles each; every run
+    used to append one PersonalDataRead per page, so the log grew while it
+    was being audited.  Now each run is one read session over 1..N."""
+    url, key, token = live
+    code, out = await cli("verify", "--url", url, "--key", key, token=token)
+    assert code == 0, out
+    code, out = await cli("export", "--url", url, "--out", str(tmp_path / "x.jsonl.gz"), token=token)
+    assert code == 0, out
+    reads = await _reads(client)
+    assert [(r["what"], r["first_position"], r["last_position"], r["entries"]) for r in reads] == [
+        ("audit-session", 1, SIZE, SIZE), ("audit-session", 1, SIZE + 1, SIZE + 1)]
+    assert {r["recorded_by"] for r in reads} == {"test-auditor"}
+
+
+async def test_a_read_session_covers_only_its_caller_range_and_day(live, client, make_token):
+    from service.http import READ_SESSIONS
+
+    url, _, token = live
+    auth = {"Authorization": f"Bearer {token}"}
+    r = await client.post("/v1/read-sessions", json={"first_position": 1, "last_position": 300}, headers=auth)
+    assert r.status == 201, await r.text()
+    session = (await r.json())["session"]
+    assert r.headers["Ledger-Read-Recorded"] == str(session)
+    before = len(await _reads(client))
+
+    def page(path: str, who: dict, name: str = str(session)):
+        return client.get(path, headers={**who, "Ledger-Read-Session": name})
+
+    r = await page("/tile/entries/000", auth)
+    assert r.status == 200 and r.headers["Ledger-Read-Recorded"] == str(session)
+    r = await page("/v1/events?after=10&limit=50", auth)
+    assert r.status == 200 and r.headers["Ledger-Read-Recorded"] == str(session)
+    assert len(await _reads(client)) == before  # the pages were not recorded again
+
+    other = {"Authorization": f"Bearer {make_token('auditor', subject='another-auditor')}"}
+    refusals = {
+        "another caller": await page("/tile/entries/000", other),
+        "beyond its range": await page("/tile/entries/001", auth),  # positions 257-512
+        "not a session": await page("/v1/events/5", auth, name="5"),
+        "not a number": await page("/v1/events/5", auth, name="x"),
+    }
+    for why, r in refusals.items():
+        problem = await r.json()
+        assert r.status == 403 and "POST /v1/read-sessions" in problem["detail"], (why, problem)
+    assert len(await _reads(client)) == before
+
+    client.server.app[READ_SESSIONS]._opened[session] -= __import__("datetime").timedelta(hours=24)
+    r = await page("/v1/events/5", auth)
+    assert r.status == 403 and "expired" in (await r.json())["detail"]
+
+
+@pytest.mark.parametrize(("body", "status", "said"), [
+    ({"first_position": 1, "last_position": SIZE + 50}, 422, "beyond the log's head"),
+    ({"first_position": 9, "last_position": 3}, 422, "must not be before"),
+    ({"first_position": 0, "last_position": 3}, 422, ">= 1"),
+])
+async def test_a_read_session_must_name_a_range_of_the_log(live, client, body, status, said):
+    _, _, token = live
+    before = len(await _reads(client))
+    r = await client.post("/v1/read-sessions", json=body, headers={"Authorization": f"Bearer {token}"})
+    problem = await r.json()
+    assert r.status == status and said in problem["detail"], problem
+    assert len(await _reads(client)) == before
+
+
+def _readme_block(heading: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return text.split(heading, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readmes_audit_commands_work_and_write_nothing_into_the_working_tree(
+        database, signing_key, tmp_path, make_token):
+    """Run the README's audit block as written (port and paths adapted) in an
+    empty folder standing for the repository: it used to leave
+    auditor-state.json and ledger.jsonl.gz there, outside .gitignore."""
+    import shutil
+    import subprocess
+
+    from conftest import AUDIENCE, ISSUER
+    from live_server import LiveServer
+
+    server = LiveServer(database_url=database.owner_dsn, signing_key=signing_key, issuer=ISSUER, audience=AUDIENCE,
+                        workdir=tmp_path, extra_env={"CONSENT_LEDGER_JWKS": ""})  # the development default
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    repo.mkdir(), home.mkdir()
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        script = _readme_block("## Auditing without trusting the operator")
+        assert "auditor-state.json" not in script
+        command = str(Path(sys.executable).parent / "consent-ledger")
+        script = (script.replace("localhost:8080", f"127.0.0.1:{server.port}")
+                  .replace("127.0.0.1:8080", f"127.0.0.1:{server.port}").replace(".venv/bin/consent-ledger", command))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSENT_LEDGER_", "XDG_"))}
+        env.update({"HOME": str(home), "CONSENT_LEDGER_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": ""})
+        assert shutil.which("curl"), "the README uses curl"
+        done = await asyncio.to_thread(subprocess.run, ["bash", "-euo", "pipefail", "-c", script], cwd=repo, env=env,
+                                       capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("OK: ") == 2, done.stdout
+    assert list(repo.iterdir()) == []
+    audit = home / ".local" / "state" / "consent-ledger-audit"
+    assert sorted(p.name for p in audit.iterdir()) == ["ledger.jsonl.gz", "state.json"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from samples import auth, data_use, head_position
+from service.http import STORE
 
 V = "9434765919"  # valid
 DETAIL_1 = ("1 entry is not a valid NHS number (10 digits, modulus-11 check digit, an allocated range; spaces and dashes allowed); "
@@ -144,3 +146,52 @@ async def test_five_million_and_one_numbers_are_refused(client, make_token):
     r = await client.post("/v1/opt-out-filter", data=body,
                           headers=auth(make_token("sde", org="SDE-NORTH"), **{"Content-Type": "text/plain"}))
     assert r.status == 422 and (await r.json())["type"].endswith("too-many-nhs-numbers")
+
+
+MEDIA_MISTAKES = [
+    # (sent as, body, what the detail must tell the caller to use)
+    ("text/plain", b"9434765919,\n9434765870,\n", "application/vnd.nhs.mesh.dat"),
+    ("application/vnd.nhs.mesh.dat", b"9434765919\n9434765870\n", "Content-Type: text/plain"),
+    ("text/plain", b'{"nhs_numbers": ["9434765919"]}', "application/json"),
+    ("application/vnd.nhs.mesh.dat", b'["9434765919", "9434765870"]', "application/json"),
+    ("application/json", b"9434765919\n9434765870\n", "Content-Type: text/plain"),
+    ("application/json", b"9434765919,\r\n9434765870,\r\n", "Content-Type: application/vnd.nhs.mesh.dat"),
+]
+
+
+@pytest.mark.parametrize(("media_type", "body", "use"), MEDIA_MISTAKES)
+@pytest.mark.parametrize("path", ["/v1/opt-out-filter", "/v1/cohorts"])
+async def test_a_body_sent_with_the_wrong_media_type_says_which_to_use(client, make_token, database, media_type,
+                                                                       body, use, path):
+    """Every line used to be reported as 'not a valid NHS number', with nothing
+    pointing at the comma or the Content-Type."""
+    before = await head_position(database)
+    r = await client.post(path, data=body, headers={"Authorization": f"Bearer {make_token('sde', org='SDE-NORTH')}",
+                                                   "Content-Type": media_type})
+    problem = await r.json()
+    assert r.status in (400, 422), problem
+    assert use in problem["detail"], problem
+    assert await head_position(database) == before
+    if path == "/v1/cohorts":
+        async with client.server.app[STORE].pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM cohorts") == 0
+
+
+async def test_invalid_numbers_in_the_right_media_type_get_no_media_type_hint(client, make_token):
+    r = await client.post("/v1/opt-out-filter", data=b"9434765918\n9434765919\n",
+                          headers={"Authorization": f"Bearer {make_token('sde', org='SDE-NORTH')}",
+                                   "Content-Type": "text/plain"})
+    problem = await r.json()
+    assert r.status == 422 and "Content-Type" not in problem["detail"], problem
+
+
+@pytest.mark.parametrize("media_type", ["text/plain", "application/vnd.nhs.mesh.dat"])
+@pytest.mark.parametrize("tail", [b"", b"\r\n", b"\r\n\r\n", b"  \r\n"])
+async def test_crlf_lines_are_answered_in_crlf_whatever_follows_them(client, make_token, media_type, tail):
+    comma = b"," if media_type.endswith(".dat") else b""
+    body = b"".join(n + comma + b"\r\n" for n in (b"9434765919", b"9434765870")) + tail
+    r = await client.post("/v1/opt-out-filter", data=body,
+                          headers={"Authorization": f"Bearer {make_token('sde', org='SDE-NORTH')}",
+                                   "Content-Type": media_type})
+    assert r.status == 200, await r.text()
+    assert await r.read() == b"9434765919" + comma + b"\r\n9434765870" + comma + b"\r\n"

@@ -512,3 +512,59 @@ async def test_racing_retries_with_one_idempotency_key(client, database, tokens)
     ))
     assert {r.status for r in others} == {409}
     assert await head_position(database) == 1
+
+
+async def test_racing_identical_data_uses_record_one_and_answer_like_opt_outs(client, database, tokens):
+    """The same data use sent twice used to be 409 while a repeated opt-out
+    is 200: now a repeat of the same release answers 200 with its receipt."""
+    await written(client, "POST", "/v1/grants", json=grant(), headers=auth(tokens["dac"]))
+    body = data_use("same", nhs_numbers=nhs_numbers(20))
+    responses = await asyncio.gather(*(
+        client.post("/v1/data-uses", json=body, headers=auth(tokens["sde"])) for _ in range(6)))
+    assert sorted(r.status for r in responses) == [200] * 5 + [201]
+    assert len({json.dumps(await r.json(), sort_keys=True) for r in responses}) == 1
+    assert await head_position(database) == 2
+    # Named by cohort_id instead of inline numbers, it is still the same release.
+    cohort = await written(client, "POST", "/v1/cohorts", json=nhs_numbers(20), headers=auth(tokens["sde"]))
+    by_id = {k: v for k, v in body.items() if k != "nhs_numbers"} | {"cohort_id": cohort["cohort_id"]}
+    again = await written(client, "POST", "/v1/data-uses", 200, json=by_id, headers=auth(tokens["sde"]))
+    assert again == await responses[0].json()
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"nhs_numbers": nhs_numbers(19)}, "cohort"),
+    ({"occurred_at": iso(-timedelta(hours=1))}, "occurred_at"),
+    ({"access_method": "extract", "datasets": ["gp-prescribing"]}, "datasets, cohort"),
+    ({"opt_out_state_position": 1}, "opt_out_state_position"),
+])
+async def test_a_use_id_already_recorded_for_another_release_is_409_naming_the_difference(
+        client, database, tokens, change, named):
+    await written(client, "POST", "/v1/grants", json=grant(), headers=auth(tokens["dac"]))
+    body = data_use("u-1", nhs_numbers=nhs_numbers(20), occurred_at=iso(-timedelta(minutes=5)))
+    await written(client, "POST", "/v1/data-uses", json=body, headers=auth(tokens["sde"]))
+    problem = await refused(client, database, "POST", "/v1/data-uses", 409, json={**body, **change},
+                            headers=auth(tokens["sde"]))
+    assert problem["type"].endswith("already-exists") and "'u-1'" in problem["detail"]
+    assert named.split(",")[0] in problem["detail"]
+
+
+def test_the_openapi_document_says_how_repeats_are_answered():
+    from contracts.api import openapi
+
+    paths = openapi("test")["paths"]
+    for path in ("/v1/data-uses", "/v1/patients/{nhs}/opt-out"):
+        assert "already recorded the answer is 200 with its existing receipt" in paths[path]["post"]["description"]
+    assert "409 `already-exists`" in paths["/v1/data-uses"]["post"]["description"]
+
+
+@pytest.mark.parametrize(("path", "body", "allowed"), [
+    (f"/v1/patients/{NHS}/opt-out", choice(scope="type1"), "allowed: national, type-1"),
+    (f"/v1/patients/{NHS}/opt-out", choice(actor={"kind": "proxy", "proxy_role": "aunt"}),
+     "allowed: court-deputy, lasting-power-of-attorney, parent"),
+    ("/v1/grants", grant(purpose={"code": "marketing", "description": "d", "patient_benefit": "b"}),
+     "allowed: clinical-audit, commissioning, planning, public-health, research, service-evaluation"),
+])
+async def test_an_invalid_enum_value_lists_the_allowed_ones(client, database, tokens, path, body, allowed):
+    headers = auth(tokens["dac" if path == "/v1/grants" else "app"])
+    problem = await refused(client, database, "POST", path, 422, json=body, headers=headers)
+    assert allowed in problem["detail"] and allowed in problem["errors"][0]["message"], problem

@@ -171,3 +171,61 @@ async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, dat
         assert r.status == 200
         assert "jwks-refresher" in client.server.app[SUPERVISOR].tasks  # kept fresh under the supervisor
     assert not client.server.app[SUPERVISOR].tasks  # stopped with the app
+
+
+async def test_a_token_from_another_data_directory_is_refused_saying_why(tmp_path: Path, database):
+    """The mistake of a first hour: a token issued in another folder (another
+    development key).  The 401 says what to do, and the log says why."""
+    from aiohttp.test_utils import TestClient
+    from structlog.testing import capture_logs
+
+    from service.auth import issue_token, load_or_create_dev_key
+    from service.http import create_app
+
+    server_dir, other_dir = tmp_path / "server", tmp_path / "other"
+    server_dir.mkdir(), other_dir.mkdir()
+    server_config = config_module.load({"CONSENT_LEDGER_DATA_DIR": str(server_dir)})
+    dev_verifier, development = verifier(server_config)
+    assert development
+    stranger = issue_token(load_or_create_dev_key(config_module.load({"CONSENT_LEDGER_DATA_DIR": str(other_dir)})),
+                           issuer=server_config.jwt_issuer, audience=server_config.jwt_audience,
+                           subject="me", roles=["auditor"])
+    async with TestClient(TestServer(create_app(database, dev_verifier), host="127.0.0.1")) as client:
+        with capture_logs() as logs:
+            r = await client.get("/v1/events", headers={"Authorization": f"Bearer {stranger}"})
+        assert r.status == 401
+        detail = (await r.json())["detail"]
+        assert "development key" in detail and "CONSENT_LEDGER_DATA_DIR" in detail and "token issue" in detail
+        assert not detail.rstrip().endswith(":")
+        assert "development key" in r.headers["WWW-Authenticate"]
+        refused = [e for e in logs if e["event"] == "token refused"]
+        assert refused and "development key" in refused[0]["reason"]
+        assert stranger not in str(logs)
+
+
+def test_refusal_reasons_are_plain_words(signing_key):
+    import time
+
+    from joserfc import jwt
+
+    v = Verifier(KeySet.import_key_set({"keys": [signing_key.as_dict(private=False)]}), ISSUER, AUDIENCE)
+
+    def refused(**claims) -> str:
+        now = int(time.time())
+        body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "s", "exp": now + 60, **claims}
+        token = jwt.encode({"alg": "EdDSA", "kid": "test-key"}, body, signing_key, algorithms=["EdDSA"])
+        with pytest.raises(Unauthenticated) as caught:
+            v.caller(f"Bearer {token}")
+        return str(caught.value)
+
+    assert "expired" in refused(exp=int(time.time()) - 3600)
+    assert f"is not {ISSUER!r}" in refused(iss="someone-else")
+    assert "`aud` claim" in refused(aud="another-service")
+    assert "not valid yet" in refused(nbf=int(time.time()) + 3600)
+    other = OKPKey.generate_key("Ed25519", parameters={"kid": "test-key"})
+    forged = jwt.encode({"alg": "EdDSA", "kid": "test-key"}, {"iss": ISSUER, "aud": AUDIENCE, "sub": "s",
+                        "exp": int(time.time()) + 60}, other, algorithms=["EdDSA"])
+    with pytest.raises(Unauthenticated, match="signature does not verify with any of this service's token keys"):
+        v.caller(f"Bearer {forged}")
+    with pytest.raises(Unauthenticated, match="not a well-formed JWT"):
+        v.caller("Bearer not.a.jwt")

@@ -17,8 +17,9 @@ from aiohttp import web
 from contracts import cosignature, note
 from contracts.note import NoteError
 
-from .. import config, logs
+from .. import config, failures, logs
 from ..checkpoints import write_key
+from ..failures import CommandError
 from .server import create_app
 from .state import WitnessState
 
@@ -42,8 +43,11 @@ def _serve(args: argparse.Namespace) -> None:
     logs.configure(cfg.log_level, cfg.log_format)
     try:
         cosigner = cosignature.Cosigner.from_signer(note.parse_signer(Path(args.key).read_text()))
-    except (OSError, NoteError) as exc:
-        raise SystemExit(f"witness: cannot read the witness key {args.key}: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"witness: cannot read the witness key {args.key} ({exc.strerror}): give the file "
+                           "`consent-ledger witness keys generate` wrote") from None
+    except NoteError as exc:
+        raise CommandError(f"witness: {args.key} is not a witness key ({exc})") from None
     trusted: dict[str, list[note.Verifier]] = {}
     for origin, verifier in args.log:
         trusted.setdefault(origin, []).append(verifier)
@@ -61,17 +65,18 @@ def _keys_generate(args: argparse.Namespace) -> None:
         signer = note.Signer.generate(args.name)
         write_key(Path(args.out), signer)
     except NoteError as exc:
-        raise SystemExit(f"witness: {exc}") from None
+        raise CommandError(f"witness: {exc}") from None
     except FileExistsError:
-        raise SystemExit(f"witness: {args.out} exists: refusing to overwrite a witness key") from None
+        raise CommandError(f"witness: {args.out} exists: refusing to overwrite a witness key") from None
     print(f"# witness key written to {args.out}; publish this cosigner key:", file=sys.stderr)
     print(cosignature.Cosigner.from_signer(signer).verifier.vkey)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="consent-ledger witness",
-                                description="A C2SP tlog-witness: cosigns checkpoints of the logs it is given.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = failures.OneLineParser(top=True, prog="consent-ledger witness", epilog=failures.EXIT_STATUSES,
+                               description="A C2SP tlog-witness: cosigns checkpoints of the logs it is given.",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=failures.OneLineParser)
     serve = sub.add_parser("serve", help="cosign checkpoints of the given logs (C2SP tlog-witness)")
     serve.add_argument("--key", required=True, help="the witness's private key file (from `witness keys generate`)")
     serve.add_argument("--log", required=True, action="append", type=parse_log, metavar="ORIGIN:VKEY",
@@ -92,8 +97,4 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return failures.run(lambda: args.run(args), debug=args.debug)
