@@ -73,10 +73,10 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     conn = await database.connect_owner()
     try:
         await migrate(conn)
-        optouts = await OptOutFilter.load(conn)
     finally:
         await conn.close()
     pool = await database.create_pool()
+    optouts = await OptOutFilter.load(pool)
     store = EventStore(pool)
     store.start()
     # The opt-out filter an SDE would call, following the ledger as the service's does.
@@ -132,7 +132,7 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
             # As an SDE would: the filter at the ledger's head now (POST /v1/opt-out-filter?grant_id=...).
             head, _ = await store.head()
             await runner.wait_for(head, 30.0, lambda: optouts.position)
-            filtered = optouts.snapshot().filter(cohort, grant_id)
+            filtered = optouts.snapshot().filter(cohort, grant_id, optouts.terms(grant_id, datetime.now(timezone.utc)))
             if not filtered.keep.any():
                 skipped += 1  # everyone in it has opted out since: an SDE would release nothing
                 continue

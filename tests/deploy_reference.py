@@ -17,7 +17,8 @@ READ_REPLICA_VARIABLE = "CONSENT_LEDGER_READ_DATABASE_URL"
 
 def config_variables() -> set[str]:
     """Every environment variable service/config.py reads."""
-    return set(re.findall(r'env(?:\.get\(|\[)"([A-Z][A-Z0-9_]*)"', (ROOT / "service" / "config.py").read_text()))
+    text = (ROOT / "service" / "config.py").read_text()
+    return set(re.findall(r'env(?:\.get\(|\[|, )"([A-Z][A-Z0-9_]*)"', text))
 
 
 def sql_statements(text: str) -> list[str]:

@@ -540,7 +540,7 @@ async def test_racing_identical_data_uses_record_one_and_answer_like_opt_outs(cl
 async def test_a_use_id_already_recorded_for_another_release_is_409_naming_the_difference(
         client, database, tokens, change, named):
     await written(client, "POST", "/v1/grants", json=grant(), headers=auth(tokens["dac"]))
-    body = data_use("u-1", nhs_numbers=nhs_numbers(20), occurred_at=iso(-timedelta(minutes=5)))
+    body = data_use("u-1", nhs_numbers=nhs_numbers(20))  # occurred now: after the grant was recorded
     await written(client, "POST", "/v1/data-uses", json=body, headers=auth(tokens["sde"]))
     problem = await refused(client, database, "POST", "/v1/data-uses", 409, json={**body, **change},
                             headers=auth(tokens["sde"]))
