@@ -190,6 +190,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 "DATABASE_URL": db.owner_dsn,
                 "CONSENT_LEDGER_DATA_DIR": tmp,
                 "CONSENT_LEDGER_ENV": "production",
+                # Production accepts only issued ranges; the benchmark's patients are synthetic (999...).
+                "CONSENT_LEDGER_NHS_NUMBER_RANGES": "synthetic",
                 "CONSENT_LEDGER_JWKS": str(jwks),
                 "CONSENT_LEDGER_LOG_KEY": str(log_key),
                 "CONSENT_LEDGER_JWT_ISSUER": ISSUER,

@@ -239,6 +239,8 @@ async def main_async(args: argparse.Namespace) -> None:
             write_key(log_key, Signer.generate("consent-ledger.example/log"))
             env = {**os.environ, "DATABASE_URL": db.owner_dsn, "CONSENT_LEDGER_DATA_DIR": tmp,
                    "CONSENT_LEDGER_ENV": "production", "CONSENT_LEDGER_JWKS": str(jwks),
+                   # Production accepts only issued ranges; the benchmark's patients are synthetic.
+                   "CONSENT_LEDGER_NHS_NUMBER_RANGES": "synthetic",
                    "CONSENT_LEDGER_LOG_KEY": str(log_key), "CONSENT_LEDGER_JWT_ISSUER": ISSUER,
                    "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE, "CONSENT_LEDGER_LOG_LEVEL": args.server_log_level}
             server_log = args.server_log or Path(tmp) / "serve.log"
