@@ -26,11 +26,11 @@ from contracts import note  # noqa: E402
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.values import Actor  # noqa: E402
 from service import logs, store as store_module, tiles  # noqa: E402
-from service.checkpoints import CheckpointLog  # noqa: E402
-from service.supervisor import Supervisor  # noqa: E402
-from service.database import Database  # noqa: E402
-from service.schema import migrate  # noqa: E402
-from service.store import EventStore, NewEvent  # noqa: E402
+from service.store.checkpoints import CheckpointLog  # noqa: E402
+from service.runtime.supervisor import Supervisor  # noqa: E402
+from service.store.database import Database  # noqa: E402
+from service.store.migrations import migrate  # noqa: E402
+from service.store.event_store import EventStore, NewEvent  # noqa: E402
 
 from machine import describe  # noqa: E402
 

@@ -34,8 +34,8 @@ from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from contracts.values import Actor  # noqa: E402
 from service import tiles  # noqa: E402
-from service.domain import patient_aggregate_id  # noqa: E402
-from service.schema import migrate  # noqa: E402
+from service.domain.aggregates import patient_aggregate_id  # noqa: E402
+from service.store.migrations import migrate  # noqa: E402
 
 CHUNK = 50_000
 

@@ -33,10 +33,12 @@ from projections.optout_filter import OptOutFilter  # noqa: E402
 from projections.reads import history  # noqa: E402
 from projections.runner import Runner  # noqa: E402
 from projections.uses import UsesProjection  # noqa: E402
-from service.commands import Caller, Ledger, ProjectedOptOutAssessor  # noqa: E402
-from service.database import Database  # noqa: E402
-from service.store import EventStore  # noqa: E402
-from service.supervisor import Supervisor  # noqa: E402
+from service.app.caller import Caller
+from service.app.ledger import Ledger
+from service.app.assessors import ProjectedOptOutAssessor
+from service.store.database import Database  # noqa: E402
+from service.store.event_store import EventStore  # noqa: E402
+from service.runtime.supervisor import Supervisor  # noqa: E402
 
 DAC = Caller(subject="bench-dac", roles=frozenset({"dac"}))
 SDE = Caller(subject="bench-sde", roles=frozenset({"sde"}), org="BENCH-H")

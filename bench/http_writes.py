@@ -36,7 +36,7 @@ from joserfc.jwk import OKPKey
 
 from contracts.nhs_number import NhsNumber, check_digit
 from contracts.note import Signer
-from service.checkpoints import write_key
+from service.store.checkpoints import write_key
 
 from .machine import (
     backend_pids,
@@ -198,7 +198,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
                 "CONSENT_LEDGER_LOG_LEVEL": args.log_level,
             }
-            cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            cmd = [sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
             if args.workers > 1:
                 cmd += ["--workers", str(args.workers)]
             print(f"server:   {' '.join(cmd[1:])} (log level {args.log_level}, logs to {args.server_log})")

@@ -33,10 +33,10 @@ from projections.choices import ChoicesProjection  # noqa: E402
 from projections.optout_filter import OptOutFilter  # noqa: E402
 from projections.runner import Runner, ledger_head  # noqa: E402
 from projections.uses import UsesProjection  # noqa: E402
-from service.database import Database  # noqa: E402
-from service.domain import patient_aggregate_id  # noqa: E402
-from service.store import EventStore, NewEvent  # noqa: E402
-from service.supervisor import Supervisor  # noqa: E402
+from service.store.database import Database  # noqa: E402
+from service.domain.aggregates import patient_aggregate_id  # noqa: E402
+from service.store.event_store import EventStore, NewEvent  # noqa: E402
+from service.runtime.supervisor import Supervisor  # noqa: E402
 
 
 class LagMeter:

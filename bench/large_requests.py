@@ -37,7 +37,7 @@ import numpy as np
 
 from contracts import bulk
 from contracts.note import Signer
-from service.checkpoints import write_key
+from service.store.checkpoints import write_key
 
 from .http_writes import AUDIENCE, ISSUER, free_port, make_keys, nhs_numbers, token, wait_ready
 from .machine import cpu_seconds, load_average, postgres_details, print_machine, require_durable
@@ -251,7 +251,7 @@ async def main_async(args: argparse.Namespace) -> None:
             @asynccontextmanager
             async def serve() -> AsyncIterator[tuple[int, str, aiohttp.ClientSession]]:
                 port = free_port()
-                proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+                proc = subprocess.Popen([sys.executable, "-m", "service.cli.main", "serve", "--port", str(port)],
                                         env=env, stdout=subprocess.DEVNULL, stderr=open(server_log, "ab"))
                 base = f"http://127.0.0.1:{port}"
                 try:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from contracts import merkle  # noqa: E402
 from contracts.entry import GENESIS_CHAIN_HASH  # noqa: E402
 from service import tiles  # noqa: E402
-from service.schema import migrate  # noqa: E402
+from service.store.migrations import migrate  # noqa: E402
 
 from machine import describe  # noqa: E402
 
@@ -139,9 +139,9 @@ async def measure_http(dsn: str, size: int, samples: int) -> None:
 
     from aiohttp.test_utils import TestServer
 
-    from service import logs
-    from service.database import Database
-    from service.http import create_app
+    from service.runtime import logs
+    from service.store.database import Database
+    from service.http.app import create_app
 
     logs.configure("warning", "json")  # request logs would be timed too
     app = create_app(Database(owner_dsn=dsn, embedded=False), verifier=None, pool_size=4)  # type: ignore[arg-type]

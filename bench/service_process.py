@@ -24,7 +24,7 @@ class Service:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def token(self, role: str, org: str | None = None) -> str:
-        args = [sys.executable, "-m", "service.cli", "token", "issue", "--role", role, "--lifetime", "36000"]
+        args = [sys.executable, "-m", "service.cli.main", "token", "issue", "--role", role, "--lifetime", "36000"]
         if org:
             args += ["--org", org]
         out = subprocess.run(args, env=self.env, check=True, capture_output=True, text=True)
@@ -32,7 +32,7 @@ class Service:
 
     async def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)], env=self.env,
+            [sys.executable, "-m", "service.cli.main", "serve", "--port", str(self.port)], env=self.env,
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.data_dir, "serve.log"), "wb"))
         deadline = time.monotonic() + 120
         async with aiohttp.ClientSession() as s:

@@ -29,8 +29,8 @@ import numpy as np
 from contracts.events import OptOutRegistered
 from contracts.nhs_number import NhsNumber, check_digit
 from contracts.values import Actor
-from service.database import Database
-from service.store import EventStore, NewEvent
+from service.store.database import Database
+from service.store.event_store import EventStore, NewEvent
 
 from .machine import (
     backend_pids,

@@ -18,11 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from joserfc import jwt
 from joserfc.jwk import KeySet, OKPKey
 
-from service.auth import Verifier
-from service.database import Database
-from service.http import STORE, create_app
-from service.schema import migrate
-from service.store import EventStore
+from service.auth.tokens import Verifier
+from service.store.database import Database
+from service.http.keys import STORE
+from service.http.app import create_app
+from service.store.migrations import migrate
+from service.store.event_store import EventStore
 
 ISSUER = "https://idp.test"
 AUDIENCE = "consent-ledger"

@@ -16,10 +16,11 @@ from contracts.entry import Entry, decode_entry
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor
 from samples import grant as grant_body
-from service.commands import Caller, Ledger
-from service.commands import Contended
-from service.domain import NotFound, RuleBroken
-from service.store import StoreError
+from service.app.caller import Caller
+from service.app.ledger import Ledger
+from service.app.ledger import Contended
+from service.domain.errors import NotFound, RuleBroken
+from service.store.event_store import StoreError
 
 DAC = Caller(subject="dac-test", roles=frozenset({"dac"}))
 APP = Caller(subject="app-test", roles=frozenset({"patient-app"}))

@@ -37,7 +37,7 @@ import asyncpg
 import pytest
 
 from private_postgres import PGSERVER_BIN, PrivateCluster
-from service.schema import migrate
+from service.store.migrations import migrate
 
 SYSTEM_BIN = Path("/usr/lib/postgresql/15/bin")
 TOOLS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from contracts.nhs_number import NhsNumber, check_digit
-from service.database import Database
+from service.store.database import Database
 
 VALID = ["9434765919", "4010232137", "9990000026"]
 WRONG_CHECK_DIGIT = ["9434765918", "4857773456", "9990000027"]

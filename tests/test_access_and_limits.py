@@ -11,9 +11,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from contracts import api
 from samples import VALID, auth, choice, head_position
-from service.access import READ_HEADER
-from service.audit import verify_database
-from service.http import STORE, create_app
+from service.app.read_records import READ_HEADER
+from service.audit.chain import verify_database
+from service.http.keys import STORE
+from service.http.app import create_app
 
 PATIENT = VALID[0]
 

@@ -1,37 +1,107 @@
-"""The import arrows of DESIGN.md: service -> projections -> contracts."""
+"""The import arrows (ARCHITECTURE.md): contracts <- projections <- service,
+and inside service, rooms that depend on each other in one direction only."""
 
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BANNED = {"contracts": {"service", "projections"}, "projections": {"service"}}
+OURS = {"contracts", "projections", "service", "bench", "tests"}
+# Which of our top-level packages each may import.
+ALLOWED = {
+    "contracts": set(),
+    "projections": {"contracts"},
+    "service": {"contracts", "projections"},
+}
+# Which rooms of service/ each room may import (besides config and __version__).
+ROOMS = {
+    "domain": set(),
+    "runtime": set(),
+    "console": {"domain", "store"},  # explains their errors in plain words
+    "store": {"runtime"},
+    "auth": {"app"},
+    "app": {"domain", "store", "runtime"},
+    "audit": {"store", "console"},
+    "witness": {"store", "runtime", "console"},
+    "http": {"app", "auth", "domain", "store", "runtime"},
+    "cli": {"app", "audit", "auth", "domain", "http", "runtime", "store", "witness", "console"},
+}
+SHARED = {"config", "__version__"}
 
 
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            if node.module == "service":
+                found.update(f"service.{alias.name}" for alias in node.names)
     return found
 
 
-@pytest.mark.parametrize("package", sorted(BANNED))
-def test_lower_layers_never_import_higher_ones(package: str):
-    offenders = {
-        str(path.relative_to(ROOT)): sorted(_imports(path) & BANNED[package])
-        for path in (ROOT / package).rglob("*.py")
-        if _imports(path) & BANNED[package]
-    }
+def _room_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for path in (ROOT / "service").rglob("*.py"):
+        parts = path.relative_to(ROOT / "service").parts
+        if len(parts) == 1:
+            continue
+        for module in _imports(path):
+            names = module.split(".")
+            if names[0] == "service" and len(names) > 1 and names[1] != parts[0] and names[1] not in SHARED:
+                graph[parts[0]].add(names[1])
+    return graph
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_what_is_below_them(package: str):
+    offenders = {}
+    for path in (ROOT / package).rglob("*.py"):
+        ours = {m.split(".")[0] for m in _imports(path)} & OURS - {package}
+        if ours - ALLOWED[package]:
+            offenders[str(path.relative_to(ROOT))] = sorted(ours - ALLOWED[package])
     assert offenders == {}
 
 
-def test_the_check_sees_a_banned_import(tmp_path: Path):
+def test_every_room_is_listed_and_keeps_to_its_arrows():
+    rooms = {p.name for p in (ROOT / "service").iterdir() if (p / "__init__.py").exists()}
+    assert rooms == set(ROOMS), "a new room needs its arrows in ROOMS (and a line in ARCHITECTURE.md)"
+    graph = _room_graph()
+    assert {room: sorted(targets - ROOMS[room]) for room, targets in graph.items() if targets - ROOMS[room]} == {}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [])):
+            return found
+    return None
+
+
+def test_rooms_form_no_cycle():
+    assert _cycle(_room_graph()) is None
+    assert _cycle({room: set(targets) for room, targets in ROOMS.items()}) is None
+
+
+def test_the_checks_see_a_banned_import_and_a_cycle(tmp_path: Path):
     bad = tmp_path / "m.py"
-    bad.write_text("from service.store import EventStore\nimport projections.runner\n")
-    assert _imports(bad) >= {"service", "projections"}
+    bad.write_text("from service.store.event_store import EventStore\nimport projections.runner\nimport bench.machine\n")
+    assert {m.split(".")[0] for m in _imports(bad)} >= {"service", "projections", "bench"}
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
+    assert _cycle({"a": {"b"}, "b": {"c"}}) is None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from samples import auth, data_use, head_position
-from service.http import STORE
+from service.http.keys import STORE
 
 V = "9434765919"  # valid
 DETAIL_1 = ("1 entry is not a valid NHS number (10 digits, modulus-11 check digit, an allocated range; spaces and dashes allowed); "
@@ -109,9 +109,9 @@ async def test_bad_bulk_bodies_get_exact_problems_and_write_nothing(client, make
 
 
 async def test_the_number_limit_holds_for_every_bulk_endpoint_and_format(client, make_token, database, monkeypatch):
-    import service.numbers_body
+    import service.http.numbers_body
 
-    monkeypatch.setattr(service.numbers_body, "MAX_COHORT_SIZE", 3)
+    monkeypatch.setattr(service.http.numbers_body, "MAX_COHORT_SIZE", 3)
     sde = make_token("sde", org="SDE-NORTH")
     four = [V] * 4
     lines = "".join(f"{n}\n" for n in four)

@@ -16,8 +16,8 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from conftest import _dsn_with_database
-from service.audit import verify_database
-from service.auth import DEV_KEY_FILE
+from service.audit.chain import verify_database
+from service.auth.tokens import DEV_KEY_FILE
 
 
 def _command() -> list[str]:
@@ -25,7 +25,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("consent-ledger")
-    return [found] if found else [sys.executable, "-m", "service.cli"]
+    return [found] if found else [sys.executable, "-m", "service.cli.main"]
 
 
 def run(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -111,8 +111,9 @@ def test_unknown_role_is_refused(tmp_path):
 async def _opt_out_as_someone_else(database, numbers) -> None:
     from contracts.bodies import ChoiceRequest
     from contracts.values import Actor
-    from service.commands import Caller, Ledger
-    from service.store import EventStore
+    from service.app.caller import Caller
+    from service.app.ledger import Ledger
+    from service.store.event_store import EventStore
 
     pool = await database.create_pool(min_size=1, max_size=2)
     store = EventStore(pool)
@@ -134,7 +135,7 @@ async def test_demo_honours_other_writes_and_can_run_again(database, tmp_path):
     filters each cohort as an SDE would, through the filter at the head."""
     import random
 
-    from service.demo import _patients
+    from service.cli.demo import _patients
 
     people = _patients(300, random.Random(2021))  # the demo's own draw for its default seed
     await _opt_out_as_someone_else(database, people[::10])
@@ -166,7 +167,7 @@ async def test_demo_honours_other_writes_and_can_run_again(database, tmp_path):
 def test_demo_refuses_more_patients_than_the_test_range_holds(tmp_path):
     """--patients 1000000 used to spin for ever at 80 % CPU: only 909,091
     test-range numbers have a valid check digit."""
-    from service.demo import MAX_PATIENTS, demo_range_stems
+    from service.cli.demo import MAX_PATIENTS, demo_range_stems
 
     assert MAX_PATIENTS == len(demo_range_stems()) == 909_091
     for count in ("1000000", "0"):
@@ -301,7 +302,7 @@ async def test_a_second_server_on_a_busy_port_says_so_before_starting_and_the_fi
 
 
 def test_embedded_database_urls_are_logged_readably():
-    from service.database import describe
+    from service.store.database import describe
 
     assert describe("postgresql://postgres:@/consent_ledger?host=/tmp/x/pgdata") == \
         "postgresql:///consent_ledger (socket in /tmp/x/pgdata)"
@@ -320,7 +321,7 @@ def test_a_postgres_left_by_a_killed_command_is_listed_and_then_stopped(tmp_path
     import psutil
 
     from live_server import free_port
-    from service.database import running_postmaster
+    from service.store.database import running_postmaster
 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CONSENT_LEDGER_") and k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}

@@ -19,7 +19,7 @@ from contracts import api, bodies, events, values
 from contracts.entry import canonical_json, decode_entry, encode_entry, format_recorded_at
 from contracts.nhs_number import NhsNumber, check_digit
 from contracts.values import Frozen
-from service.http import HANDLERS
+from service.http.app import HANDLERS
 
 CONTRACTS = sorted(
     {

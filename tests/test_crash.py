@@ -23,8 +23,8 @@ from joserfc.jwk import OKPKey
 from live_server import free_port, wait_until_ready
 from samples import auth, choice, nhs_numbers
 
-from service.audit import verify_database
-from service.database import Database
+from service.audit.chain import verify_database
+from service.store.database import Database
 
 CLIENTS = 8
 KILL_AFTER_RECEIPTS = 150
@@ -37,7 +37,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("consent-ledger")
-    return [found] if found else [sys.executable, "-m", "service.cli"]
+    return [found] if found else [sys.executable, "-m", "service.cli.main"]
 
 
 class Server:

@@ -13,8 +13,10 @@ from contracts.bodies import ChoiceRequest, DataUseRequest, GrantRequest
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, Organisation, PurposeStatement
 from samples import nhs_numbers
-from service.commands import Caller, Ledger, LedgerOptOutAssessor
-from service.domain import RuleBroken
+from service.app.caller import Caller
+from service.app.ledger import Ledger
+from service.app.assessors import LedgerOptOutAssessor
+from service.domain.errors import RuleBroken
 
 APP = Caller(subject="app", roles=frozenset({"patient-app"}))
 DAC = Caller(subject="dac", roles=frozenset({"dac"}))

@@ -32,7 +32,7 @@ from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, Exemption, Organisation, PurposeStatement
 from projections.optout_filter import OptOutFilter
 from projections.reads import _Choices
-from service.decision_audit import DecisionAudit
+from service.audit.decisions import DecisionAudit
 
 PATIENTS = [str(NhsNumber.from_stem(s)) for s in (999_000_002, 999_000_010, 999_000_029, 999_000_037)]
 STEMS = np.array([int(p[:9]) for p in PATIENTS], dtype=np.uint32)

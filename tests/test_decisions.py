@@ -20,10 +20,11 @@ from contracts import cohort as cohorts
 from contracts.entry import chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
 from contracts.events import AccessGranted, DataUseRecorded
 from samples import auth, choice, data_use, grant, head_position, nhs_numbers
-from service import tiles
-from service.domain import data_use_aggregate_id, grant_aggregate_id
-from service.http import CHECKPOINTS, SETTINGS, create_app
-from service.store import NewEvent
+from service.store import tiles
+from service.domain.aggregates import data_use_aggregate_id, grant_aggregate_id
+from service.http.keys import CHECKPOINTS, SETTINGS
+from service.http.app import create_app
+from service.store.event_store import NewEvent
 from test_auditor import cli
 from test_http_rules import refused, written
 

@@ -17,8 +17,8 @@ import yaml
 
 from deploy_reference import (DEPLOY, READ_REPLICA_VARIABLE, ROOT, config_variables, documented_provisioning,
                               sql_statements, undocumented_settings)
-from service.cli import parser
-from service.schema import APP_ROLE
+from service.cli.main import parser
+from service.store.migrations import APP_ROLE
 
 INSTANCES = ("consent-ledger-1", "consent-ledger-2")
 POSTGRES = ("postgres", "postgres-replica")

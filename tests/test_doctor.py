@@ -18,7 +18,7 @@ from live_server import LiveServer, free_port
 
 def doctor(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_") and k != "DATABASE_URL"}
-    return subprocess.run([sys.executable, "-m", "service.cli", "doctor", *args], env={**clean, **env}, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "service.cli.main", "doctor", *args], env={**clean, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 

@@ -206,7 +206,7 @@ async def test_database_faults_under_load(cluster: PrivateCluster, server: LiveS
     assert size >= max(stored)
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "verify", "--url", server.url, "--key", vkey,
+        sys.executable, "-m", "service.cli.main", "verify", "--url", server.url, "--key", vkey,
         env={**os.environ, "CONSENT_LEDGER_TOKEN": make_token("auditor")},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()

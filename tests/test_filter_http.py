@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from contracts import cohort as cohorts
 from samples import auth, choice, data_use, grant, head_position, nhs_numbers
-from service.http import create_app
+from service.http.app import create_app
 
 DAT = "application/vnd.nhs.mesh.dat"
 

@@ -14,7 +14,7 @@ from joserfc.jwk import KeySet, OKPKey
 
 from conftest import AUDIENCE, ISSUER
 from service import config as config_module
-from service.auth import JwksUrl, Unauthenticated, Verifier, verifier
+from service.auth.tokens import JwksUrl, Unauthenticated, Verifier, verifier
 
 
 class Issuer:
@@ -141,7 +141,7 @@ def test_configuration_chooses_file_url_or_development_key(tmp_path: Path):
 
 
 async def test_development_tokens_from_the_cli_verify_against_the_development_key(tmp_path: Path, capsys, monkeypatch):
-    from service.cli import main
+    from service.cli.main import main
 
     monkeypatch.setenv("CONSENT_LEDGER_DATA_DIR", str(tmp_path))
     for name in ("CONSENT_LEDGER_JWKS", "CONSENT_LEDGER_ENV", "CONSENT_LEDGER_JWT_ISSUER", "CONSENT_LEDGER_JWT_AUDIENCE"):
@@ -160,7 +160,8 @@ async def test_development_tokens_from_the_cli_verify_against_the_development_ke
 async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, database):
     from aiohttp.test_utils import TestClient
 
-    from service.http import SUPERVISOR, create_app
+    from service.http.keys import SUPERVISOR
+    from service.http.app import create_app
 
     state, url = issuer
     v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
@@ -179,8 +180,8 @@ async def test_a_token_from_another_data_directory_is_refused_saying_why(tmp_pat
     from aiohttp.test_utils import TestClient
     from structlog.testing import capture_logs
 
-    from service.auth import issue_token, load_or_create_dev_key
-    from service.http import create_app
+    from service.auth.tokens import issue_token, load_or_create_dev_key
+    from service.http.app import create_app
 
     server_dir, other_dir = tmp_path / "server", tmp_path / "other"
     server_dir.mkdir(), other_dir.mkdir()

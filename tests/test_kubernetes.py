@@ -21,8 +21,8 @@ import yaml
 
 from deploy_reference import (DEPLOY, READ_REPLICA_VARIABLE, config_variables, documented_provisioning,
                               sql_statements, undocumented_settings)
-from service.cli import parser
-from service.schema import APP_ROLE
+from service.cli.main import parser
+from service.store.migrations import APP_ROLE
 
 KUBERNETES = DEPLOY / "kubernetes"
 # The oldest Kubernetes that CloudNativePG 1.30 supports: the manifests use nothing newer.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from service.database import Database
+from service.store.database import Database
 
 
 async def test_release_rolls_back_and_keeps_the_service_role(database: Database):

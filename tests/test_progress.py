@@ -12,8 +12,8 @@ import re
 import subprocess
 import sys
 
-from service.http import CHECKPOINTS, STORE
-from service.progress import Progress
+from service.http.keys import CHECKPOINTS, STORE
+from service.console.progress import Progress
 
 from test_transparency import opt_outs
 
@@ -37,7 +37,7 @@ def _env(token: str, **extra: str) -> dict[str, str]:
 async def test_without_a_terminal_progress_is_plain_lines_on_stderr(client, make_token, tmp_path):
     url, vkey, token = await _served_log(client, make_token, tmp_path)
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "service.cli", "verify", "--url", url, "--key", vkey],
+        subprocess.run, [sys.executable, "-m", "service.cli.main", "verify", "--url", url, "--key", vkey],
         env=_env(token, CONSENT_LEDGER_PROGRESS_SECONDS="0"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK: 1000 entries verified") and len(done.stdout.splitlines()) == 1
@@ -47,7 +47,7 @@ async def test_without_a_terminal_progress_is_plain_lines_on_stderr(client, make
     assert re.match(r"^verify: 1,000 entries in [\d.]+ s \([\d,]+ entries/s\)$", lines[-1]), lines[-1]
 
     quiet = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "service.cli", "verify", "--url", url, "--key", vkey],
+        subprocess.run, [sys.executable, "-m", "service.cli.main", "verify", "--url", url, "--key", vkey],
         env=_env(token), capture_output=True, text=True, timeout=120)  # default: a line every 10 s
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
@@ -57,7 +57,7 @@ async def test_on_a_terminal_progress_is_a_bar_with_rate_and_time_left(client, m
     leader, follower = pty.openpty()
     try:
         process = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-m", "service.cli", "export", "--url", url,
+            subprocess.Popen, [sys.executable, "-m", "service.cli.main", "export", "--url", url,
                                "--out", str(tmp_path / "log.jsonl.gz")],
             env=_env(token, TERM="xterm", COLUMNS="160"), stdout=subprocess.PIPE, stderr=follower,
             stdin=subprocess.DEVNULL, text=True)
@@ -97,7 +97,7 @@ def test_plain_lines_come_at_most_every_interval_and_close_with_a_summary():
 
 
 async def test_projection_rebuild_reports_progress(database, tmp_path):
-    from service.store import EventStore
+    from service.store.event_store import EventStore
 
     pool = await database.create_pool(min_size=1, max_size=2)
     store = EventStore(pool)
@@ -111,7 +111,7 @@ async def test_projection_rebuild_reports_progress(database, tmp_path):
     env.update({"DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_DATA_DIR": str(tmp_path),
                 "CONSENT_LEDGER_PROGRESS_SECONDS": "0"})
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "service.cli", "projections", "rebuild", "choices"],
+        subprocess.run, [sys.executable, "-m", "service.cli.main", "projections", "rebuild", "choices"],
         env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "choices rebuilt from position 0 to 1200"

@@ -18,10 +18,11 @@ from projections.reads import history
 from projections.runner import Runner
 from projections.uses import UsesProjection
 from samples import nhs_numbers
-from service.commands import Ledger, ProjectedOptOutAssessor
-from service.database import Database
-from service.store import EventStore
-from service.supervisor import Supervisor
+from service.app.ledger import Ledger
+from service.app.assessors import ProjectedOptOutAssessor
+from service.store.database import Database
+from service.store.event_store import EventStore
+from service.runtime.supervisor import Supervisor
 
 VIEW_ORDER = {
     "patient_choices": "stem, scope",
@@ -260,7 +261,7 @@ async def test_cli_status_and_rebuild(store, pool, database, tmp_path):
 
     async def cli(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.cli", *args, env=env,
+            sys.executable, "-m", "service.cli.main", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
         return proc.returncode, out.decode(), err.decode()

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from replication import StreamingPair, streaming_pair  # noqa: F401  (the fixture)
-from service.schema import APP_ROLE
+from service.store.migrations import APP_ROLE
 
 
 @pytest.fixture

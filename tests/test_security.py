@@ -17,10 +17,10 @@ from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey
 from conftest import AUDIENCE, ISSUER
 from contracts import api
 from samples import VALID, auth, choice, data_use, grant, head_position
-from service.access import READ_HEADER
-from service.auth import Verifier
-from service.database import Database
-from service.http import create_app
+from service.app.read_records import READ_HEADER
+from service.auth.tokens import Verifier
+from service.store.database import Database
+from service.http.app import create_app
 
 PATIENT, OTHER_PATIENT = VALID[0], VALID[1]
 OWN_ORG, OTHER_ORG = "SDE-NORTH", "SDE-SOUTH"
@@ -174,7 +174,7 @@ async def test_role_by_endpoint_matrix(client, make_token, signing_key):
                 wrong.append(f"{op.id} as {name}: {r.status} {await r.text()}")
             if allowed and r.status == 200 and _serves_personal_data(op) and READ_HEADER not in r.headers:
                 wrong.append(f"{op.id} as {name}: personal data served without a recorded read "
-                             "(call service.access.record_read before answering)")
+                             "(call service.app.read_records.record_read before answering)")
             if not allowed and r.status != 403:
                 wrong.append(f"{op.id} as {name}: expected 403, got {r.status}")
             if not allowed and 'error="insufficient_scope"' not in r.headers.get("WWW-Authenticate", ""):

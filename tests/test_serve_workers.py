@@ -17,8 +17,8 @@ from joserfc.jwk import OKPKey
 from live_server import free_port, wait_until_ready
 from samples import auth, choice, nhs_numbers
 
-from service.audit import verify_database
-from service.database import Database
+from service.audit.chain import verify_database
+from service.store.database import Database
 
 
 def _children(pid: int) -> list[int]:
@@ -35,7 +35,7 @@ async def test_two_workers_share_the_port_and_keep_one_chain(
     env = {**os.environ, "DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_JWKS": str(jwks),
            "CONSENT_LEDGER_JWT_ISSUER": ISSUER, "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
            "CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli.main", "serve", "--port", str(port), "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -104,7 +104,7 @@ async def test_workers_follow_their_parent_and_a_restart_finds_none_left(databas
     env = {**os.environ, "DATABASE_URL": database.owner_dsn, "CONSENT_LEDGER_JWKS": str(jwks),
            "CONSENT_LEDGER_JWT_ISSUER": ISSUER, "CONSENT_LEDGER_JWT_AUDIENCE": AUDIENCE,
            "CONSENT_LEDGER_DATA_DIR": str(tmp_path), "CONSENT_LEDGER_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"]
+    command = [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port), "--workers", "2"]
     base = f"http://127.0.0.1:{port}"
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = None

@@ -12,9 +12,9 @@ import pytest
 from contracts.entry import GENESIS_CHAIN_HASH, chain_hash, decode_entry, leaf_hash
 from contracts.events import AccessRevoked, OptOutRegistered
 from contracts.values import Actor
-from service.audit import verify_database
-from service.database import Database
-from service.store import (
+from service.audit.chain import verify_database
+from service.store.database import Database
+from service.store.event_store import (
     AppendCondition,
     ConditionFailed,
     EventStore,
@@ -270,7 +270,7 @@ async def test_a_plain_owner_without_createrole_can_migrate(admin_dsn: str):
     """deploy/POSTGRES-ROLES.md: the owner is not a superuser and cannot create roles."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from service.schema import MIGRATIONS, migrate
+    from service.store.migrations import MIGRATIONS, migrate
 
     owner, name = f"cl_owner_{uuid4().hex[:8]}", f"cl_roles_{uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_dsn)

@@ -11,8 +11,8 @@ import asyncpg
 
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
-from service.audit import verify_database
-from service.store import EventStore, NewEvent
+from service.audit.chain import verify_database
+from service.store.event_store import EventStore, NewEvent
 
 
 def opt_out(aggregate_id, version: int) -> NewEvent:

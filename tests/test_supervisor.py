@@ -10,10 +10,11 @@ import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from service.auth import Verifier
-from service.database import Database
-from service.http import CHECKPOINTS, STORE, SUPERVISOR, create_app
-from service.supervisor import Supervisor
+from service.auth.tokens import Verifier
+from service.store.database import Database
+from service.http.keys import CHECKPOINTS, STORE
+from service.http.app import create_app
+from service.runtime.supervisor import Supervisor
 from samples import auth, choice, nhs_numbers
 
 

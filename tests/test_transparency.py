@@ -11,10 +11,11 @@ from uuid import uuid4
 from contracts import merkle, note
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
-from service.checkpoints import CheckpointLog
-from service.http import CHECKPOINTS, STORE, create_app
-from service.store import EventStore, NewEvent
-from service.tiles import TileReader
+from service.store.checkpoints import CheckpointLog
+from service.http.keys import CHECKPOINTS, STORE
+from service.http.app import create_app
+from service.store.event_store import EventStore, NewEvent
+from service.store.tiles import TileReader
 
 from samples import auth, choice
 from test_merkle import independent_open, ref_mth, ref_path, ref_proof
@@ -176,7 +177,7 @@ async def test_signer_refuses_a_tree_inconsistent_with_the_last_checkpoint(datab
         await store.stop()
     import pytest
 
-    from service.checkpoints import CheckpointRefused
+    from service.store.checkpoints import CheckpointRefused
     restarted = CheckpointLog(pool, TileReader(), log.signers, "x.example/log")  # no cached tiles
     with pytest.raises(CheckpointRefused):
         await restarted.sign()
@@ -190,7 +191,7 @@ async def test_tile_store_matches_the_reference_at_the_tlog_tiles_example_size(d
     import uuid
     from datetime import datetime, timezone
 
-    from service import tiles
+    from service.store import tiles
 
     size = 70_000
     entries = [b'{"position":%d}' % p for p in range(1, size + 1)]
@@ -230,7 +231,7 @@ async def test_tiles_and_checkpoints_are_append_only_and_never_shrink(database, 
     import asyncpg
     import pytest
 
-    from service.checkpoints import CheckpointRefused
+    from service.store.checkpoints import CheckpointRefused
 
     store = EventStore(pool)
     store.start()

@@ -10,8 +10,8 @@ import pytest
 
 from joserfc.jwk import KeySet
 
-from service.auth import Unauthenticated, Verifier
-from service.verified_tokens import VerifiedTokens
+from service.auth.tokens import Unauthenticated, Verifier
+from service.auth.token_cache import VerifiedTokens
 
 
 class CountingVerifier(Verifier):

@@ -153,7 +153,7 @@ async def test_a_lying_log_is_refused_and_its_signed_requests_kept(tmp_path, wit
 
 async def test_state_survives_a_restart(tmp_path, witnesses, log_signer):
     key = tmp_path / "witness.key"
-    made = subprocess.run([sys.executable, "-m", "service.cli", "witness", "keys", "generate",
+    made = subprocess.run([sys.executable, "-m", "service.cli.main", "witness", "keys", "generate",
                            "--name", "witness.example/restart", "--out", str(key)],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     verifier = cosignature.parse_vkey(made.stdout.strip())

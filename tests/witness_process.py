@@ -12,7 +12,7 @@ from pathlib import Path
 
 from contracts import cosignature, merkle, note
 from contracts.entry import leaf_hash
-from service.checkpoints import write_key
+from service.store.checkpoints import write_key
 
 from live_server import ROOT, free_port
 

@@ -16,12 +16,13 @@ from aiohttp import web
 
 from contracts import cosignature, note
 from contracts.note import NoteError
-
-from .. import config, failures, logs
-from ..checkpoints import write_key
-from ..failures import CommandError
-from .server import create_app
-from .state import WitnessState
+from service import config
+from service.console import failures
+from service.console.failures import CommandError
+from service.runtime import logs
+from service.store.checkpoints import write_key
+from service.witness.server import create_app
+from service.witness.state import WitnessState
 
 log = structlog.get_logger("consent_ledger.witness")
 

@@ -19,8 +19,7 @@ from aiohttp import web
 
 from contracts import cosignature, merkle, note
 from contracts.note import NoteError
-
-from .state import Cosigned, WitnessState
+from service.witness.state import Cosigned, WitnessState
 
 log = structlog.get_logger("consent_ledger.witness")
 

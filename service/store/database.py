@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import structlog
 
-from .config import Config
-from .schema import APP_ROLE
+from service.config import Config
+from service.store.migrations import APP_ROLE
 
 log = structlog.get_logger("consent_ledger.database")
 

@@ -37,9 +37,8 @@ from joserfc.jwk import KeySet, OKPKey
 from contracts.api import ROLES
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from contracts.values import Identifier, ShortText
-
-from .commands import Caller
-from .config import Config, ConfigError
+from service.app.caller import Caller
+from service.config import Config, ConfigError
 
 ALGORITHMS = ("EdDSA", "Ed25519", "ES256")
 LEEWAY_SECONDS = 60

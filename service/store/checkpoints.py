@@ -17,9 +17,8 @@ import asyncpg
 import structlog
 
 from contracts import merkle, note
-
-from .config import Config, ConfigError
-from .tiles import TileReader
+from service.config import Config, ConfigError
+from service.store.tiles import TileReader
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-from . import config as config_module
+from service import config as config_module
 
 
 class Progress:
@@ -37,8 +37,15 @@ class Progress:
 
     def _start_bar(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, ProgressColumn, TaskProgressColumn,
-                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            ProgressColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.progress import Progress as Bar
         from rich.text import Text
 

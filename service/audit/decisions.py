@@ -30,8 +30,7 @@ from contracts import bulk, decision
 from contracts.decision import Claim, Reason
 from contracts.entry import Entry, decode_entry, format_recorded_at
 from projections.optout_filter import OptOutFilter
-
-from .audit import Failure
+from service.audit.chain import Failure
 
 _BATCH = 4096
 _CACHED_COHORTS = 8

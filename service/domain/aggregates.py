@@ -20,6 +20,7 @@ from contracts import events as ev
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
 from contracts.decision import GrantStatus, Terms, grant_status
 from contracts.values import Actor, utc
+from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
 
 _NAMESPACE = UUID("6c1b3f0e-4a53-5d0c-9a7e-2f1c7b0d8e11")
 
@@ -45,27 +46,6 @@ def data_use_aggregate_id(organisation: str, use_id: str) -> UUID:
     reveals, another's."""
     return uuid5(_NAMESPACE, f"data-use/{organisation}/{use_id}")
 
-
-class RuleBroken(Exception):
-    """A well-formed request that the domain refuses (HTTP 422)."""
-
-    def __init__(self, detail: str, *, code: str = "rule-broken", path: str | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        self.code = code
-        self.path = path
-
-
-class NotPermitted(Exception):
-    """The caller may not act on this (another organisation's grant): HTTP 403."""
-
-
-class NotFound(Exception):
-    pass
-
-
-class AlreadyExists(Exception):
-    pass
 
 
 class LedgerAggregate(Aggregate):

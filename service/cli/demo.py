@@ -22,15 +22,16 @@ from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, Exemption, Organisation, PurposeStatement
 from projections.optout_filter import OptOutFilter
 from projections.runner import Runner
-
-from .commands import Caller, Ledger, ProjectedOptOutAssessor
-from .config import Config
-from .database import locate
-from .domain import AlreadyExists
-from .failures import CommandError
-from .progress import Progress
-from .schema import migrate
-from .store import EventStore
+from service.app.assessors import ProjectedOptOutAssessor
+from service.app.caller import Caller
+from service.app.ledger import Ledger
+from service.config import Config
+from service.console.failures import CommandError
+from service.console.progress import Progress
+from service.domain.errors import AlreadyExists
+from service.store.database import locate
+from service.store.event_store import EventStore
+from service.store.migrations import migrate
 
 OPT_OUT_RATE = 0.054
 TEST_RANGE_FIRST_STEM = 999_000_000

@@ -19,15 +19,21 @@ from aiohttp import web
 
 from contracts import nhs_number
 from contracts.api import ROLES
-
-from . import config as config_module
-from . import failures, logs
-from .auth import dev_key_path, issue_token, load_dev_key, load_or_create_dev_key, verifier
-from .checkpoints import load_signers
-from .database import Database, describe, locate
-from .failures import CommandError
-from .progress import Progress
-from .schema import migrate
+from service import config as config_module
+from service.auth.tokens import (
+    dev_key_path,
+    issue_token,
+    load_dev_key,
+    load_or_create_dev_key,
+    verifier,
+)
+from service.console import failures
+from service.console.failures import CommandError
+from service.console.progress import Progress
+from service.runtime import logs
+from service.store.checkpoints import load_signers
+from service.store.database import Database, describe, locate
+from service.store.migrations import migrate
 
 log = structlog.get_logger("consent_ledger")
 
@@ -56,7 +62,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> None:
-    from .http import create_app
+    from service.http.app import create_app
 
     cfg = config_module.load()
     token_verifier, development = verifier(cfg)
@@ -274,7 +280,7 @@ def _lifetime(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from service.cli.demo import run_demo
 
     cfg = config_module.load()
     summary = asyncio.run(run_demo(cfg, patients=args.patients, seed=args.seed))
@@ -285,8 +291,7 @@ def _keys_generate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from contracts.note import Signer
-
-    from .checkpoints import write_key
+    from service.store.checkpoints import write_key
 
     cfg = config_module.load()
     signer = Signer.generate(args.name or cfg.log_origin)
@@ -307,7 +312,7 @@ def _token(args: argparse.Namespace) -> str | None:
 def _verify(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import auditor
+    from service.audit import client as auditor
 
     try:
         keys = auditor.read_key(args.key)
@@ -324,7 +329,7 @@ def _verify(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import auditor
+    from service.audit import client as auditor
 
     try:
         size = auditor.export(auditor.HttpSource(args.url, _token(args)), Path(args.out))
@@ -334,7 +339,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> None:
-    from .doctor import examine
+    from service.cli.doctor import examine
 
     findings = examine(args.url, _token(args))
     for finding in findings:
@@ -443,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["witness"]:
-        from .witness.cli import main as witness_main
+        from service.witness.cli import main as witness_main
 
         return witness_main(argv[1:])
     args = parser().parse_args(argv)

@@ -30,10 +30,9 @@ import structlog
 from contracts.bodies import READ_SESSION_SECONDS, Receipt
 from contracts.codes import Purpose, ReadKind, Role
 from contracts.events import OptOutFilterApplied, PersonalDataRead
-
-from .auth import Forbidden
-from .commands import Caller
-from .store import EventStore, NewEvent
+from service.app.caller import Caller
+from service.domain.errors import NotPermitted
+from service.store.event_store import EventStore, NewEvent
 
 # The response header naming the ledger position where this read was recorded.
 READ_HEADER = "Ledger-Read-Recorded"
@@ -134,20 +133,20 @@ class ReadSessions:
 
     async def covering(self, caller: Caller, header: str, first: int, last: int) -> int:
         """The session position if ``header`` names a live session of this
-        caller covering ``first``..``last``; otherwise Forbidden, saying why."""
+        caller covering ``first``..``last``; otherwise NotPermitted (403), saying why."""
         position = int(header) if header.isascii() and header.isdigit() and len(header) <= 19 else 0
         read = await self._session(position) if position else None
         refused = f"{SESSION_HEADER} {header[:20]!r} "
         if read is None:
-            raise Forbidden(refused + "is not a read session: open one with POST /v1/read-sessions")
+            raise NotPermitted(refused + "is not a read session: open one with POST /v1/read-sessions")
         if read.recorded_by != caller.subject[:200]:
-            raise Forbidden(refused + "was opened by another caller: open your own with POST /v1/read-sessions")
+            raise NotPermitted(refused + "was opened by another caller: open your own with POST /v1/read-sessions")
         assert read.first_position is not None and read.last_position is not None
         if not read.first_position <= first <= last <= read.last_position:
-            raise Forbidden(refused + f"covers positions {read.first_position}-{read.last_position}, not "
+            raise NotPermitted(refused + f"covers positions {read.first_position}-{read.last_position}, not "
                             f"{first}-{last}: open a session for this range with POST /v1/read-sessions")
         if datetime.now(timezone.utc) >= session_expiry(self._opened[position]):
-            raise Forbidden(refused + "has expired: open a new one with POST /v1/read-sessions")
+            raise NotPermitted(refused + "has expired: open a new one with POST /v1/read-sessions")
         return position
 
     async def _session(self, position: int) -> PersonalDataRead | None:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from joserfc.jwk import KeySet
 
-from .auth import Verifier
-from .commands import Caller
+from service.app.caller import Caller
+from service.auth.tokens import Verifier
 
 MAX_AGE_SECONDS = 300.0
 

@@ -22,10 +22,16 @@ from pathlib import Path
 
 import asyncpg
 
-from . import config as config_module
-from .auth import DEV_KEY_FILE, dev_key_path, is_url
-from .checkpoints import DEV_LOG_KEY_FILE
-from .database import EMBEDDED_DATABASE, Postmaster, describe, pgdata_of, running_postmaster
+from service import config as config_module
+from service.auth.tokens import DEV_KEY_FILE, dev_key_path, is_url
+from service.store.checkpoints import DEV_LOG_KEY_FILE
+from service.store.database import (
+    EMBEDDED_DATABASE,
+    Postmaster,
+    describe,
+    pgdata_of,
+    running_postmaster,
+)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from urllib.parse import unquote_plus
 from typing import Any
+from urllib.parse import unquote_plus
 
 import msgspec
 import structlog

@@ -25,9 +25,15 @@ import asyncpg
 import structlog
 
 from contracts.bodies import Receipt
-from contracts.entry import Entry, chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
-
-from . import tiles
+from contracts.entry import (
+    Entry,
+    chain_hash,
+    decode_entry,
+    encode_entry,
+    format_recorded_at,
+    leaf_hash,
+)
+from service.store import tiles
 
 log = structlog.get_logger(__name__)
 

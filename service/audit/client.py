@@ -33,13 +33,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from contracts import cohort as cohorts
 from contracts import bulk, merkle, note
+from contracts import cohort as cohorts
 from contracts.merkle import TILE_WIDTH
-
-from .audit import ChainVerifier, Failure
-from .decision_audit import DecisionAudit
-from .progress import Progress
+from service.audit.chain import ChainVerifier, Failure
+from service.audit.decisions import DecisionAudit
+from service.console.progress import Progress
 
 EXPORT_FORMAT = "consent-ledger-export/2"
 READABLE_FORMATS = ("consent-ledger-export/1", EXPORT_FORMAT)

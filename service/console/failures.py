@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from . import config as config_module
-from .database import describe, unavailable
-from .domain import AlreadyExists, NotFound, NotPermitted, RuleBroken
+from service import config as config_module
+from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
+from service.store.database import describe, unavailable
 
 # Exit statuses, also listed in `consent-ledger --help`.
 OK = 0

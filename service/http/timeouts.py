@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .problems import ProblemError
+from service.http.problems import ProblemError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -27,9 +27,13 @@ from contracts.bodies import DataUseRequest, FilterRequest, ProblemDetail
 from contracts.cohort import EncodedCohort, encode_cohort
 from contracts.nhs_number import NhsNumber, decode_hook
 from contracts.values import MAX_COHORT_SIZE
-
-from .body_mistakes import likely_mistake
-from .problems import ProblemError, decode_json, invalid, reject_duplicate_keys
+from service.http.body_mistakes import likely_mistake
+from service.http.problems import (
+    ProblemError,
+    decode_json,
+    invalid,
+    reject_duplicate_keys,
+)
 
 T = TypeVar("T")
 

@@ -9,10 +9,7 @@ there first.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, TypeVar
 from uuid import UUID, uuid4
@@ -21,7 +18,6 @@ import asyncpg
 import numpy as np
 
 from contracts import cohort as cohorts
-from contracts import decision
 from contracts import events as ev
 from contracts.bodies import (
     ChoiceRequest,
@@ -39,45 +35,31 @@ from contracts.decision import Claim, Reason, Terms
 from contracts.entry import format_recorded_at
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, utc
-
-from projections.optout_filter import OptOutFilter
-from projections.runner import Runner
-
-from .domain import (
+from service.app.assessors import Assessment, LedgerOptOutAssessor, OptOutAssessor
+from service.app.caller import Caller
+from service.domain.aggregates import (
     DataUse,
     Grant,
     LedgerAggregate,
-    NotFound,
     Patient,
-    RuleBroken,
     data_use_aggregate_id,
     grant_aggregate_id,
     patient_aggregate_id,
 )
-from .store import (
+from service.domain.errors import NotFound, RuleBroken
+from service.store.event_store import (
     AppendCondition,
     ConditionFailed,
     EventStore,
     IdempotencyKey,
     NewEvent,
     StoredEvent,
-    StoreUnavailable,
     VersionConflict,
 )
 
 A = TypeVar("A", bound=LedgerAggregate)
 
 _ATTEMPTS = 5
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The authenticated system making a request."""
-
-    subject: str
-    roles: frozenset[str]
-    org: str | None = None
-    nhs_number: str | None = None
 
 
 class Outcome(NamedTuple):
@@ -88,74 +70,6 @@ class Outcome(NamedTuple):
 
 class Contended(Exception):
     """Concurrent writers kept invalidating the decision; the caller may retry."""
-
-
-def idempotency_key(caller: Caller, key: str | None, method: str, path: str, body: bytes) -> IdempotencyKey | None:
-    if key is None:
-        return None
-    digest = hashlib.sha256(f"{method} {path}\n".encode() + body).digest()
-    return IdempotencyKey(scope=caller.subject, key=key, request_hash=digest)
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """The rule's verdict on a cohort as the ledger stood at ``position``:
-    how many members each ``Reason`` applies to."""
-
-    position: int
-    found: dict[Reason, int]
-
-    @property
-    def excluded(self) -> int:
-        return sum(n for r, n in self.found.items() if r not in decision.INCLUDED)
-
-
-class OptOutAssessor(ABC):
-    """Applies the rule to a cohort at a past or present position."""
-
-    @abstractmethod
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
-                     position: int) -> Assessment:
-        """Each member's reason under ``terms``, with their choices as of ``position``."""
-
-
-class LedgerOptOutAssessor(OptOutAssessor):
-    """Replays each cohort member's own events from the ledger into a fresh
-    decision state: exact at any position, and fine for cohorts of
-    thousands; the in-memory state serves national-scale cohorts."""
-
-    def __init__(self, store: EventStore):
-        self.store = store
-
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
-                     position: int) -> Assessment:
-        ids = [patient_aggregate_id(n) for n in cohort_numbers(stems)]
-        state = OptOutFilter()
-        state.follow([s.entry for s in await self.store.aggregates_events(conn, ids, position)])
-        return Assessment(position, decision.counts(state.assess(stems, grant_id, terms)))
-
-
-class ProjectedOptOutAssessor(OptOutAssessor):
-    """Answers from the in-memory decision state: a 5M cohort is a few
-    hundred milliseconds of bitmap lookups, not millions of ledger reads.
-    The state may be ahead of ``position``; it answers as of ``position``."""
-
-    def __init__(self, opt_outs: OptOutFilter, runner: Runner, wait: float = 2.0):
-        self.opt_outs = opt_outs
-        self.runner = runner
-        self.wait = wait
-
-    async def assess(self, conn: asyncpg.Connection, stems: np.ndarray, grant_id: str, terms: Terms,
-                     position: int) -> Assessment:
-        if not await self.runner.wait_for(position, self.wait, lambda: self.opt_outs.position):
-            raise StoreUnavailable(f"the opt-out state has not yet reached position {position}")
-        # Millions of lookups off the event loop, on a copy `follow` does not change meanwhile.
-        reasons = await asyncio.to_thread(self.opt_outs.snapshot().assess, stems, grant_id, terms, position)
-        return Assessment(position, decision.counts(reasons))
-
-
-def cohort_numbers(stems: np.ndarray) -> list[str]:
-    return [NhsNumber.from_stem(int(s)) for s in stems]
 
 
 def _replay(agg: LedgerAggregate, stored: StoredEvent) -> None:

@@ -1,0 +1,1 @@
+"""The `consent-ledger` command: serve, demo, doctor, tokens, keys, verify and export."""

@@ -1,0 +1,128 @@
+"""Patients' choices, consents, history and receipts."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from contracts import api, bodies
+from contracts.entry import decode_entry
+from contracts.values import Actor
+from projections import reads as projection_reads
+from service.app.caller import Caller, idempotency_key
+from service.app.read_records import (
+    READ_HEADER,
+    record_read,
+)
+from service.domain.errors import NotFound
+from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES
+from service.http.problems import decode_json, invalid
+from service.http.requests import (
+    DECODERS,
+    Handler,
+    body_of,
+    idempotency_header,
+    int_query,
+    json_response,
+    path_nhs,
+    plain_int,
+    read_body,
+    receipt_response,
+    require_json,
+    required_caller,
+)
+from service.http.transparency import event_view
+from service.store.event_store import StoredEvent
+
+
+async def opt_out(request: web.Request, caller: Caller | None) -> web.Response:
+    return await _choose(request, required_caller(caller), True, api.BY_ID["opt_out"])
+
+
+async def opt_in(request: web.Request, caller: Caller | None) -> web.Response:
+    return await _choose(request, required_caller(caller), False, api.BY_ID["opt_in"])
+
+
+async def _choose(request: web.Request, caller: Caller, opting_out: bool, op: api.Operation) -> web.Response:
+    body = await body_of(request, caller, op)
+    outcome = await request.app[LEDGER].choose(caller, path_nhs(request), opting_out, body.value, body.idempotency)
+    return receipt_response(outcome)
+
+
+async def give_consent(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    body = await body_of(request, caller, api.BY_ID["give_consent"])
+    outcome = await request.app[LEDGER].give_consent(caller, path_nhs(request), body.value, body.idempotency)
+    return receipt_response(outcome)
+
+
+async def withdraw_consent(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    op = api.BY_ID["withdraw_consent"]
+    grant_id = request.match_info["grant_id"]
+    raw = await read_body(request, op.body_limit)
+    actor = Actor(kind="patient")
+    if raw:
+        require_json(request)
+        actor = decode_json(raw, DECODERS[op.id]).actor
+    idem = idempotency_key(caller, idempotency_header(request), request.method, request.path, raw)
+    outcome = await request.app[LEDGER].withdraw_consent(caller, path_nhs(request), grant_id, actor, idem)
+    return receipt_response(outcome)
+
+
+async def get_choices(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    choices = await request.app[LEDGER].choices(nhs)
+    read = await record_read(request.app[STORE], required_caller(caller), "choices", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(choices, headers={READ_HEADER: str(read.position)})
+
+
+async def get_history(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    cursor = request.query.get("cursor")
+    if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
+        raise invalid("`cursor` must be the next_cursor of an earlier page", "query.cursor", status=400)
+    limit = int_query(request, "limit", 50, 1, 1000)
+    async with request.app[STORE].pool.acquire() as conn:
+        page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, limit)
+    read = await record_read(request.app[STORE], required_caller(caller), "history", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(page, headers={READ_HEADER: str(read.position)})
+
+
+async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.Response:
+    nhs = path_nhs(request)
+    position = plain_int(request.match_info["position"])
+    if position is None:
+        raise invalid("position must be an integer", "path.position", status=400)
+    checkpoints = request.app[CHECKPOINTS]
+    latest = await checkpoints.latest()
+    if position > latest.size:
+        latest = await checkpoints.sign()  # on demand: a fresh receipt is provable at once
+    async with request.app[STORE].pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT entry, leaf_hash, chain_hash FROM ledger_events WHERE position = $1", position
+        ) if 1 <= position <= latest.size else None
+        stored = StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"])) \
+            if row is not None else None
+        # Another patient's entry is reported exactly like a missing one.
+        if stored is None or getattr(stored.entry.payload, "nhs_number", None) != nhs:
+            raise NotFound(f"no entry of this patient at position {position}")
+        hashes = await request.app[TILES].inclusion(conn, position - 1, latest.size)
+    read = await record_read(request.app[STORE], required_caller(caller), "receipt", api.PATIENT_APP, nhs_number=nhs)
+    return json_response(bodies.ReceiptProof(
+        event=event_view(stored),
+        entry=bytes(row["entry"]).decode(),
+        leaf_hash=stored.leaf_hash.hex(),
+        proof=bodies.InclusionProof(leaf_index=position - 1, tree_size=latest.size, hashes=[h.hex() for h in hashes]),
+        checkpoint=latest.note,
+    ), headers={READ_HEADER: str(read.position)})
+
+
+HANDLERS: dict[str, Handler] = {
+    "opt_out": opt_out,
+    "opt_in": opt_in,
+    "give_consent": give_consent,
+    "withdraw_consent": withdraw_consent,
+    "get_choices": get_choices,
+    "get_history": get_history,
+    "get_receipt_proof": get_receipt_proof,
+}
