@@ -72,13 +72,32 @@ def allocated(stems: np.ndarray) -> np.ndarray:
 
 def check_digit(stem: str) -> int | None:
     """The check digit for a 9-digit stem, or None when no digit is valid."""
-    total = sum(int(d) * w for d, w in zip(stem, _WEIGHTS))
+    # Unrolled over the ASCII codes: every request validates a number, and the
+    # obvious generator costs a few microseconds more per call. 54 = sum(_WEIGHTS).
+    b = stem.encode()
+    total = (b[0] * 10 + b[1] * 9 + b[2] * 8 + b[3] * 7 + b[4] * 6 + b[5] * 5 + b[6] * 4 + b[7] * 3 + b[8] * 2
+             - 48 * 54)
     digit = 11 - total % 11
     if digit == 11:
         return 0
     if digit == 10:
         return None
     return digit
+
+
+def _allocated_one(stem: int) -> bool:
+    """``allocated`` for one stem, without numpy's per-call cost."""
+    for name in _accepted:
+        for low, high in _RANGES[name]:
+            if low <= stem <= high:
+                if name != "scotland":
+                    return True
+                day, month, year = stem // 10_000_000, stem // 100_000 % 100, stem // 1000 % 100
+                if 1 <= month <= 12:
+                    days = 28 if month == 2 and year % 4 != 0 else int(_DAYS[month])
+                    if 1 <= day <= days:
+                        return True
+    return False
 
 
 class NhsNumber(str):
@@ -98,7 +117,7 @@ class NhsNumber(str):
             )
         if check_digit(digits[:9]) != int(digits[9]):
             raise InvalidNhsNumber("NHS number check digit is wrong")
-        if not allocated(np.array([int(digits[:9])]))[0]:
+        if not _allocated_one(int(digits[:9])):
             raise InvalidNhsNumber("this is not in an allocated NHS number range")
         return super().__new__(cls, digits)
 

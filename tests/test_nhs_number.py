@@ -169,3 +169,19 @@ def test_production_leaves_out_the_synthetic_range():
         accept_ranges(RANGES)
     with pytest.raises(ValueError, match="unknown NHS number range"):
         accept_ranges(["mars"])
+
+
+@given(st.integers(0, 999_999_999), st.sampled_from([RANGES, PRODUCTION_RANGES, ("scotland",), ("synthetic",)]))
+def test_one_number_is_judged_like_a_column_of_them(stem, ranges):
+    """NhsNumber checks one number without numpy (it runs on every request);
+    it must agree with the formula of the standard and the vectorised rule."""
+    from contracts.nhs_number import _allocated_one, allocated
+
+    text = f"{stem:09d}"
+    reference = 11 - sum(int(d) * w for d, w in zip(text, (10, 9, 8, 7, 6, 5, 4, 3, 2))) % 11
+    assert check_digit(text) == {11: 0, 10: None}.get(reference, reference)
+    previous = accept_ranges(ranges)
+    try:
+        assert _allocated_one(stem) == bool(allocated(np.array([stem]))[0])
+    finally:
+        accept_ranges(previous)

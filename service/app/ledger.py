@@ -1,9 +1,10 @@
 """The application service: load aggregates, apply a command, append.
 
-Every write follows one path (``_execute``): replay an idempotent retry,
-otherwise load, decide, and append with the aggregate's version as the
-optimistic-concurrency check, retrying the decision if another writer got
-there first.
+Every write follows one path (``_execute``): decide on the aggregate's
+history (held in memory from recent writes, else read from the ledger), and
+append with the aggregate's version as the optimistic-concurrency check,
+deciding again from the ledger if the history was stale; the writer answers
+an idempotent retry with its original receipts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, utc
 from service.app.assessors import Assessment, LedgerOptOutAssessor, OptOutAssessor
 from service.app.caller import Caller
+from service.app.recent_histories import HeldEvent, RecentHistories
 from service.domain.aggregates import (
     DataUse,
     Grant,
@@ -46,7 +48,7 @@ from service.domain.aggregates import (
     grant_aggregate_id,
     patient_aggregate_id,
 )
-from service.domain.errors import NotFound, RuleBroken
+from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from service.store.event_store import (
     AppendCondition,
     ConditionFailed,
@@ -83,6 +85,13 @@ def _replay(agg: LedgerAggregate, stored: StoredEvent) -> None:
     )
 
 
+def _rebuilt(cls: type[A], aggregate_id: UUID, history: tuple[HeldEvent, ...]) -> A:
+    agg = cls.blank(aggregate_id)
+    for e in history:
+        agg.replay(e.event_type, e.version, e.recorded_at, e.payload, e.position)
+    return agg
+
+
 def _new_events(agg: LedgerAggregate) -> list[NewEvent]:
     return [
         NewEvent(
@@ -97,9 +106,10 @@ def _new_events(agg: LedgerAggregate) -> list[NewEvent]:
 
 
 class Ledger:
-    def __init__(self, store: EventStore, assessor: OptOutAssessor | None = None):
+    def __init__(self, store: EventStore, assessor: OptOutAssessor | None = None, recent: RecentHistories | None = None):
         self.store = store
         self.assessor = assessor or LedgerOptOutAssessor(store)
+        self.recent = recent if recent is not None else RecentHistories()
 
     # --- loading --------------------------------------------------------------
 
@@ -126,23 +136,56 @@ class Ledger:
         decide: Callable[[A], int | None],
         idempotency: IdempotencyKey | None,
     ) -> Outcome:
-        if idempotency is not None:
-            earlier = await self.store.find_idempotent(idempotency)
-            if earlier is not None:
-                return Outcome(earlier.receipts[0], created=True, replayed=True)
+        # First decided on the history this process holds (or none): no read
+        # before the write. The writer refuses an append whose version shows
+        # that history was stale, and a decision that writes nothing or is
+        # refused is only believed when made on the ledger's own history.
+        history, fresh = self.recent.get(aggregate_id), False
         for _ in range(_ATTEMPTS):
-            agg = await self.load(cls, aggregate_id)
-            existing = decide(agg)
-            new = _new_events(agg)
+            agg = _rebuilt(cls, aggregate_id, history)
+            try:
+                existing = decide(agg)
+            except (RuleBroken, NotFound, AlreadyExists, NotPermitted):
+                if fresh:
+                    if idempotency is not None and (earlier := await self.store.find_idempotent(idempotency)):
+                        return Outcome(earlier.receipts[0], created=True, replayed=True)
+                    raise
+                existing, new = None, []
+            else:
+                new = _new_events(agg)
             if not new:
+                if not fresh:
+                    history, fresh = await self._history(aggregate_id), True
+                    continue
+                if idempotency is not None and (earlier := await self.store.find_idempotent(idempotency)):
+                    return Outcome(earlier.receipts[0], created=True, replayed=True)
                 assert existing is not None
                 return Outcome(await self.receipt_at(existing), created=False)
             try:
                 result = await self.store.append(new, idempotency=idempotency)
             except VersionConflict:
+                history, fresh = await self._history(aggregate_id), True
                 continue
+            if not result.replayed:
+                self.recent.extend(aggregate_id, history, [
+                    HeldEvent(e.event_type, e.aggregate_version, datetime.fromisoformat(r.recorded_at), e.payload,
+                              r.position)
+                    for e, r in zip(new, result.receipts, strict=True)
+                ])
             return Outcome(result.receipts[0], created=True, replayed=result.replayed)
         raise Contended("the record kept changing while this request was applied; retry")
+
+    async def _history(self, aggregate_id: UUID) -> tuple[HeldEvent, ...]:
+        """The aggregate's history as the ledger holds it, kept for the next write."""
+        async with self.store.pool.acquire() as conn:
+            stored = await self.store.aggregate_events(conn, aggregate_id)
+        history = tuple(
+            HeldEvent(s.entry.event_type, s.entry.aggregate_version, datetime.fromisoformat(s.entry.recorded_at),
+                      s.entry.payload, s.entry.position)
+            for s in stored
+        )
+        self.recent.put(aggregate_id, history)
+        return history
 
     # --- patients -------------------------------------------------------------
 
