@@ -4,6 +4,7 @@ set), a fresh migrated database per test, and the HTTP app on loopback."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,12 +22,19 @@ from joserfc.jwk import KeySet, OKPKey
 from service.auth.tokens import Verifier
 from service.store.database import Database
 from service.http.keys import STORE
+from service import config as config_module
+from service.config import Config
 from service.http.app import create_app
 from service.store.migrations import migrate
 from service.store.event_store import EventStore
 
 ISSUER = "https://idp.test"
 AUDIENCE = "consent-ledger"
+
+
+def app_config(**changes: Any) -> Config:
+    """The service's defaults (not this machine's environment), with ``changes``."""
+    return dataclasses.replace(config_module.load({}), **changes)
 
 
 def _dsn_with_database(dsn: str, name: str) -> str:
@@ -156,7 +164,7 @@ def make_token(signing_key: OKPKey) -> TokenFactory:
 
 @pytest.fixture
 async def client(database: Database, verifier: Verifier) -> AsyncIterator[TestClient]:
-    app = create_app(database, verifier, pool_size=6)
+    app = create_app(app_config(pool_size=6), database, verifier)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
 

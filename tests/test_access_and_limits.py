@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from contracts import api
 from samples import VALID, auth, choice, head_position
+from conftest import app_config
 from service.app.read_records import READ_HEADER
 from service.audit.chain import verify_database
 from service.http.keys import STORE
@@ -86,7 +87,7 @@ async def test_auditor_reads_record_the_range_read_not_the_nhs_numbers(client, m
 
 @pytest.fixture
 async def busy_client(database, verifier) -> AsyncIterator[TestClient]:
-    app = create_app(database, verifier, pool_size=4, queue_size=1, max_batch=1)
+    app = create_app(app_config(pool_size=4, writer_queue_size=1, writer_max_batch=1), database, verifier)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
 
@@ -127,7 +128,7 @@ async def test_full_write_queue_answers_503_with_retry_after(busy_client, make_t
 
 @pytest.fixture
 async def impatient_client(database, verifier) -> AsyncIterator[TestClient]:
-    app = create_app(database, verifier, pool_size=4, timeout=0.3)
+    app = create_app(app_config(pool_size=4, request_timeout_seconds=0.3), database, verifier)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
 

@@ -27,8 +27,9 @@ ROOMS = {
     "app": {"domain", "store", "runtime"},
     "audit": {"store", "console"},
     "witness": {"store", "runtime", "console"},
-    "http": {"app", "auth", "domain", "store", "runtime"},
-    "cli": {"app", "audit", "auth", "domain", "http", "runtime", "store", "witness", "console"},
+    "composition": {"app", "store", "runtime"},  # the root that builds a running ledger
+    "http": {"app", "auth", "composition", "domain", "store", "runtime"},
+    "cli": {"app", "audit", "auth", "composition", "domain", "http", "runtime", "store", "witness", "console"},
 }
 SHARED = {"config", "__version__"}
 
@@ -48,13 +49,13 @@ def _imports(path: Path) -> set[str]:
 def _room_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = defaultdict(set)
     for path in (ROOT / "service").rglob("*.py"):
-        parts = path.relative_to(ROOT / "service").parts
-        if len(parts) == 1:
+        room = path.relative_to(ROOT / "service").parts[0].removesuffix(".py")
+        if room in SHARED or room == "__init__":
             continue
         for module in _imports(path):
             names = module.split(".")
-            if names[0] == "service" and len(names) > 1 and names[1] != parts[0] and names[1] not in SHARED:
-                graph[parts[0]].add(names[1])
+            if names[0] == "service" and len(names) > 1 and names[1] != room and names[1] not in SHARED:
+                graph[room].add(names[1])
     return graph
 
 
@@ -70,6 +71,7 @@ def test_packages_import_only_what_is_below_them(package: str):
 
 def test_every_room_is_listed_and_keeps_to_its_arrows():
     rooms = {p.name for p in (ROOT / "service").iterdir() if (p / "__init__.py").exists()}
+    rooms |= {p.stem for p in (ROOT / "service").glob("*.py")} - SHARED - {"__init__"}
     assert rooms == set(ROOMS), "a new room needs its arrows in ROOMS (and a line in ARCHITECTURE.md)"
     graph = _room_graph()
     assert {room: sorted(targets - ROOMS[room]) for room, targets in graph.items() if targets - ROOMS[room]} == {}
@@ -105,3 +107,26 @@ def test_the_checks_see_a_banned_import_and_a_cycle(tmp_path: Path):
     assert {m.split(".")[0] for m in _imports(bad)} >= {"service", "projections", "bench"}
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
     assert _cycle({"a": {"b"}, "b": {"c"}}) is None
+
+
+def test_every_setting_reaches_the_code_that_uses_it():
+    """A Config field nobody reads is a setting that silently does nothing
+    (the wiring once copied Config into keyword arguments and dropped two)."""
+    import dataclasses
+
+    from service.config import Config
+
+    read: set[str] = set()
+    for package in ("service", "projections"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name != "config.py":
+                read |= {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)}
+    config_source = ast.parse((ROOT / "service" / "config.py").read_text())
+    # Fields read by a property of Config count when the property is read.
+    through_properties = {
+        attr.attr
+        for node in ast.walk(config_source) if isinstance(node, ast.FunctionDef) and node.name in read
+        for attr in ast.walk(node) if isinstance(attr, ast.Attribute)
+    }
+    unread = [f.name for f in dataclasses.fields(Config) if f.name not in read | through_properties]
+    assert unread == []

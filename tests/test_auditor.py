@@ -18,7 +18,8 @@ import pytest
 
 from contracts import note
 from contracts.entry import chain_hash, leaf_hash
-from service.http.keys import CHECKPOINTS, SETTINGS, STORE
+from conftest import app_config
+from service.http.keys import CHECKPOINTS, STORE
 
 from test_merkle import ref_mth
 from test_transparency import opt_outs
@@ -43,7 +44,7 @@ async def live(client, make_token, tmp_path):
     for chunk in (250, 250, 100):
         await store.append(opt_outs(chunk, nhs="9434765919"))
     await client.server.app[CHECKPOINTS].sign()
-    vkey = client.server.app[SETTINGS]["log_signers"][0].verifier.vkey
+    vkey = client.server.app[CHECKPOINTS].signers[0].verifier.vkey
     key_file = tmp_path / "log.vkey"
     key_file.write_text(vkey + "\n")
     url = str(client.make_url("")).rstrip("/")
@@ -174,7 +175,7 @@ async def test_forked_and_rolled_back_checkpoints_are_refused(live, tmp_path, cl
 
     # The operator rewrites the whole history and signs a bigger checkpoint over it:
     # signature and hashes check out, but not against what we verified before.
-    signer = client.server.app[SETTINGS]["log_signers"][0]
+    signer = client.server.app[CHECKPOINTS].signers[0]
     state.write_text(json.dumps(remembered))
     conn = await client.server.app[STORE].pool.acquire()
     try:
@@ -218,7 +219,7 @@ async def test_keys_generate_and_rotation_overlap(tmp_path, database, verifier):
     signers, development = load_signers(cfg)
     assert not development and [s.verifier.vkey for s in signers] == [new_vkey, old_vkey]
 
-    app = create_app(database, verifier, log_signers=signers, log_origin=cfg.log_origin)
+    app = create_app(app_config(log_origin=cfg.log_origin), database, verifier, signers=signers)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         await client.server.app[STORE].append(opt_outs(3))
         await client.server.app[CHECKPOINTS].sign()

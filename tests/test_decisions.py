@@ -20,9 +20,10 @@ from contracts import cohort as cohorts
 from contracts.entry import chain_hash, decode_entry, encode_entry, format_recorded_at, leaf_hash
 from contracts.events import AccessGranted, DataUseRecorded
 from samples import auth, choice, data_use, grant, head_position, nhs_numbers
+from conftest import app_config
 from service.store import tiles
 from service.domain.aggregates import data_use_aggregate_id, grant_aggregate_id
-from service.http.keys import CHECKPOINTS, SETTINGS
+from service.http.keys import CHECKPOINTS
 from service.http.app import create_app
 from service.store.event_store import NewEvent
 from test_auditor import cli
@@ -248,7 +249,7 @@ async def test_decisions_survive_a_rewritten_projection_and_verify_catches_a_fal
         assert await service.execute("DELETE FROM patient_choices") == "DELETE 1"
     finally:
         await service.close()
-    restarted = create_app(database, verifier, pool_size=4)
+    restarted = create_app(app_config(pool_size=4), database, verifier)
     async with TestClient(TestServer(restarted, host="127.0.0.1")) as again:
         body = await filtered(again, sde, numbers)
         assert out not in body["nhs_numbers"] and body["removed"] == 1
@@ -257,7 +258,7 @@ async def test_decisions_survive_a_rewritten_projection_and_verify_catches_a_fal
 
     await client.server.app[CHECKPOINTS].sign()
     key = tmp_path / "log.vkey"
-    key.write_text(client.server.app[SETTINGS]["log_signers"][0].verifier.vkey + "\n")
+    key.write_text(client.server.app[CHECKPOINTS].signers[0].verifier.vkey + "\n")
     url, auditor = str(client.make_url("")).rstrip("/"), make_token("auditor")
     code, text = await cli("verify", "--url", url, "--key", str(key), "--decisions", token=auditor)
     assert code == 0 and "decisions: 1 data use(s) re-checked" in text, text

@@ -73,7 +73,7 @@ class Load:
 
     def __init__(self, session: aiohttp.ClientSession, token: str):
         self.session, self.token = session, token
-        self.patients = iter(nhs_numbers(5000, seed=1010))
+        self.patients = iter(nhs_numbers(50_000, seed=1010))  # more than the writers can use in the test
         self.receipts: dict[str, dict] = {}  # Idempotency-Key -> acknowledged receipt
         self.statuses: Counter[int] = Counter()
         self.problems: list[str] = []

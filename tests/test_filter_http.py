@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from contracts import cohort as cohorts
 from samples import auth, choice, data_use, grant, head_position, nhs_numbers
+from conftest import app_config
 from service.http.app import create_app
 
 DAT = "application/vnd.nhs.mesh.dat"
@@ -98,7 +99,7 @@ async def test_read_your_writes_the_receipt_position_is_honoured_by_the_next_cal
 
 
 async def test_min_position_not_reached_answers_503_with_retry_after(database, verifier, make_token):
-    app = create_app(database, verifier, pool_size=4, filter_wait=0.3)
+    app = create_app(app_config(pool_size=4, filter_wait=0.3), database, verifier)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         head = await head_position(database)
         r = await client.post(f"/v1/opt-out-filter?min_position={head + 5}", json={"nhs_numbers": []},

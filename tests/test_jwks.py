@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from joserfc.jwk import KeySet, OKPKey
 
-from conftest import AUDIENCE, ISSUER
+from conftest import app_config, AUDIENCE, ISSUER
 from service import config as config_module
 from service.auth.tokens import JwksUrl, Unauthenticated, Verifier, verifier
 
@@ -165,7 +165,7 @@ async def test_the_app_fetches_a_jwks_url_before_serving(issuer, make_token, dat
 
     state, url = issuer
     v = Verifier(KeySet([]), ISSUER, AUDIENCE, JwksUrl(url))
-    async with TestClient(TestServer(create_app(database, v, pool_size=2), host="127.0.0.1")) as client:
+    async with TestClient(TestServer(create_app(app_config(pool_size=2), database, v), host="127.0.0.1")) as client:
         assert state.requests == 1
         token = make_token("auditor", key=state.keys[0], header={"alg": "EdDSA", "kid": "k1"})
         r = await client.get("/v1/events", headers={"Authorization": f"Bearer {token}"})
@@ -191,7 +191,7 @@ async def test_a_token_from_another_data_directory_is_refused_saying_why(tmp_pat
     stranger = issue_token(load_or_create_dev_key(config_module.load({"CONSENT_LEDGER_DATA_DIR": str(other_dir)})),
                            issuer=server_config.jwt_issuer, audience=server_config.jwt_audience,
                            subject="me", roles=["auditor"])
-    async with TestClient(TestServer(create_app(database, dev_verifier), host="127.0.0.1")) as client:
+    async with TestClient(TestServer(create_app(app_config(), database, dev_verifier), host="127.0.0.1")) as client:
         with capture_logs() as logs:
             r = await client.get("/v1/events", headers={"Authorization": f"Bearer {stranger}"})
         assert r.status == 401

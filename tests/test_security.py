@@ -14,7 +14,7 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey
 
-from conftest import AUDIENCE, ISSUER
+from conftest import app_config, AUDIENCE, ISSUER
 from contracts import api
 from samples import VALID, auth, choice, data_use, grant, head_position
 from service.app.read_records import READ_HEADER
@@ -262,7 +262,7 @@ async def test_es256_tokens_are_accepted(database, make_token):
 def test_every_route_has_a_rule_in_the_operation_table(verifier):
     """A route added to the app without an entry (and so a role rule) in
     contracts.api.OPERATIONS fails the build."""
-    app = create_app(Database(owner_dsn="postgresql://unused", embedded=False), verifier)
+    app = create_app(app_config(), Database(owner_dsn="postgresql://unused", embedded=False), verifier)
     table = {(op.method, api.openapi_path(op.path)): op for op in api.OPERATIONS}
     seen = set()
     for route in app.router.routes():
@@ -278,7 +278,7 @@ def test_every_route_has_a_rule_in_the_operation_table(verifier):
 
 
 def test_router_walk_would_catch_a_route_without_a_rule(verifier):
-    app = create_app(Database(owner_dsn="postgresql://unused", embedded=False), verifier)
+    app = create_app(app_config(), Database(owner_dsn="postgresql://unused", embedded=False), verifier)
 
     async def sneaky(request: web.Request) -> web.Response:
         return web.Response()

@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
+from conftest import app_config
 from service.auth.tokens import Verifier
 from service.store.database import Database
 from service.http.keys import CHECKPOINTS, STORE
@@ -96,7 +97,7 @@ async def test_the_checkpoint_signer_survives_the_errors_that_killed_it(
     loop did not catch; checkpoints froze, /readyz stayed 200, nothing was
     logged, and shutdown exited 1.  The exact exceptions are raised here from
     sign() while the database itself stays real."""
-    app = create_app(database, verifier, pool_size=4, checkpoint_interval=0.05, task_stall=0.3)
+    app = create_app(app_config(pool_size=4, checkpoint_interval=0.05, task_stall_seconds=0.3), database, verifier)
     errors = [
         asyncpg.InterfaceError("cannot call Connection.fetchval(): the underlying connection is closed"),
         asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),

@@ -11,6 +11,7 @@ from uuid import uuid4
 from contracts import merkle, note
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
+from conftest import app_config
 from service.store.checkpoints import CheckpointLog
 from service.http.keys import CHECKPOINTS, STORE
 from service.http.app import create_app
@@ -114,7 +115,7 @@ async def test_checkpoints_stay_consistent_under_concurrent_writers_and_restarts
     sizes_seen: list[int] = []
     for restart in range(2):
         # Two service instances on one database: two writers, two checkpoint signers.
-        apps = [create_app(database, verifier, pool_size=4, log_signers=[signer], checkpoint_interval=0.01)
+        apps = [create_app(app_config(pool_size=4, checkpoint_interval=0.01), database, verifier, signers=[signer])
                 for _ in range(2)]
         from aiohttp.test_utils import TestServer
         servers = [TestServer(app, host="127.0.0.1") for app in apps]

@@ -11,7 +11,7 @@ s251 exemption and so includes opted-out patients).
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import random
 from datetime import datetime, timedelta, timezone
 
@@ -20,18 +20,14 @@ import numpy as np
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, Exemption, Organisation, PurposeStatement
-from projections.optout_filter import OptOutFilter
-from projections.runner import Runner
-from service.app.assessors import ProjectedOptOutAssessor
 from service.app.caller import Caller
-from service.app.ledger import Ledger
+from service.composition import running
 from service.config import Config
 from service.console.failures import CommandError
 from service.console.progress import Progress
 from service.domain.errors import AlreadyExists
+from service.store.checkpoints import load_signers
 from service.store.database import locate
-from service.store.event_store import EventStore
-from service.store.migrations import migrate
 
 OPT_OUT_RATE = 0.054
 TEST_RANGE_FIRST_STEM = 999_000_000
@@ -71,23 +67,15 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     rng = random.Random(seed)
     people = _patients(patients, rng)
     database = await locate(config)
-    conn = await database.connect_owner()
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await database.create_pool()
-    optouts = await OptOutFilter.load(pool)
-    store = EventStore(pool)
-    store.start()
-    # The opt-out filter an SDE would call, following the ledger as the service's does.
-    runner = Runner(pool, [], followers=[optouts], poll_interval=0.05)
-    following = asyncio.create_task(runner.run())
-    ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
     app = Caller(subject="demo-patient-app", roles=frozenset({"patient-app"}))
     dac = Caller(subject="demo-dac", roles=frozenset({"dac"}))
     now = datetime.now(timezone.utc)
-    try:
+    signers, _ = load_signers(config)
+    # The opt-out filter an SDE would call follows the ledger as the service's
+    # does; the projection tables are left to the next `serve`, which catches up.
+    following = dataclasses.replace(config, projection_poll_interval=0.05)
+    async with running(following, database, signers=signers, projections=()) as parts:
+        ledger, store, runner, optouts = parts.ledger, parts.store, parts.runner, parts.opt_out_filter
         # The demo may run again on the same data: say what was already there
         # instead of failing on the first grant or data use that exists.
         existing = {"opt-outs": 0, "grants": 0, "study consents": 0, "data uses": 0}
@@ -151,11 +139,6 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
                 existing["data uses"] += 1
             uses += 1
         head, _ = await store.head()
-    finally:
-        following.cancel()
-        await asyncio.gather(following, return_exceptions=True)
-        await store.stop()
-        await pool.close()
     already = ", ".join(f"{count} {what}" for what, count in existing.items() if count)
     return (
         f"demo loaded: {len(people)} patients, {len(opted_out)} opt-outs "

@@ -27,6 +27,7 @@ from service.auth.tokens import (
     load_or_create_dev_key,
     verifier,
 )
+from service.composition import migrated
 from service.console import failures
 from service.console.failures import CommandError
 from service.console.progress import Progress
@@ -73,20 +74,7 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
             "the data directory. Get one with: consent-ledger token issue --role patient-app",
             key_file=str(dev_key_path(cfg)),
         )
-    app = create_app(
-        database,
-        token_verifier,
-        pool_size=cfg.pool_size,
-        queue_size=cfg.writer_queue_size,
-        max_batch=cfg.writer_max_batch,
-        timeout=cfg.request_timeout_seconds,
-        log_signers=signers,
-        log_origin=cfg.log_origin,
-        checkpoint_interval=cfg.checkpoint_interval,
-        projection_poll_interval=cfg.projection_poll_interval,
-        filter_wait=cfg.filter_wait,
-        task_stall=cfg.task_stall_seconds,
-    )
+    app = create_app(cfg, database, token_verifier, signers=signers)
 
     def serving(_banner: str) -> None:  # aiohttp calls this once the port is bound
         log.info("serving", host=host, port=port, url=f"http://{host}:{port}")
@@ -177,14 +165,7 @@ def _serve_workers(database: Database, args: argparse.Namespace) -> None:
     import multiprocessing
     import signal
 
-    async def migrate_once() -> None:
-        conn = await database.connect_owner()
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(migrate_once())  # once here rather than racing in every worker
+    asyncio.run(migrated(database))  # once here rather than racing in every worker
     _wait_for_free_port(args.host, args.port)
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_worker, args=(database, args.host, args.port), name=f"worker-{i}")
@@ -221,12 +202,7 @@ def _migrate(args: argparse.Namespace) -> None:
     cfg = config_module.load()
 
     async def run() -> list[int]:
-        database = await locate(cfg)
-        conn = await database.connect_owner()
-        try:
-            return await migrate(conn)
-        finally:
-            await conn.close()
+        return await migrated(await locate(cfg))
 
     applied = asyncio.run(run())
     print(f"migrations applied: {applied or 'none (up to date)'}")

@@ -15,20 +15,17 @@ import structlog
 from aiohttp import web
 
 from contracts import api, bodies, note
-from projections.choices import ChoicesProjection
-from projections.optout_filter import OptOutFilter
-from projections.runner import Runner
-from projections.uses import UsesProjection
 from service import __version__
-from service.app.assessors import ProjectedOptOutAssessor
-from service.app.ledger import Contended, Ledger
-from service.app.read_records import ReadSessions
+from service.app.ledger import Contended
 from service.auth.token_cache import VerifiedTokens
 from service.auth.tokens import Forbidden, Unauthenticated, Verifier, authorise
+from service.composition import running
+from service.config import Config
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
 from service.http import data_uses, grants, operations, patients, transparency
 from service.http.keys import (
     CHECKPOINTS,
+    CONFIG,
     DATABASE,
     LEDGER,
     METRICS,
@@ -36,7 +33,6 @@ from service.http.keys import (
     OPT_OUT_FILTER,
     READ_SESSIONS,
     RUNNER,
-    SETTINGS,
     STORE,
     SUPERVISOR,
     TILES,
@@ -50,16 +46,12 @@ from service.http.timeouts import request_timeout
 from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
 from service.runtime.worker_threads import WorkerThreads
-from service.store.checkpoints import CheckpointLog
 from service.store.database import Database, unavailable
 from service.store.event_store import (
-    EventStore,
     IdempotencyConflict,
     StoreBusy,
     StoreUnavailable,
 )
-from service.store.migrations import migrate
-from service.store.tiles import TileReader
 
 log = structlog.get_logger('consent_ledger.http')
 
@@ -174,90 +166,21 @@ async def request_context(
 # --- composition --------------------------------------------------------------------
 
 
-async def _ledger_context(app: web.Application) -> AsyncIterator[None]:
-    database = app[DATABASE]
-    settings = app[SETTINGS]
-    conn = await database.connect_owner()
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await database.create_pool(max_size=settings["pool_size"])
-    store = EventStore(pool, queue_size=settings["queue_size"], max_batch=settings["max_batch"])
-    store.start()
-    app[STORE] = store
-    app[LEDGER] = Ledger(store)
-    app[READ_SESSIONS] = ReadSessions(store)
-    app[TILES] = TileReader()
-    checkpoints = CheckpointLog(pool, app[TILES], settings["log_signers"], settings["log_origin"],
-                                settings["checkpoint_interval"])
-    app[CHECKPOINTS] = checkpoints
-    app[SUPERVISOR].start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
-    try:
-        yield
-    finally:
-        await app[SUPERVISOR].stop("checkpoint-signer")
-        await store.stop()
-        await pool.close()
-
-
-async def _projections_context(app: web.Application) -> AsyncIterator[None]:
-    """Compose the projections: runner, in-memory filter, projection-backed assessor."""
-    store = app[STORE]
-    started = time.perf_counter()
-    optouts = await OptOutFilter.load(store.pool)
-    settings = app[SETTINGS]
-    log.info("decision state loaded from the ledger's entries", position=optouts.position,
-             seconds=round(time.perf_counter() - started, 2), grants=len(optouts.grants),
-             projection_poll_interval=settings["projection_poll_interval"], filter_wait=settings["filter_wait"])
-    runner = Runner(
-        store.pool,
-        [ChoicesProjection(), UsesProjection()],
-        followers=[optouts],
-        listen=app[DATABASE].connect_app,
-        poll_interval=app[SETTINGS]["projection_poll_interval"],
-    )
-    await runner.prepare()
-    app[RUNNER] = runner
-    app[OPT_OUT_FILTER] = optouts
-    app[LEDGER].assessor = ProjectedOptOutAssessor(optouts, runner)
-    # The runner also feeds the in-memory opt-out filter (its follower).
-    app[SUPERVISOR].start("projection-runner", runner.run, every=runner.poll_interval)
-    try:
-        yield
-    finally:
-        await app[SUPERVISOR].stop("projection-runner")
-        await runner.close()
-
-
 def create_app(
-    database: Database,
-    verifier: Verifier,
-    *,
-    pool_size: int = 10,
-    queue_size: int = 10_000,
-    max_batch: int = 500,
-    timeout: float = 60.0,
-    log_signers: list[note.Signer] | None = None,
-    log_origin: str = "consent-ledger.example/log",
-    checkpoint_interval: float = 1.0,
-    projection_poll_interval: float = 1.0,
-    filter_wait: float = 5.0,
-    task_stall: float = 30.0,
+    config: Config, database: Database, verifier: Verifier, *, signers: list[note.Signer] | None = None
 ) -> web.Application:
-    app = web.Application(client_max_size=api.BULK_BODY, middlewares=[request_context, request_timeout(timeout)])
+    """The HTTP application over a ledger built by the composition root.
+
+    ``signers``: the checkpoint keys (``load_signers(config)``); without them
+    the log signs with a key that lives as long as the app (tests, embedding)."""
+    app = web.Application(client_max_size=api.BULK_BODY,
+                          middlewares=[request_context, request_timeout(config.request_timeout_seconds)])
+    app[CONFIG] = config
     app[DATABASE] = database
     app[VERIFIER] = verifier
     app[TOKENS] = VerifiedTokens(verifier)
     app[METRICS] = Metrics()
-    app[SUPERVISOR] = Supervisor(stall_after=task_stall)
-    app[SETTINGS] = {
-        "pool_size": pool_size, "queue_size": queue_size, "max_batch": max_batch,
-        # Without configured keys (tests, embedding) the log signs with a key that lives as long as the app.
-        "log_signers": log_signers or [note.Signer.generate(log_origin)],
-        "log_origin": log_origin, "checkpoint_interval": checkpoint_interval,
-        "projection_poll_interval": projection_poll_interval, "filter_wait": filter_wait,
-    }
+    app[SUPERVISOR] = Supervisor(stall_after=config.task_stall_seconds)
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
     if missing:
@@ -265,10 +188,24 @@ def create_app(
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
     app.cleanup_ctx.append(_worker_threads_context)
-    app.cleanup_ctx.append(_ledger_context)
+    app.cleanup_ctx.append(_ledger_context(signers))
     app.cleanup_ctx.append(_verifier_context)
-    app.cleanup_ctx.append(_projections_context)
     return app
+
+
+def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with running(app[CONFIG], app[DATABASE], supervisor=app[SUPERVISOR], signers=signers) as parts:
+            app[STORE] = parts.store
+            app[LEDGER] = parts.ledger
+            app[READ_SESSIONS] = parts.read_sessions
+            app[TILES] = parts.tiles
+            app[CHECKPOINTS] = parts.checkpoints
+            app[RUNNER] = parts.runner
+            app[OPT_OUT_FILTER] = parts.opt_out_filter
+            yield
+
+    return context
 
 
 async def _worker_threads_context(app: web.Application) -> AsyncIterator[None]:

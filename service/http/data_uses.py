@@ -27,10 +27,10 @@ from service.domain.errors import NotFound
 from service.http import numbers_body
 from service.http.keys import (
     CHECKPOINTS,
+    CONFIG,
     LEDGER,
     OPT_OUT_FILTER,
     RUNNER,
-    SETTINGS,
     STORE,
     WORKERS,
 )
@@ -106,7 +106,7 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
     raw = await read_body(request, api.BY_ID["opt_out_filter"].body_limit)
     parsed = await app[WORKERS].run(numbers_body.parse, request.content_type, raw)
     optouts = app[OPT_OUT_FILTER]
-    wait = app[SETTINGS]["filter_wait"]
+    wait = app[CONFIG].filter_wait
     if optouts.position < min_position and not await app[RUNNER].wait_for(
         min_position, wait, lambda: optouts.position
     ):

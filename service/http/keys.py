@@ -10,6 +10,7 @@ from service.app.ledger import Ledger
 from service.app.read_records import ReadSessions
 from service.auth.token_cache import VerifiedTokens
 from service.auth.tokens import Verifier
+from service.config import Config
 from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
 from service.runtime.worker_threads import WorkerThreads
@@ -24,7 +25,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 TOKENS = web.AppKey("tokens", VerifiedTokens)
 METRICS = web.AppKey("metrics", Metrics)
-SETTINGS = web.AppKey("settings", dict)
+CONFIG = web.AppKey("config", Config)
 OPENAPI = web.AppKey("openapi", bytes)
 CHECKPOINTS = web.AppKey("checkpoints", CheckpointLog)
 TILES = web.AppKey("tiles", TileReader)
