@@ -106,7 +106,7 @@ async def main() -> None:
                   f"uses projection at {runner.positions.get('uses')}", file=sys.stderr)
     head, _ = await store.head()
     t = time.perf_counter()
-    assert await runner.wait_for(head, 3600, runner._lowest)
+    assert await runner.wait_for(head, 3600, runner.lowest_position)
     print(f"recorded {args.uses} data uses, {memberships:,} memberships: store cohort + record use median "
           f"{statistics.median(record_times):.2f} s, max {max(record_times):.2f} s; projection caught up "
           f"{time.perf_counter() - t:.0f} s after the last write ({time.perf_counter() - started:.0f} s in all)")

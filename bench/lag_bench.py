@@ -31,21 +31,27 @@ from contracts.nhs_number import NhsNumber  # noqa: E402
 from contracts.values import Actor  # noqa: E402
 from projections.choices import ChoicesProjection  # noqa: E402
 from projections.optout_filter import OptOutFilter  # noqa: E402
-from projections.runner import Runner, ledger_head  # noqa: E402
+from projections.runner import Projection, Runner, ledger_head  # noqa: E402
 from projections.uses import UsesProjection  # noqa: E402
-from service.store.database import Database  # noqa: E402
 from service.domain.aggregates import patient_aggregate_id  # noqa: E402
-from service.store.event_store import EventStore, NewEvent  # noqa: E402
 from service.runtime.supervisor import Supervisor  # noqa: E402
+from service.store.database import Database  # noqa: E402
+from service.store.event_store import EventStore, NewEvent  # noqa: E402
 
 
-class LagMeter:
-    """Notes how late each event reaches every consumer."""
+class LagMeter(Projection):
+    """Notes how late each event reaches every consumer: the runner's last
+    projection, so it sees a batch once the others have committed it (its
+    own position row is the only thing it writes)."""
+
+    name = "bench-lag-meter"
+    tables = ()
 
     def __init__(self) -> None:
+        super().__init__()
         self.lags: list[float] = []
 
-    def __call__(self, entries):  # type: ignore[no-untyped-def]
+    async def apply(self, conn, entries) -> None:  # type: ignore[no-untyped-def]
         now = time.time()
         self.lags.extend(now - datetime.fromisoformat(e.recorded_at).timestamp() for e in entries)
 
@@ -118,9 +124,8 @@ async def main() -> None:
     database = Database(owner_dsn=dsn, embedded=False)
     pool = await database.create_pool(min_size=2, max_size=4)
     meter = LagMeter()
-    runner = Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[OptOutFilter()],
+    runner = Runner(pool, [ChoicesProjection(), UsesProjection(), meter], followers=[OptOutFilter()],
                     listen=database.connect_app, batch_size=5000)
-    runner.on_applied = meter
     await runner.prepare()
     supervisor = Supervisor()
     supervisor.start("projection-runner", runner.run)
@@ -129,7 +134,7 @@ async def main() -> None:
     await asyncio.get_running_loop().run_in_executor(None, proc.wait)
     async with pool.acquire() as conn:
         head = await ledger_head(conn)
-    while not await runner.wait_for(head, 5, runner._lowest):
+    while not await runner.wait_for(head, 5, runner.lowest_position):
         print(f"# waiting: head {head}, positions {runner.positions}, restarts {supervisor.tasks['projection-runner'].restarts}", file=sys.stderr)
     await supervisor.stop()
     await runner.close()

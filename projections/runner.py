@@ -129,14 +129,8 @@ class Runner:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.positions: dict[str, int] = {}
-        self.notified_head = 0
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
-        # Test hook: called inside the transaction after the view rows are
-        # written and before the position commits.
-        self.before_commit: Callable[[Projection, int], None] | None = None
-        # Metrics hook: called with each batch once every consumer has it.
-        self.on_applied: Callable[[Sequence[Entry]], None] | None = None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -174,13 +168,6 @@ class Runner:
         self._listen_conn = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        try:
-            self.notified_head = max(self.notified_head, int(payload))
-        except ValueError:
-            pass
-        self._wake.set()
-
-    def wake(self) -> None:
         self._wake.set()
 
     # --- the loop ---------------------------------------------------------------
@@ -204,7 +191,8 @@ class Runner:
             except TimeoutError:
                 pass
 
-    def _lowest(self) -> int:
+    def lowest_position(self) -> int:
+        """The position every projection and follower has reached."""
         marks = [self.positions.get(p.name, 0) for p in self.projections]
         marks += [f.position for f in self.followers]
         return min(marks) if marks else 0
@@ -212,7 +200,7 @@ class Runner:
     async def step(self) -> bool:
         """Process one batch; True if anything was read."""
         async with self.pool.acquire() as conn:
-            entries = await read_entries(conn, self._lowest(), self.batch_size)
+            entries = await read_entries(conn, self.lowest_position(), self.batch_size)
             if not entries:
                 return False
             # Followers first: the in-memory filter keeps answering even if a
@@ -227,11 +215,7 @@ class Runner:
                     continue
                 async with conn.transaction():
                     new = await p.advance(conn, entries)
-                    if self.before_commit is not None:
-                        self.before_commit(p, new)
                 self.positions[p.name] = new
-        if self.on_applied is not None:
-            self.on_applied(entries)
         async with self._advanced:
             self._advanced.notify_all()
         return True
@@ -241,7 +225,7 @@ class Runner:
         if until is None:
             async with self.pool.acquire() as conn:
                 until = await ledger_head(conn)
-        while self._lowest() < until:
+        while self.lowest_position() < until:
             if not await self.step():
                 break
 

@@ -9,20 +9,20 @@ from datetime import datetime, timezone
 import asyncpg
 import numpy as np
 import pytest
-
 from projection_reference import Reference, all_entries, random_operation, stems_of
+from samples import nhs_numbers
+
 from projections import rebuild as admin
 from projections.choices import ChoicesProjection
 from projections.optout_filter import OptOutFilter
 from projections.reads import history
-from projections.runner import Runner
+from projections.runner import Projection, Runner
 from projections.uses import UsesProjection
-from samples import nhs_numbers
-from service.app.ledger import Ledger
 from service.app.assessors import ProjectedOptOutAssessor
+from service.app.ledger import Ledger
+from service.runtime.supervisor import Supervisor
 from service.store.database import Database
 from service.store.event_store import EventStore
-from service.runtime.supervisor import Supervisor
 
 VIEW_ORDER = {
     "patient_choices": "stem, scope",
@@ -113,7 +113,7 @@ async def test_views_filter_and_history_equal_a_reference_after_every_batch(seed
             for _ in range(rng.randint(5, 25)):
                 await random_operation(rng, ledger, patients, grants, cohorts, counter, allowed)
             head, _ = await store.head()
-            assert await runner.wait_for(head, 20, runner._lowest)
+            assert await runner.wait_for(head, 20, runner.lowest_position)
             async with pool.acquire() as conn:
                 ref = await check_against_reference(conn, optouts, patients, grants, cohorts)
         assert ref.uses, "the random walk recorded no data use: the history check proved little"
@@ -136,20 +136,35 @@ class Crash(Exception):
     pass
 
 
+class CrashingEveryThird(Projection):
+    """The projection it wraps, failing every third batch after writing its
+    rows and before they commit (a process dying mid-transaction)."""
+
+    def __init__(self, inner: Projection, calls: dict[str, int]):
+        super().__init__(inner.suffix)
+        self.inner, self.calls, self.name, self.tables = inner, calls, inner.name, inner.tables
+
+    async def apply(self, conn, entries) -> None:
+        await self.inner.apply(conn, entries)
+        self.calls["n"] += 1
+        if self.calls["n"] % 3 == 0:
+            raise Crash(f"{self.name} at {entries[-1].position}")
+
+
 async def test_failure_between_view_write_and_commit_neither_skips_nor_repeats(store, pool, database):
     patients = nhs_numbers(20, seed=7)
     grants, cohorts = await _random_ledger(store, patients, seed=7, steps=120)
-    runner = make_runner(pool, database)
-    await runner.prepare()
-    await runner.close()  # positions loaded; drive steps by hand
     calls = {"n": 0}
 
-    def crash_every_third(projection, position):
-        calls["n"] += 1
-        if calls["n"] % 3 == 0:
-            raise Crash(f"{projection.name} at {position}")
+    def crashing_runner() -> Runner:
+        # A new "process" each time: nothing in memory survives a crash.
+        runner = make_runner(pool, database)
+        runner.projections = [CrashingEveryThird(p, calls) for p in runner.projections]
+        return runner
 
-    runner.before_commit = crash_every_third
+    runner = crashing_runner()
+    await runner.prepare()
+    await runner.close()  # positions loaded; drive steps by hand
     crashes = 0
     while True:
         try:
@@ -157,11 +172,9 @@ async def test_failure_between_view_write_and_commit_neither_skips_nor_repeats(s
                 break
         except Crash:
             crashes += 1
-            # A new "process": nothing in memory survives the crash.
-            runner = make_runner(pool, database)
+            runner = crashing_runner()
             await runner.prepare()
             await runner.close()
-            runner.before_commit = crash_every_third
     assert crashes >= 3
     async with pool.acquire() as conn:
         fresh = OptOutFilter()
@@ -304,7 +317,7 @@ async def test_rebuild_while_the_live_runner_keeps_applying_new_events(store, po
         stop.set()
         await writing
         head, _ = await store.head()
-        assert await live.wait_for(head, 20, live._lowest)
+        assert await live.wait_for(head, 20, live.lowest_position)
         async with pool.acquire() as conn:
             fresh = OptOutFilter()
             fresh.follow(await all_entries(conn))

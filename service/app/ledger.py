@@ -298,7 +298,7 @@ class Ledger:
         if not held:
             event = ev.CohortStored(cohort_id=cohort.cohort_id, size=len(cohort.stems), organisation_code=caller.org,
                                     recorded_by=caller.subject, request_id=request_id)
-            await self.store.append([NewEvent(uuid4(), "CohortStored", uuid4(), 1, event)],
+            await self.store.append([NewEvent.alone(event)],
                                    side_write=_store_cohort(cohort, caller.org))
 
     async def record_data_use(
@@ -315,7 +315,7 @@ class Ledger:
         organisation = caller.org
         assert organisation is not None, "data uses are organisation-scoped operations"
         if request.nhs_numbers is not None:
-            numbers = np.fromiter((int(n[:9]) for n in request.nhs_numbers), dtype=np.int64)
+            numbers = np.fromiter((n.stem for n in request.nhs_numbers), dtype=np.int64)
             cohort = await asyncio.to_thread(cohorts.encode_cohort, numbers)
         if cohort is not None:
             stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, _store_cohort(cohort, organisation)

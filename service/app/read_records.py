@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta, timezone
-from uuid import uuid4
 
 import numpy as np
 import structlog
@@ -77,7 +76,7 @@ async def record_read(
         request_id=current_request_id(),
         cohort_id=cohort_id,
     )
-    result = await store.append([NewEvent(uuid4(), "PersonalDataRead", uuid4(), 1, event)])
+    result = await store.append([NewEvent.alone(event)])
     return result.receipts[0]
 
 
@@ -111,7 +110,7 @@ async def record_filter_call(
         purpose=purpose,
         request_id=current_request_id(),
     )
-    result = await store.append([NewEvent(uuid4(), "OptOutFilterApplied", uuid4(), 1, event)])
+    result = await store.append([NewEvent.alone(event)])
     return result.receipts[0]
 
 

@@ -116,7 +116,7 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
         uses = skipped = 0
         for i in range(12):
             grant_id, org, *_rest, datasets, exemption = _GRANTS[i % len(_GRANTS)]
-            cohort = np.array(sorted(int(n[:9]) for n in rng.sample(people, k=max(1, len(people) // 4))),
+            cohort = np.array(sorted(n.stem for n in rng.sample(people, k=max(1, len(people) // 4))),
                               dtype=np.uint32)
             # As an SDE would: the filter at the ledger's head now (POST /v1/opt-out-filter?grant_id=...).
             head, _ = await store.head()

@@ -82,8 +82,9 @@ class LedgerAggregate(Aggregate):
             position=position,
         ).mutate(self)
 
-    def _trigger(self, event_type: str, data: Any) -> None:
-        self.trigger_event(self.EVENTS[event_type], data=data, position=None)
+    def _trigger(self, data: Any) -> None:
+        """Record the event whose payload is ``data``: its type is the payload's contract class."""
+        self.trigger_event(self.EVENTS[type(data).__name__], data=data, position=None)
 
 
 class LedgerEvent(Aggregate.Event):
@@ -139,7 +140,7 @@ class Patient(LedgerAggregate):
         if current is not None and current.state == wanted:
             return current.position
         cls = ev.OptOutRegistered if opt_out else ev.OptOutWithdrawn
-        self._trigger(cls.__name__, cls(
+        self._trigger(cls(
             nhs_number=nhs_number,
             scope=request.scope,
             channel=request.channel,
@@ -152,14 +153,14 @@ class Patient(LedgerAggregate):
         current = self.consents.get(request.grant_id)
         if current is not None:
             return current.position
-        self._trigger("StudyConsentGiven", ev.StudyConsentGiven(
+        self._trigger(ev.StudyConsentGiven(
             nhs_number=nhs_number, grant_id=request.grant_id, actor=request.actor, recorded_by=recorded_by
         ))
         return None
 
     def withdraw_consent(self, nhs_number: str, grant_id: str, actor: Actor, recorded_by: str) -> int | None:
         if grant_id in self.consents:
-            self._trigger("StudyConsentWithdrawn", ev.StudyConsentWithdrawn(
+            self._trigger(ev.StudyConsentWithdrawn(
                 nhs_number=nhs_number, grant_id=grant_id, actor=actor, recorded_by=recorded_by
             ))
             return None
@@ -232,7 +233,7 @@ class Grant(LedgerAggregate):
         if valid_until > now + MAX_GRANT_LENGTH:
             raise RuleBroken("`valid_until` may be at most 5 years after the grant is recorded; renew a longer "
                              "project with a new grant", code="invalid-dates", path="$.valid_until")
-        self._trigger("AccessGranted", ev.AccessGranted(
+        self._trigger(ev.AccessGranted(
             grant_id=request.grant_id,
             organisation=request.organisation,
             purpose=request.purpose,
@@ -252,7 +253,7 @@ class Grant(LedgerAggregate):
             raise NotFound(f"no grant {grant_id!r}")
         if self.revoked is not None:
             return self.revoked_position
-        self._trigger("AccessRevoked", ev.AccessRevoked(grant_id=grant_id, reason=reason, recorded_by=recorded_by))
+        self._trigger(ev.AccessRevoked(grant_id=grant_id, reason=reason, recorded_by=recorded_by))
         return None
 
     def check_use(self, request: DataUseRequest, organisation: str, now: datetime) -> None:
@@ -314,4 +315,4 @@ class DataUse(LedgerAggregate):
     def record(self, payload: ev.DataUseRecorded) -> None:
         if self.recorded is not None:
             raise AlreadyExists(f"data use {payload.use_id!r} is already recorded")
-        self._trigger("DataUseRecorded", payload)
+        self._trigger(payload)

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import structlog
@@ -33,11 +33,11 @@ from contracts.entry import (
     format_recorded_at,
     leaf_hash,
 )
+from projections.runner import NOTIFY_CHANNEL
 from service.store import tiles
 
 log = structlog.get_logger(__name__)
 
-NOTIFY_CHANNEL = "consent_ledger"
 
 
 class StoreError(Exception):
@@ -85,6 +85,12 @@ class NewEvent:
     aggregate_id: UUID
     aggregate_version: int
     payload: Any
+
+    @classmethod
+    def alone(cls, payload: Any) -> NewEvent:
+        """An event that is its own aggregate (a read, a filter call, a stored
+        cohort): its type is its payload's contract class."""
+        return cls(uuid4(), type(payload).__name__, uuid4(), 1, payload)
 
 
 @dataclass(frozen=True)

@@ -305,11 +305,3 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
             applied.append(version)
         await conn.execute(_PRIVILEGES)
     return applied
-
-
-async def current_version(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-
-
-def latest_version() -> int:
-    return MIGRATIONS[-1][0]
