@@ -261,6 +261,15 @@ async def test_a_separate_service_login_cannot_become_the_owner(database, admin_
                 await store.stop()
         finally:
             await pool.close()
+        # The projections' LISTEN connection logs in as the service too, never as the owner.
+        listener = await service.connect_app()
+        try:
+            assert await listener.fetchval("SELECT session_user") == login
+            assert await listener.fetchval("SELECT current_user") == "consent_ledger_app"
+        finally:
+            await listener.close()
+        # Nobody logs in as the role itself (deploy/POSTGRES-ROLES.md): logins are members of it.
+        assert await admin.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'consent_ledger_app'") is False
     finally:
         await admin.execute(f"DROP ROLE {login}")
         await admin.close()

@@ -58,8 +58,9 @@ class Database:
         return await asyncpg.connect(self.owner_dsn)
 
     async def connect_app(self) -> asyncpg.Connection:
-        """A lone connection acting as the service role (for LISTEN)."""
-        return await asyncpg.connect(self.owner_dsn, server_settings={"role": APP_ROLE})
+        """A lone connection acting as the service role (for LISTEN), logged
+        in as the pool is: the service's own login where there is one."""
+        return await asyncpg.connect(self.service_dsn or self.owner_dsn, server_settings={"role": APP_ROLE})
 
     async def create_pool(self, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
         # The `role` startup setting survives asyncpg's RESET ALL on release,

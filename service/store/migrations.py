@@ -265,9 +265,17 @@ _PRIVILEGES = f"""
 -- administrator has created the role (deploy/POSTGRES-ROLES.md).
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-        CREATE ROLE {APP_ROLE} LOGIN;
+        CREATE ROLE {APP_ROLE} NOLOGIN;
     END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$;
+-- Earlier versions created it with LOGIN; nobody logs in as it (its members
+-- do), so take that away where this owner may.
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}' AND rolcanlogin) THEN
+        ALTER ROLE {APP_ROLE} NOLOGIN;
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN NULL;
 END $$;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO {APP_ROLE};
