@@ -30,7 +30,8 @@ from service.store.checkpoints import CheckpointLog  # noqa: E402
 from service.runtime.supervisor import Supervisor  # noqa: E402
 from service.store.database import Database  # noqa: E402
 from service.store.migrations import migrate  # noqa: E402
-from service.store.event_store import EventStore, NewEvent  # noqa: E402
+from service.store.event_store import EventStore
+from service.store.event_log import NewEvent
 
 from machine import describe  # noqa: E402
 

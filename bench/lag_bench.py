@@ -36,7 +36,8 @@ from projections.uses import UsesProjection  # noqa: E402
 from service.domain.aggregates import patient_aggregate_id  # noqa: E402
 from service.runtime.supervisor import Supervisor  # noqa: E402
 from service.store.database import Database  # noqa: E402
-from service.store.event_store import EventStore, NewEvent  # noqa: E402
+from service.store.event_store import EventStore
+from service.store.event_log import NewEvent
 
 
 class LagMeter(Projection):

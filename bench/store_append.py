@@ -30,7 +30,8 @@ from contracts.events import OptOutRegistered
 from contracts.nhs_number import NhsNumber, check_digit
 from contracts.values import Actor
 from service.store.database import Database
-from service.store.event_store import EventStore, NewEvent
+from service.store.event_store import EventStore
+from service.store.event_log import NewEvent
 
 from .machine import (
     backend_pids,

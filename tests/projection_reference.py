@@ -20,7 +20,7 @@ from service.app.caller import Caller
 from service.app.ledger import Ledger
 from service.app.ledger import Contended
 from service.domain.errors import NotFound, RuleBroken
-from service.store.event_store import StoreError
+from service.store.event_log import StoreError
 
 DAC = Caller(subject="dac-test", roles=frozenset({"dac"}))
 APP = Caller(subject="app-test", roles=frozenset({"patient-app"}))

@@ -25,7 +25,7 @@ SHARED = [UUID(int=i + 1) for i in range(3)]
 
 
 def _event(aggregate_id: UUID, version: int, writer: str):
-    from service.store.event_store import NewEvent
+    from service.store.event_log import NewEvent
 
     return NewEvent(
         event_id=uuid4(), event_type="OptOutRegistered", aggregate_id=aggregate_id, aggregate_version=version,
@@ -35,7 +35,8 @@ def _event(aggregate_id: UUID, version: int, writer: str):
 
 
 async def _write(dsn: str, writer: str, barrier, seconds: float) -> dict:
-    from service.store.event_store import EventStore, VersionConflict
+    from service.store.event_store import EventStore
+    from service.store.event_log import VersionConflict
 
     pool = await Database(owner_dsn=dsn, embedded=False).create_pool(min_size=2, max_size=4)
     store = EventStore(pool, queue_size=1000, max_batch=200)

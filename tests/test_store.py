@@ -10,21 +10,12 @@ import asyncpg
 import pytest
 
 from contracts.entry import GENESIS_CHAIN_HASH, chain_hash, decode_entry, leaf_hash
-from contracts.events import AccessRevoked, OptOutRegistered
+from contracts.events import OptOutRegistered
 from contracts.values import Actor
 from service.audit.chain import verify_database
 from service.store.database import Database
-from service.store.event_store import (
-    AppendCondition,
-    ConditionFailed,
-    EventStore,
-    IdempotencyConflict,
-    IdempotencyKey,
-    NewEvent,
-    StoreBusy,
-    StoreUnavailable,
-    VersionConflict,
-)
+from service.store.event_log import IdempotencyKey, NewEvent, StoreBusy, StoreUnavailable
+from service.store.event_store import EventStore
 
 
 def opt_out(aggregate_id, version: int, nhs: str = "9434765919") -> NewEvent:
@@ -54,75 +45,6 @@ async def test_positions_and_chain_link_from_genesis(store: EventStore, pool: as
         assert receipt.chain_hash == previous.hex()
         assert decode_entry(bytes(row["entry"])).position == row["position"]
     assert verified.failure is None and verified.size == 3
-
-
-async def test_concurrent_appends_in_one_process_batch_without_gaps(store: EventStore, pool: asyncpg.Pool):
-    results = await asyncio.gather(*(store.append([opt_out(uuid4(), 1)]) for _ in range(300)))
-    positions = sorted(r.receipts[0].position for r in results)
-    assert positions == list(range(1, 301))
-    async with pool.acquire() as conn:
-        assert (await verify_database(conn)).failure is None
-
-
-async def test_stale_version_is_refused_and_writes_nothing(store: EventStore, pool: asyncpg.Pool):
-    agg = uuid4()
-    await store.append([opt_out(agg, 1)])
-    with pytest.raises(VersionConflict):
-        await store.append([opt_out(agg, 1)])
-    with pytest.raises(VersionConflict):
-        await store.append([opt_out(agg, 3)])
-    assert (await store.head())[0] == 1
-
-
-async def test_a_bad_item_does_not_abort_its_batch(store: EventStore):
-    agg = uuid4()
-    await store.append([opt_out(agg, 1)])
-    outcomes = await asyncio.gather(
-        store.append([opt_out(uuid4(), 1)]),
-        store.append([opt_out(agg, 1)]),  # stale
-        store.append([opt_out(uuid4(), 1)]),
-        return_exceptions=True,
-    )
-    assert isinstance(outcomes[1], VersionConflict)
-    assert sorted(o.receipts[0].position for o in (outcomes[0], outcomes[2])) == [2, 3]
-
-
-async def test_idempotent_retry_returns_the_same_receipt(store: EventStore):
-    key = IdempotencyKey("caller", "k-1", b"hash-a")
-    first = await store.append([opt_out(uuid4(), 1)], idempotency=key)
-    again = await store.append([opt_out(uuid4(), 1)], idempotency=key)
-    assert again.replayed and again.receipts == first.receipts
-    assert (await store.find_idempotent(key)).receipts == first.receipts
-    with pytest.raises(IdempotencyConflict):
-        await store.append([opt_out(uuid4(), 1)], idempotency=IdempotencyKey("caller", "k-1", b"hash-b"))
-    # The same key from another caller is another key.
-    other = await store.append([opt_out(uuid4(), 1)], idempotency=IdempotencyKey("other", "k-1", b"hash-b"))
-    assert not other.replayed
-    assert (await store.head())[0] == 2
-
-
-async def test_same_key_racing_in_one_batch_writes_once(store: EventStore):
-    key = IdempotencyKey("caller", "race", b"h")
-    results = await asyncio.gather(*(store.append([opt_out(uuid4(), 1)], idempotency=key) for _ in range(10)))
-    assert len({r.receipts[0].position for r in results}) == 1
-    assert sum(not r.replayed for r in results) == 1
-    assert (await store.head())[0] == 1
-
-
-async def test_append_condition_sees_events_after_its_position(store: EventStore):
-    await store.append([opt_out(uuid4(), 1)])  # position 1
-    revoked = NewEvent(uuid4(), "AccessRevoked", uuid4(), 1,
-                       AccessRevoked(grant_id="G1", reason="ended", recorded_by="dac"))
-    await store.append([revoked])  # position 2
-
-    def violated(events):
-        return "revoked" if any(t == "AccessRevoked" and p.grant_id == "G1" for t, p in events) else None
-
-    condition = AppendCondition(after=1, event_types=frozenset({"AccessRevoked"}), violated=violated)
-    with pytest.raises(ConditionFailed):
-        await store.append([opt_out(uuid4(), 1)], condition=condition)
-    ok = AppendCondition(after=2, event_types=frozenset({"AccessRevoked"}), violated=violated)
-    assert (await store.append([opt_out(uuid4(), 1)], condition=ok)).receipts[0].position == 3
 
 
 async def test_full_queue_answers_busy_instead_of_growing(pool: asyncpg.Pool):

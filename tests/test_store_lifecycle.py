@@ -12,7 +12,8 @@ import asyncpg
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
 from service.audit.chain import verify_database
-from service.store.event_store import EventStore, NewEvent
+from service.store.event_store import EventStore
+from service.store.event_log import NewEvent
 
 
 def opt_out(aggregate_id, version: int) -> NewEvent:

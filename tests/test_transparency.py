@@ -15,7 +15,8 @@ from conftest import app_config
 from service.store.checkpoints import CheckpointLog
 from service.http.keys import CHECKPOINTS, STORE
 from service.http.app import create_app
-from service.store.event_store import EventStore, NewEvent
+from service.store.event_store import EventStore
+from service.store.event_log import NewEvent
 from service.store.tiles import TileReader
 
 from samples import auth, choice

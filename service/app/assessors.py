@@ -16,10 +16,8 @@ from contracts.nhs_number import NhsNumber
 from projections.optout_filter import OptOutFilter
 from projections.runner import Runner
 from service.domain.aggregates import patient_aggregate_id
-from service.store.event_store import (
-    EventStore,
-    StoreUnavailable,
-)
+from service.store.event_log import StoreUnavailable
+from service.store.event_store import EventStore
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from service.store.event_store import IdempotencyKey
+from service.store.event_log import IdempotencyKey
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ an idempotent retry with its original receipts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -32,12 +32,18 @@ from contracts.bodies import (
     ScopeChoice,
 )
 from contracts.codes import OptOutScope, values
-from contracts.decision import Claim, Reason, Terms
+from contracts.decision import Claim
 from contracts.entry import format_recorded_at
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, utc
-from service.app.assessors import Assessment, LedgerOptOutAssessor, OptOutAssessor
+from service.app.assessors import LedgerOptOutAssessor, OptOutAssessor
 from service.app.caller import Caller
+from service.app.data_use_rules import (
+    data_use_condition,
+    excluded,
+    not_in_force,
+    store_cohort,
+)
 from service.app.recent_histories import HeldEvent, RecentHistories
 from service.domain.aggregates import (
     DataUse,
@@ -49,15 +55,14 @@ from service.domain.aggregates import (
     patient_aggregate_id,
 )
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
-from service.store.event_store import (
-    AppendCondition,
+from service.store.event_log import (
     ConditionFailed,
-    EventStore,
     IdempotencyKey,
     NewEvent,
     StoredEvent,
     VersionConflict,
 )
+from service.store.event_store import EventStore
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -299,7 +304,7 @@ class Ledger:
             event = ev.CohortStored(cohort_id=cohort.cohort_id, size=len(cohort.stems), organisation_code=caller.org,
                                     recorded_by=caller.subject, request_id=request_id)
             await self.store.append([NewEvent.alone(event)],
-                                   side_write=_store_cohort(cohort, caller.org))
+                                   side_write=store_cohort(cohort, caller.org))
 
     async def record_data_use(
         self, caller: Caller, request: DataUseRequest, idem: IdempotencyKey | None,
@@ -318,7 +323,7 @@ class Ledger:
             numbers = np.fromiter((n.stem for n in request.nhs_numbers), dtype=np.int64)
             cohort = await asyncio.to_thread(cohorts.encode_cohort, numbers)
         if cohort is not None:
-            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, _store_cohort(cohort, organisation)
+            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, store_cohort(cohort, organisation)
         else:
             assert request.cohort_id is not None
             stems, cohort_id = await self.load_cohort(request.cohort_id, organisation), request.cohort_id
@@ -346,10 +351,10 @@ class Ledger:
                     position = await self.store.position_at(conn, occurred, head)
                     terms = grant.terms(position, occurred)
                     if terms.status != "active":
-                        raise _not_in_force(grant, terms, request.grant_id)
+                        raise not_in_force(grant, terms, request.grant_id)
                     assessment = await self.assessor.assess(conn, stems, request.grant_id, terms, position)
             if assessment.excluded:
-                raise _excluded(assessment, request.grant_id, "$.nhs_numbers" if cohort is not None else "$.cohort_id")
+                raise excluded(assessment, request.grant_id, "$.nhs_numbers" if cohort is not None else "$.cohort_id")
             granted = grant.granted
             assert granted is not None
             claim = Claim.of(assessment.found, terms)
@@ -374,7 +379,7 @@ class Ledger:
             # Anything recorded after `occurred_at` cannot change the decision;
             # when the use occurred at the head (now), a change landing before
             # the append still could.
-            condition = _data_use_condition(position, request.grant_id, stems, terms) if position == head else None
+            condition = data_use_condition(position, request.grant_id, stems, terms) if position == head else None
             try:
                 result = await self.store.append(
                     _new_events(use), condition=condition, idempotency=idem, side_write=side_write
@@ -383,78 +388,3 @@ class Ledger:
                 continue
             return Outcome(result.receipts[0], created=True, replayed=result.replayed)
         raise Contended("opt-outs or the grant kept changing while this data use was checked; retry")
-
-
-def _not_in_force(grant: Grant, terms: Terms, grant_id: str) -> RuleBroken:
-    g = grant.granted
-    assert g is not None and grant.granted_at is not None
-    if terms.status == "not-recorded":
-        return RuleBroken(f"`occurred_at` is before grant {grant_id!r} was recorded "
-                          f"({format_recorded_at(grant.granted_at)}): a use is recorded only under a grant "
-                          "already in the ledger", code="invalid-dates", path="$.occurred_at")
-    detail = {
-        "not-yet-valid": f"the grant is not yet valid at `occurred_at`: it starts {format_recorded_at(g.valid_from)}",
-        "expired": f"the grant had expired at `occurred_at`: it ended {format_recorded_at(g.valid_until)}",
-        "revoked": f"the grant was revoked (position {grant.revoked_position}) before `occurred_at`",
-    }[terms.status]
-    return RuleBroken(f"{detail}; data uses need a grant in force when they occur",
-                      code=f"grant-{terms.status}", path="$.grant_id")
-
-
-def _excluded(assessment: Assessment, grant_id: str, path: str) -> RuleBroken:
-    fix = (f"filter the cohort with POST /v1/opt-out-filter?grant_id={grant_id}"
-           f"&min_position={assessment.position} and submit the filtered cohort")
-    missing = assessment.found[Reason.CONSENT_MISSING]
-    if missing:
-        return RuleBroken(f"{missing} patient(s) in the cohort had not consented to this project when the use "
-                          f"occurred (position {assessment.position}), and its legal basis is explicit consent; "
-                          + fix, code="consent-missing", path=path)
-    return RuleBroken(
-        f"{assessment.found[Reason.OPTED_OUT_EXCLUDED]} patient(s) in the cohort have an opt-out in force at "
-        f"position {assessment.position} (when the use occurred) and the grant records no opt-out exemption; "
-        + fix, code="opted-out-patients-in-cohort", path=path)
-
-
-def _store_cohort(cohort: cohorts.EncodedCohort, organisation: str) -> Callable[[asyncpg.Connection], Any]:
-    async def write(conn: asyncpg.Connection) -> None:
-        await conn.execute(
-            "INSERT INTO cohorts (cohort_id, size, encoding, members) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (cohort_id) DO NOTHING",
-            bytes.fromhex(cohort.cohort_id), len(cohort.stems), cohort.encoding, cohort.members,
-        )
-        await conn.execute(
-            "INSERT INTO cohort_holders (cohort_id, organisation_code) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            bytes.fromhex(cohort.cohort_id), organisation,
-        )
-
-    return write
-
-
-def _in_cohort(stems: np.ndarray, nhs_number: str) -> bool:
-    # In the cohort's own dtype: a Python int would make numpy cast all the
-    # stems to int64 first (9 ms for 5M, per event, on the writer's loop).
-    stem = stems.dtype.type(int(nhs_number[:9]))
-    i = int(np.searchsorted(stems, stem))
-    return i < len(stems) and int(stems[i]) == stem
-
-
-def _data_use_condition(after: int, grant_id: str, stems: np.ndarray, terms: Terms) -> AppendCondition:
-    """Events after the assessed position that would leave a member excluded."""
-
-    def violated(events: Sequence[tuple[str, Any]]) -> str | None:
-        for event_type, p in events:
-            if event_type == "AccessRevoked" and p.grant_id == grant_id:
-                return "the grant was revoked"
-            if event_type == "StudyConsentWithdrawn" and p.grant_id == grant_id and _in_cohort(stems, p.nhs_number) \
-                    and (terms.needs_consent or terms.exemption is None):
-                return "a patient in the cohort withdrew consent"
-            if event_type == "OptOutRegistered" and terms.opt_outs_apply and not terms.needs_consent \
-                    and _in_cohort(stems, p.nhs_number):
-                return "a patient in the cohort opted out"
-        return None
-
-    return AppendCondition(
-        after=after,
-        event_types=frozenset({"AccessRevoked", "OptOutRegistered", "StudyConsentWithdrawn"}),
-        violated=violated,
-    )

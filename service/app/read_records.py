@@ -31,7 +31,8 @@ from contracts.codes import Purpose, ReadKind, Role
 from contracts.events import OptOutFilterApplied, PersonalDataRead
 from service.app.caller import Caller
 from service.domain.errors import NotPermitted
-from service.store.event_store import EventStore, NewEvent
+from service.store.event_log import NewEvent
+from service.store.event_store import EventStore
 
 # The response header naming the ledger position where this read was recorded.
 READ_HEADER = "Ledger-Read-Recorded"

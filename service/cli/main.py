@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import os
 import sys
-import time
 from collections.abc import Sequence
 
 import structlog
-from aiohttp import web
 
 from contracts import nhs_number
 from contracts.api import ROLES
@@ -25,177 +21,16 @@ from service.auth.tokens import (
     issue_token,
     load_dev_key,
     load_or_create_dev_key,
-    verifier,
 )
 from service.composition import migrated
 from service.console import failures
 from service.console.failures import CommandError
 from service.console.progress import Progress
 from service.runtime import logs
-from service.store.checkpoints import load_signers
-from service.store.database import Database, describe, locate
+from service.store.database import locate
 from service.store.migrations import migrate
 
 log = structlog.get_logger("consent_ledger")
-
-
-def _serve(args: argparse.Namespace) -> None:
-    cfg = config_module.load()
-    if args.workers <= 1:
-        _check_port_free(args.host, args.port)  # before minutes of database start-up, not after
-    database = asyncio.run(locate(cfg))
-    verifier(cfg)  # fail fast on bad auth configuration, before any worker starts
-    signers, dev_log_key = load_signers(cfg)  # creates the development key once, before any worker starts
-    if dev_log_key:
-        log.warning("DEVELOPMENT LOG KEY: checkpoints are signed by a key generated in the data directory;"
-                    " set CONSENT_LEDGER_LOG_KEY (see `consent-ledger keys generate`)", vkey=signers[0].verifier.vkey)
-    if database.embedded:
-        log.info("database: embedded PostgreSQL", data=str(cfg.data_dir / "pgdata"), url=describe(database.owner_dsn))
-    else:
-        log.info("database", url=describe(database.owner_dsn))
-    if cfg.production and not cfg.service_database_url:
-        log.warning("CONSENT_LEDGER_SERVICE_DATABASE_URL is not set: the service connects with the migration "
-                    "owner's login; see deploy/POSTGRES-ROLES.md")
-    if args.workers > 1:
-        _serve_workers(database, args)
-        return
-    _run_app(database, args.host, args.port, reuse_port=False)
-
-
-def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> None:
-    from service.http.app import create_app
-
-    cfg = config_module.load()
-    token_verifier, development = verifier(cfg)
-    signers, _ = load_signers(cfg)
-    if development:
-        log.warning(
-            "DEVELOPMENT AUTH: no CONSENT_LEDGER_JWKS configured, tokens are signed by a key generated in "
-            "the data directory. Get one with: consent-ledger token issue --role patient-app",
-            key_file=str(dev_key_path(cfg)),
-        )
-    app = create_app(cfg, database, token_verifier, signers=signers)
-
-    def serving(_banner: str) -> None:  # aiohttp calls this once the port is bound
-        log.info("serving", host=host, port=port, url=f"http://{host}:{port}")
-
-    try:
-        web.run_app(app, host=host, port=port, access_log=None, print=serving, reuse_port=reuse_port or None)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise _port_in_use(host, port) from None
-        raise
-    log.info("stopped", host=host, port=port)
-
-
-def _port_in_use(host: str, port: int) -> CommandError:
-    return CommandError(f"{host}:{port} is already in use, perhaps by another `consent-ledger serve`: stop it "
-                        f"(`consent-ledger doctor` lists this data directory's processes) or use --port")
-
-
-def _check_port_free(host: str, port: int) -> None:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is fine
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise _port_in_use(host, port) from None
-            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from None
-
-
-def _worker(database: Database, host: str, port: int) -> None:
-    cfg = config_module.load()
-    logs.configure(cfg.log_level, cfg.log_format)
-    _follow_parent()
-    try:
-        _run_app(database, host, port, reuse_port=True)
-    except KeyboardInterrupt:
-        pass
-
-
-def _follow_parent(grace: float = 30.0) -> None:
-    """Stop this worker when the `serve` process that started it is gone,
-    however it died (even SIGKILL): a thread waits on the parent's sentinel
-    (a pipe that closes with the parent), then stops this process as SIGTERM
-    would, and exits outright if that has not finished within ``grace``."""
-    import multiprocessing
-    import multiprocessing.connection
-    import signal
-    import threading
-
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.sentinel is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        log.warning("the serve process is gone; this worker stops too")
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
-
-
-def _wait_for_free_port(host: str, port: int, seconds: float = 15.0) -> None:
-    """Workers bind with SO_REUSEPORT, which would let them join old workers
-    still listening on the port; wait (a bounded time) until none is left."""
-    import socket
-
-    deadline = time.monotonic() + seconds
-    while True:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
-            try:
-                probe.bind((host, port))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise CommandError(f"{host}:{port} is in use (old workers still running?)") from None
-        time.sleep(0.2)
-
-
-def _serve_workers(database: Database, args: argparse.Namespace) -> None:
-    """N processes share the port (SO_REUSEPORT; the kernel spreads
-    connections).  Each has its own pool and batching writer; the chain-head
-    row lock keeps their appends gap-free and correctly chained."""
-    import multiprocessing
-    import signal
-
-    asyncio.run(migrated(database))  # once here rather than racing in every worker
-    _wait_for_free_port(args.host, args.port)
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_worker, args=(database, args.host, args.port), name=f"worker-{i}")
-               for i in range(args.workers)]
-    for w in workers:
-        w.start()
-    log.info("workers started", workers=args.workers, pids=[w.pid for w in workers])
-
-    def forward(signum: int, _frame: object) -> None:
-        for w in workers:
-            if w.is_alive():
-                os.kill(w.pid, signum)  # type: ignore[arg-type]
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    # If one worker dies the others stop too: the orchestrator restarts the whole unit.
-    while all(w.is_alive() for w in workers):
-        time.sleep(0.2)
-    forward(signal.SIGTERM, None)
-    deadline = time.monotonic() + 30
-    for w in workers:
-        w.join(timeout=max(0.0, deadline - time.monotonic()))
-    for w in workers:
-        if w.is_alive():  # never leave a worker behind on the port
-            log.error("worker did not stop in 30 s; killing it", worker=w.name, pid=w.pid)
-            w.kill()
-            w.join()
-    failed = [w.name for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    if failed:
-        raise CommandError(f"worker(s) {', '.join(failed)} failed; all workers stopped")
 
 
 def _migrate(args: argparse.Namespace) -> None:
@@ -355,12 +190,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(logs=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=failures.OneLineParser)
 
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1,
+    serving = sub.add_parser("serve", help="run the HTTP service")
+    serving.add_argument("--host", default="127.0.0.1")
+    serving.add_argument("--port", type=int, default=8080)
+    serving.add_argument("--workers", type=int, default=1,
                        help="server processes sharing the port (SO_REUSEPORT); default 1")
-    serve.set_defaults(run=_serve)
+    serving.set_defaults(run=serve)
 
     sub.add_parser("migrate", help="create or upgrade the database schema").set_defaults(run=_migrate)
 

@@ -47,11 +47,7 @@ from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
 from service.runtime.worker_threads import WorkerThreads
 from service.store.database import Database, unavailable
-from service.store.event_store import (
-    IdempotencyConflict,
-    StoreBusy,
-    StoreUnavailable,
-)
+from service.store.event_log import IdempotencyConflict, StoreBusy, StoreUnavailable
 
 log = structlog.get_logger('consent_ledger.http')
 

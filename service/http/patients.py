@@ -31,7 +31,7 @@ from service.http.requests import (
     required_caller,
 )
 from service.http.transparency import event_view
-from service.store.event_store import StoredEvent
+from service.store.event_log import StoredEvent
 
 
 async def opt_out(request: web.Request, caller: Caller | None) -> web.Response:

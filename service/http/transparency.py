@@ -31,7 +31,7 @@ from service.http.requests import (
     require_json,
     required_caller,
 )
-from service.store.event_store import StoredEvent
+from service.store.event_log import StoredEvent
 
 
 def event_view(stored: StoredEvent) -> bodies.EventView:

@@ -14,19 +14,18 @@ that has seen position N never later finds a new entry below N.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import structlog
 
 from contracts.bodies import Receipt
 from contracts.entry import (
-    Entry,
     chain_hash,
     decode_entry,
     encode_entry,
@@ -35,88 +34,29 @@ from contracts.entry import (
 )
 from projections.runner import NOTIFY_CHANNEL
 from service.store import tiles
+from service.store.event_log import (
+    AppendCondition,
+    AppendResult,
+    ConditionFailed,
+    EventLog,
+    IdempotencyConflict,
+    IdempotencyKey,
+    NewEvent,
+    SideWrite,
+    StoreBusy,
+    StoredEvent,
+    StoreError,
+    StoreUnavailable,
+    VersionConflict,
+)
 
 log = structlog.get_logger(__name__)
 
 
 
-class StoreError(Exception):
-    """Base of the errors an append can end with."""
-
-
-class VersionConflict(StoreError):
-    """Another write changed the aggregate since it was loaded."""
-
-
-class ConditionFailed(StoreError):
-    """The append condition saw a newer event that invalidates the decision."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class IdempotencyConflict(StoreError):
-    """The idempotency key was used before with a different request."""
-
-
-class StoreBusy(StoreError):
-    """The write queue is full; the caller should retry later."""
-
-
-class StoreUnavailable(StoreError):
-    """The write was not committed, or (``outcome_unknown``) the connection
-    was lost while it committed, so it may or may not have been.  Either
-    way a retry with the same idempotency key is safe."""
-
-    def __init__(self, reason: str, *, outcome_unknown: bool = False):
-        super().__init__(reason)
-        self.outcome_unknown = outcome_unknown
-
-
 class _CommitOutcomeUnknown(Exception):
     """COMMIT was sent but its answer never came back."""
 
-
-@dataclass(frozen=True)
-class NewEvent:
-    event_id: UUID
-    event_type: str
-    aggregate_id: UUID
-    aggregate_version: int
-    payload: Any
-
-    @classmethod
-    def alone(cls, payload: Any) -> NewEvent:
-        """An event that is its own aggregate (a read, a filter call, a stored
-        cohort): its type is its payload's contract class."""
-        return cls(uuid4(), type(payload).__name__, uuid4(), 1, payload)
-
-
-@dataclass(frozen=True)
-class AppendCondition:
-    """Refuse the append if an event of ``event_types`` after ``after`` makes
-    ``violated`` return a reason (a dynamic consistency boundary)."""
-
-    after: int
-    event_types: frozenset[str]
-    violated: Callable[[Sequence[tuple[str, Any]]], str | None]
-
-
-@dataclass(frozen=True)
-class IdempotencyKey:
-    scope: str
-    key: str
-    request_hash: bytes
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    receipts: list[Receipt]
-    replayed: bool = False
-
-
-SideWrite = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 @dataclass
@@ -129,26 +69,6 @@ class _Pending:
     positions: list[int] = field(default_factory=list)
     replay_of: list[int] | None = None
 
-
-@dataclass(frozen=True)
-class StoredEvent:
-    entry: Entry
-    leaf_hash: bytes
-    chain_hash: bytes
-
-    @property
-    def position(self) -> int:
-        return self.entry.position
-
-    def receipt(self) -> Receipt:
-        return Receipt(
-            position=self.entry.position,
-            event_id=self.entry.event_id,
-            event_type=self.entry.event_type,
-            recorded_at=self.entry.recorded_at,
-            leaf_hash=self.leaf_hash.hex(),
-            chain_hash=self.chain_hash.hex(),
-        )
 
 
 _STOP: Any = object()  # queued by stop(): everything before it is still written
@@ -176,7 +96,7 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
     return StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"]))
 
 
-class EventStore:
+class EventStore(EventLog):
     def __init__(self, pool: asyncpg.Pool, *, queue_size: int = 10_000, max_batch: int = 500):
         self.pool = pool
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
