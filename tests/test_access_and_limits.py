@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import app_config
+from samples import VALID, auth, choice, head_position
 
 from contracts import api
-from samples import VALID, auth, choice, head_position
-from conftest import app_config
 from service.app.read_records import READ_HEADER
 from service.audit.chain import verify_database
-from service.http.keys import STORE
 from service.http.app import create_app
+from service.http.keys import POOL, STORE
 
 PATIENT = VALID[0]
 
@@ -80,7 +80,7 @@ async def test_auditor_reads_record_the_range_read_not_the_nhs_numbers(client, m
     assert (await client.get("/v1/events/100", headers=auth(auditor))).status == 404
     assert await head_position(database) == 5
 
-    async with client.server.app[STORE].pool.acquire() as conn:
+    async with client.server.app[POOL].acquire() as conn:
         verified = await verify_database(conn)
     assert verified.failure is None and verified.size == 5
 

@@ -6,23 +6,21 @@ position, live and in an export; forks and rollbacks are refused by --state."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import sys
 from pathlib import Path
 
-import gzip
-
 import msgspec
 import pytest
+from conftest import app_config
+from test_merkle import ref_mth
+from test_transparency import opt_outs
 
 from contracts import note
 from contracts.entry import chain_hash, leaf_hash
-from conftest import app_config
-from service.http.keys import CHECKPOINTS, STORE
-
-from test_merkle import ref_mth
-from test_transparency import opt_outs
+from service.http.keys import CHECKPOINTS, POOL, STORE
 
 SIZE = 600
 
@@ -67,7 +65,7 @@ async def test_honest_log_verifies_live_and_exported_and_state_advances(live, tm
     code, out = await cli("verify", "--url", url, "--key", key, "--state", str(state), token=token)
     assert code == 0, out
     assert f"OK: {SIZE} entries verified" in out
-    async with client.server.app[STORE].pool.acquire() as conn:
+    async with client.server.app[POOL].acquire() as conn:
         # The auditor's own reads are recorded after the checkpoint it verified.
         head_chain = bytes(await conn.fetchval(
             "SELECT chain_hash FROM ledger_events WHERE position = $1", SIZE)).hex()
@@ -177,12 +175,12 @@ async def test_forked_and_rolled_back_checkpoints_are_refused(live, tmp_path, cl
     # signature and hashes check out, but not against what we verified before.
     signer = client.server.app[CHECKPOINTS].signers[0]
     state.write_text(json.dumps(remembered))
-    conn = await client.server.app[STORE].pool.acquire()
+    conn = await client.server.app[POOL].acquire()
     try:
         entries = [bytes(r[0]) for r in await conn.fetch(
             "SELECT entry FROM ledger_events WHERE position <= $1 ORDER BY position", SIZE)]
     finally:
-        await client.server.app[STORE].pool.release(conn)
+        await client.server.app[POOL].release(conn)
     forged = [_rewrite(e) for e in entries] + [_rewrite(entries[-1]).replace(b'"position":600', b'"position":601')]
     lying = note.sign(note.Checkpoint(remembered["origin"], SIZE + 1, ref_mth(forged)).body(), [signer])
     export = tmp_path / "forged.jsonl.gz"
@@ -200,8 +198,8 @@ async def test_keys_generate_and_rotation_overlap(tmp_path, database, verifier):
     from aiohttp.test_utils import TestClient, TestServer
 
     from service import config
-    from service.store.checkpoints import load_signers
     from service.http.app import create_app
+    from service.store.checkpoints import load_signers
 
     code, out = await cli("keys", "generate", "--out", str(tmp_path / "old.key"), "--name", "log.example/a")
     assert code == 0, out
@@ -249,8 +247,8 @@ def test_development_log_key_is_generated_once_and_production_needs_one(tmp_path
 async def test_rewritten_entries_and_tree_still_fail_against_the_signed_root(live, database, client):
     """An attacker who also rebuilds the Merkle tiles leaves no unsigned hash to
     compare with: verify still refuses, bounded by the last remembered checkpoint."""
-    from service.store import tiles
     from service.http.keys import TILES
+    from service.store import tiles
 
     url, key, token = live
     conn = await database.connect_owner()
@@ -276,7 +274,7 @@ async def test_rewritten_entries_and_tree_still_fail_against_the_signed_root(liv
 
 
 async def _reads(client) -> list:
-    async with client.server.app[STORE].pool.acquire() as conn:
+    async with client.server.app[POOL].acquire() as conn:
         rows = await conn.fetch("SELECT entry FROM ledger_events WHERE event_type = 'PersonalDataRead' ORDER BY position")
     return [msgspec.json.decode(bytes(r[0]))["payload"] for r in rows]
 

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
-
 from samples import auth, data_use, head_position
-from service.http.keys import STORE
+
+from service.http.keys import POOL
 
 V = "9434765919"  # valid
 DETAIL_1 = ("1 entry is not a valid NHS number (10 digits, modulus-11 check digit, an allocated range; spaces and dashes allowed); "
@@ -43,8 +43,8 @@ FILTER = [
     (f'{{"nhs_numbers": ["", "{V}", " - ", "9434,765919", "9434765919\\n", "9434765918"]}}',
      invalid_numbers(*(f"$.nhs_numbers[{i}]" for i in (0, 2, 3, 4, 5)),
                      detail=DETAIL_1.replace("1 entry is", "5 entries are"))),
-    (f'{{"nhs_numbers": [], "x": 1}}', invalid_body("Object contains unknown field `x`", "$")),
-    (f'{{"nhs_numbers": [1], "nhs_numbers": []}}', duplicate("nhs_numbers")),
+    ('{"nhs_numbers": [], "x": 1}', invalid_body("Object contains unknown field `x`", "$")),
+    ('{"nhs_numbers": [1], "nhs_numbers": []}', duplicate("nhs_numbers")),
     (f'{{"nhs_numbers": ["{V}"], "nhs_numbers": ["{V}"]}}', duplicate("nhs_numbers")),
     # The array is found without decoding the whole body; these must not fool that.
     (f'{{"x": {{"nhs_numbers": ["{V}", "{V}"]}}, "nhs_numbers": ["{V}"]}}',
@@ -173,7 +173,7 @@ async def test_a_body_sent_with_the_wrong_media_type_says_which_to_use(client, m
     assert use in problem["detail"], problem
     assert await head_position(database) == before
     if path == "/v1/cohorts":
-        async with client.server.app[STORE].pool.acquire() as conn:
+        async with client.server.app[POOL].acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM cohorts") == 0
 
 

@@ -8,19 +8,19 @@ import base64
 import hashlib
 from uuid import uuid4
 
+from conftest import app_config
+from samples import auth, choice
+from test_merkle import independent_open, ref_mth, ref_path, ref_proof
+
 from contracts import merkle, note
 from contracts.events import OptOutRegistered
 from contracts.values import Actor
-from conftest import app_config
-from service.store.checkpoints import CheckpointLog
-from service.http.keys import CHECKPOINTS, STORE
 from service.http.app import create_app
-from service.store.event_store import EventStore
+from service.http.keys import CHECKPOINTS, POOL, STORE
+from service.store.checkpoints import CheckpointLog
 from service.store.event_log import NewEvent
+from service.store.event_store import EventStore
 from service.store.tiles import TileReader
-
-from samples import auth, choice
-from test_merkle import independent_open, ref_mth, ref_path, ref_proof
 
 
 def opt_outs(count: int, nhs: str = "9434765919") -> list[NewEvent]:
@@ -43,7 +43,7 @@ async def test_checkpoint_tiles_and_proofs_match_the_reference(client, make_toke
     for size in (1, 255, 300):  # grow across a tile boundary in uneven batches
         await store.append(opt_outs(size))
     await client.server.app[CHECKPOINTS].sign()
-    entries = await entries_of(store.pool)
+    entries = await entries_of(client.server.app[POOL])
     n = len(entries)
     assert n == 556
 

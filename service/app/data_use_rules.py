@@ -3,13 +3,11 @@ decision true until it is written (a dynamic consistency boundary)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 import numpy as np
 
-from contracts import cohort as cohorts
 from contracts.decision import Reason, Terms
 from contracts.entry import format_recorded_at
 from service.app.assessors import Assessment
@@ -50,21 +48,6 @@ def excluded(assessment: Assessment, grant_id: str, path: str) -> RuleBroken:
         f"{assessment.found[Reason.OPTED_OUT_EXCLUDED]} patient(s) in the cohort have an opt-out in force at "
         f"position {assessment.position} (when the use occurred) and the grant records no opt-out exemption; "
         + fix, code="opted-out-patients-in-cohort", path=path)
-
-
-def store_cohort(cohort: cohorts.EncodedCohort, organisation: str) -> Callable[[asyncpg.Connection], Any]:
-    async def write(conn: asyncpg.Connection) -> None:
-        await conn.execute(
-            "INSERT INTO cohorts (cohort_id, size, encoding, members) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (cohort_id) DO NOTHING",
-            bytes.fromhex(cohort.cohort_id), len(cohort.stems), cohort.encoding, cohort.members,
-        )
-        await conn.execute(
-            "INSERT INTO cohort_holders (cohort_id, organisation_code) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            bytes.fromhex(cohort.cohort_id), organisation,
-        )
-
-    return write
 
 
 def in_cohort(stems: np.ndarray, nhs_number: str) -> bool:

@@ -42,7 +42,6 @@ from service.app.data_use_rules import (
     data_use_condition,
     excluded,
     not_in_force,
-    store_cohort,
 )
 from service.app.recent_histories import HeldEvent, RecentHistories
 from service.domain.aggregates import (
@@ -55,6 +54,7 @@ from service.domain.aggregates import (
     patient_aggregate_id,
 )
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
+from service.store import cohorts as stored_cohorts
 from service.store.event_log import (
     ConditionFailed,
     IdempotencyKey,
@@ -125,8 +125,10 @@ class Ledger:
         return agg
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
-        async with self.store.pool.acquire() as conn:
-            return await self._load(conn, cls, aggregate_id)
+        agg = cls.blank(aggregate_id)
+        for stored in await self.store.history(aggregate_id):
+            _replay(agg, stored)
+        return agg
 
     async def receipt_at(self, position: int) -> Receipt:
         (stored,) = await self.store.read_positions([position])
@@ -182,8 +184,7 @@ class Ledger:
 
     async def _history(self, aggregate_id: UUID) -> tuple[HeldEvent, ...]:
         """The aggregate's history as the ledger holds it, kept for the next write."""
-        async with self.store.pool.acquire() as conn:
-            stored = await self.store.aggregate_events(conn, aggregate_id)
+        stored = await self.store.history(aggregate_id)
         history = tuple(
             HeldEvent(s.entry.event_type, s.entry.aggregate_version, datetime.fromisoformat(s.entry.recorded_at),
                       s.entry.payload, s.entry.position)
@@ -227,10 +228,9 @@ class Ledger:
         )
 
     async def choices(self, nhs: NhsNumber) -> Choices:
-        async with self.store.pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                as_of, _ = await self.store.head(conn)
-                patient = await self._load(conn, Patient, patient_aggregate_id(nhs))
+        async with self.store.snapshot() as conn:
+            as_of, _ = await self.store.head(conn)
+            patient = await self._load(conn, Patient, patient_aggregate_id(nhs))
         scopes: dict[str, ScopeChoice] = {}
         for scope in values(OptOutScope):
             c = patient.scopes.get(scope)
@@ -261,10 +261,9 @@ class Ledger:
         )
 
     async def grant_view(self, grant_id: str) -> GrantView:
-        async with self.store.pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                as_of, _ = await self.store.head(conn)
-                grant = await self._load(conn, Grant, grant_aggregate_id(grant_id))
+        async with self.store.snapshot() as conn:
+            as_of, _ = await self.store.head(conn)
+            grant = await self._load(conn, Grant, grant_aggregate_id(grant_id))
         if not grant.exists:
             raise NotFound(f"no grant {grant_id!r}")
         assert grant.granted is not None and grant.granted_position is not None
@@ -282,29 +281,23 @@ class Ledger:
     async def load_cohort(self, cohort_id: str, organisation: str) -> np.ndarray:
         """A stored cohort, for an organisation that stored it or recorded a use of it.
         Anyone else is told it does not exist: a cohort_id must reveal nothing."""
-        async with self.store.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT c.encoding, c.members FROM cohorts c JOIN cohort_holders h USING (cohort_id)"
-                " WHERE c.cohort_id = $1 AND h.organisation_code = $2", bytes.fromhex(cohort_id), organisation)
-        if row is None:
+        found = await self.store.cohort_members(cohort_id, holder=organisation)
+        if found is None:
             raise RuleBroken(
                 f"your organisation has stored no cohort {cohort_id}: POST it to /v1/cohorts first",
                 code="unknown-cohort", path="$.cohort_id",
             )
-        return await asyncio.to_thread(cohorts.decode_members, row["encoding"], row["members"])
+        return await asyncio.to_thread(cohorts.decode_members, *found)
 
     async def store_cohort(self, caller: Caller, cohort: cohorts.EncodedCohort, request_id: str | None) -> None:
         """Store a cohort once, content-addressed, and record in the ledger that
         the caller's organisation stored it."""
         assert caller.org is not None
-        async with self.store.pool.acquire() as conn:
-            held = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM cohort_holders WHERE cohort_id = $1"
-                                       " AND organisation_code = $2)", bytes.fromhex(cohort.cohort_id), caller.org)
-        if not held:
+        if not await self.store.holds_cohort(cohort.cohort_id, caller.org):
             event = ev.CohortStored(cohort_id=cohort.cohort_id, size=len(cohort.stems), organisation_code=caller.org,
                                     recorded_by=caller.subject, request_id=request_id)
             await self.store.append([NewEvent.alone(event)],
-                                   side_write=store_cohort(cohort, caller.org))
+                                   side_write=stored_cohorts.stored_with(cohort, caller.org))
 
     async def record_data_use(
         self, caller: Caller, request: DataUseRequest, idem: IdempotencyKey | None,
@@ -323,7 +316,7 @@ class Ledger:
             numbers = np.fromiter((n.stem for n in request.nhs_numbers), dtype=np.int64)
             cohort = await asyncio.to_thread(cohorts.encode_cohort, numbers)
         if cohort is not None:
-            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, store_cohort(cohort, organisation)
+            stems, cohort_id, side_write = cohort.stems, cohort.cohort_id, stored_cohorts.stored_with(cohort, organisation)
         else:
             assert request.cohort_id is not None
             stems, cohort_id = await self.load_cohort(request.cohort_id, organisation), request.cohort_id
@@ -331,28 +324,27 @@ class Ledger:
         occurred = utc(request.occurred_at)
         for _ in range(_ATTEMPTS):
             now = datetime.now(timezone.utc)
-            async with self.store.pool.acquire() as conn:
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    head, _ = await self.store.head(conn)
-                    claimed = request.opt_out_state_position
-                    if claimed is not None and claimed > head:
-                        raise RuleBroken(
-                            f"`opt_out_state_position` {claimed} is beyond the ledger head ({head}): "
-                            "give the `as_of` of the filter call you applied",
-                            code="position-in-future", path="$.opt_out_state_position",
-                        )
-                    grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
-                    use = await self._load(conn, DataUse, data_use_aggregate_id(organisation, request.use_id))
-                    if use.recorded is not None:  # sent again: answered like a repeated opt-out
-                        return Outcome(await self.receipt_at(use.repeated(request, cohort_id, organisation)),
-                                       created=False)
-                    grant.check_use(request, organisation, now)
-                    # The state in force when the use occurred: the last position recorded by then.
-                    position = await self.store.position_at(conn, occurred, head)
-                    terms = grant.terms(position, occurred)
-                    if terms.status != "active":
-                        raise not_in_force(grant, terms, request.grant_id)
-                    assessment = await self.assessor.assess(conn, stems, request.grant_id, terms, position)
+            async with self.store.snapshot() as conn:
+                head, _ = await self.store.head(conn)
+                claimed = request.opt_out_state_position
+                if claimed is not None and claimed > head:
+                    raise RuleBroken(
+                        f"`opt_out_state_position` {claimed} is beyond the ledger head ({head}): "
+                        "give the `as_of` of the filter call you applied",
+                        code="position-in-future", path="$.opt_out_state_position",
+                    )
+                grant = await self._load(conn, Grant, grant_aggregate_id(request.grant_id))
+                use = await self._load(conn, DataUse, data_use_aggregate_id(organisation, request.use_id))
+                if use.recorded is not None:  # sent again: answered like a repeated opt-out
+                    return Outcome(await self.receipt_at(use.repeated(request, cohort_id, organisation)),
+                                   created=False)
+                grant.check_use(request, organisation, now)
+                # The state in force when the use occurred: the last position recorded by then.
+                position = await self.store.position_at(conn, occurred, head)
+                terms = grant.terms(position, occurred)
+                if terms.status != "active":
+                    raise not_in_force(grant, terms, request.grant_id)
+                assessment = await self.assessor.assess(conn, stems, request.grant_id, terms, position)
             if assessment.excluded:
                 raise excluded(assessment, request.grant_id, "$.nhs_numbers" if cohort is not None else "$.cohort_id")
             granted = grant.granted

@@ -22,6 +22,7 @@ from service.auth.tokens import (
     load_dev_key,
     load_or_create_dev_key,
 )
+from service.cli.serve import serve
 from service.composition import migrated
 from service.console import failures
 from service.console.failures import CommandError

@@ -31,6 +31,7 @@ from service.http.keys import (
     METRICS,
     OPENAPI,
     OPT_OUT_FILTER,
+    POOL,
     READ_SESSIONS,
     RUNNER,
     STORE,
@@ -192,6 +193,7 @@ def create_app(
 def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with running(app[CONFIG], app[DATABASE], supervisor=app[SUPERVISOR], signers=signers) as parts:
+            app[POOL] = parts.pool
             app[STORE] = parts.store
             app[LEDGER] = parts.ledger
             app[READ_SESSIONS] = parts.read_sessions

@@ -79,11 +79,10 @@ async def get_cohort(request: web.Request, caller: Caller | None) -> web.Respons
     cohort_id = request.match_info["cohort_id"]
     if len(cohort_id) != 64 or not all(c in "0123456789abcdef" for c in cohort_id):
         raise invalid("a cohort_id is 64 lowercase hex digits", "path.cohort_id", status=400)
-    async with request.app[STORE].pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT encoding, members FROM cohorts WHERE cohort_id = $1", bytes.fromhex(cohort_id))
-    if row is None:
+    found = await request.app[STORE].cohort_members(cohort_id)
+    if found is None:
         raise NotFound(f"no cohort {cohort_id} is stored")
-    body = await request.app[WORKERS].run(_canonical_cohort, row["encoding"], row["members"])
+    body = await request.app[WORKERS].run(_canonical_cohort, *found)
     read = await record_read(request.app[STORE], required_caller(caller), "cohort", api.AUDITOR, cohort_id=cohort_id)
     return web.Response(body=body, content_type="text/plain", headers={READ_HEADER: str(read.position)})
 

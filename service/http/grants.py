@@ -11,9 +11,10 @@ from contracts import api
 from projections import reads as projection_reads
 from service.app.caller import Caller
 from service.auth.tokens import Forbidden
-from service.http.keys import LEDGER, STORE
+from service.http.keys import LEDGER
 from service.http.problems import invalid
 from service.http.requests import (
+    POOL,
     Handler,
     body_of,
     json_response,
@@ -48,7 +49,7 @@ async def get_grant(request: web.Request, caller: Caller | None) -> web.Response
 
 
 async def get_register(request: web.Request, caller: Caller | None) -> web.Response:
-    async with request.app[STORE].pool.acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         reg = await projection_reads.register(conn)
     fmt = request.query.get("format")
     if fmt is not None and fmt not in ("json", "csv"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 from aiohttp import web
 
 from projections.optout_filter import OptOutFilter
@@ -21,6 +22,8 @@ from service.store.tiles import TileReader
 
 DATABASE = web.AppKey("database", Database)
 STORE = web.AppKey("store", EventStore)
+# Reads of projections and tiles; ledger SQL goes through STORE.
+POOL = web.AppKey("pool", asyncpg.Pool)
 LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 TOKENS = web.AppKey("tokens", VerifiedTokens)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from contracts import api, bodies
-from contracts.entry import decode_entry
 from contracts.values import Actor
 from projections import reads as projection_reads
 from service.app.caller import Caller, idempotency_key
@@ -18,6 +17,7 @@ from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
+    POOL,
     Handler,
     body_of,
     idempotency_header,
@@ -31,7 +31,6 @@ from service.http.requests import (
     required_caller,
 )
 from service.http.transparency import event_view
-from service.store.event_log import StoredEvent
 
 
 async def opt_out(request: web.Request, caller: Caller | None) -> web.Response:
@@ -82,7 +81,7 @@ async def get_history(request: web.Request, caller: Caller | None) -> web.Respon
     if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
         raise invalid("`cursor` must be the next_cursor of an earlier page", "query.cursor", status=400)
     limit = int_query(request, "limit", 50, 1, 1000)
-    async with request.app[STORE].pool.acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, limit)
     read = await record_read(request.app[STORE], required_caller(caller), "history", api.PATIENT_APP, nhs_number=nhs)
     return json_response(page, headers={READ_HEADER: str(read.position)})
@@ -97,20 +96,16 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
     latest = await checkpoints.latest()
     if position > latest.size:
         latest = await checkpoints.sign()  # on demand: a fresh receipt is provable at once
-    async with request.app[STORE].pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT entry, leaf_hash, chain_hash FROM ledger_events WHERE position = $1", position
-        ) if 1 <= position <= latest.size else None
-        stored = StoredEvent(decode_entry(row["entry"]), bytes(row["leaf_hash"]), bytes(row["chain_hash"])) \
-            if row is not None else None
-        # Another patient's entry is reported exactly like a missing one.
-        if stored is None or getattr(stored.entry.payload, "nhs_number", None) != nhs:
-            raise NotFound(f"no entry of this patient at position {position}")
-        hashes = await request.app[TILES].inclusion(conn, position - 1, latest.size)
+    found = await request.app[STORE].read_positions([position]) if 1 <= position <= latest.size else []
+    # Another patient's entry is reported exactly like a missing one.
+    if not found or getattr(found[0].entry.payload, "nhs_number", None) != nhs:
+        raise NotFound(f"no entry of this patient at position {position}")
+    stored = found[0]
+    hashes = await request.app[TILES].inclusion(request.app[POOL], position - 1, latest.size)
     read = await record_read(request.app[STORE], required_caller(caller), "receipt", api.PATIENT_APP, nhs_number=nhs)
     return json_response(bodies.ReceiptProof(
         event=event_view(stored),
-        entry=bytes(row["entry"]).decode(),
+        entry=(await request.app[STORE].entry_bytes(position - 1, position) or [b""])[0].decode(),
         leaf_hash=stored.leaf_hash.hex(),
         proof=bodies.InclusionProof(leaf_index=position - 1, tree_size=latest.size, hashes=[h.hex() for h in hashes]),
         checkpoint=latest.note,

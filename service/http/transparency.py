@@ -23,6 +23,7 @@ from service.http.keys import CHECKPOINTS, READ_SESSIONS, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
+    POOL,
     Handler,
     int_query,
     json_response,
@@ -139,7 +140,7 @@ async def get_tile(request: web.Request, caller: Caller | None) -> web.Response:
     if level > 63 or str(level) != level_text:
         raise NotFound("tile level must be 0..63 without leading zeroes")
     n, width = _tile_request(request)
-    async with request.app[STORE].pool.acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         data = await request.app[TILES].tile(conn, level, n, width)
     if data is None:
         raise NotFound(f"the tree has no tile {merkle.tile_path(level, n, width)} (yet)")
@@ -149,17 +150,11 @@ async def get_tile(request: web.Request, caller: Caller | None) -> web.Response:
 async def get_entry_bundle(request: web.Request, caller: Caller | None) -> web.Response:
     n, width = _tile_request(request)
     start = n * merkle.TILE_WIDTH
-    async with request.app[STORE].pool.acquire() as conn:
-        head = await conn.fetchval("SELECT position FROM ledger_head")
-        if start + width > head:
-            raise NotFound(f"the log has no bundle {merkle.tile_path('entries', n, width)} (yet)")
-        rows = await conn.fetch(
-            "SELECT entry FROM ledger_events WHERE position > $1 AND position <= $2 ORDER BY position",
-            start, start + width,
-        )
+    entries = await request.app[STORE].entry_bytes(start, start + width)
+    if entries is None:
+        raise NotFound(f"the log has no bundle {merkle.tile_path('entries', n, width)} (yet)")
     out = bytearray()
-    for r in rows:
-        entry = bytes(r[0])
+    for entry in entries:
         out += len(entry).to_bytes(2, "big") + entry
     recorded = await _entries_read(request, caller, "entry-tiles", start + 1, start + width)
     response = _binary(bytes(out), width == merkle.TILE_WIDTH)
@@ -185,7 +180,7 @@ async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Re
         size = (await request.app[CHECKPOINTS].latest()).size
     if position > size:
         raise invalid(f"position {position} is not in a tree of size {size}", "query.position", status=400)
-    pool = request.app[STORE].pool  # the reader takes a connection only for what it has not cached
+    pool = request.app[POOL]  # the reader takes a connection only for what it has not cached
     if size > await _head(request, pool, size):
         raise NotFound(f"the log is not yet {size} entries long")
     hashes = await request.app[TILES].inclusion(pool, position - 1, size)
@@ -196,7 +191,7 @@ async def consistency_proof(request: web.Request, caller: Caller | None) -> web.
     old, new = _required_int(request, "from"), _required_int(request, "to")
     if old > new:
         raise invalid("`from` must not exceed `to`", "query.from", status=400)
-    pool = request.app[STORE].pool
+    pool = request.app[POOL]
     if new > await _head(request, pool, new):
         raise NotFound(f"the log is not yet {new} entries long")
     hashes = await request.app[TILES].consistency(pool, old, new)

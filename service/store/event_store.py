@@ -33,7 +33,7 @@ from contracts.entry import (
     leaf_hash,
 )
 from projections.runner import NOTIFY_CHANNEL
-from service.store import tiles
+from service.store import cohorts, tiles
 from service.store.event_log import (
     AppendCondition,
     AppendResult,
@@ -98,7 +98,7 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
 
 class EventStore(EventLog):
     def __init__(self, pool: asyncpg.Pool, *, queue_size: int = 10_000, max_batch: int = 500):
-        self.pool = pool
+        self._pool = pool
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
@@ -181,7 +181,7 @@ class EventStore(EventLog):
                         item.future.set_exception(failure)
 
     async def _write(self, batch: list[_Pending]) -> None:
-        conn = await self.pool.acquire()
+        conn = await self._pool.acquire()
         try:
             async with _committing(conn):
                 head = await conn.fetchrow(
@@ -265,7 +265,7 @@ class EventStore(EventLog):
                 replays = sorted({p for i in accepted if i.replay_of for p in i.replay_of})
                 stored = {s.position: s for s in await self._read_positions(conn, replays)} if replays else {}
         finally:
-            await _release(self.pool, conn)
+            await _release(self._pool, conn)
         # Committed: only now may anyone learn their receipt.
         for item in accepted:
             if item.future.done():
@@ -355,9 +355,36 @@ class EventStore(EventLog):
 
     # --- reading --------------------------------------------------------------
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection reading one consistent state of the log (repeatable
+        read, read-only), for the reads below that take ``conn``."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                yield conn
+
+    async def history(self, aggregate_id: UUID) -> list[StoredEvent]:
+        async with self._pool.acquire() as conn:
+            return await self.aggregate_events(conn, aggregate_id)
+
+    async def entry_bytes(self, after: int, through: int) -> list[bytes] | None:
+        """The encoded entries after ``after`` through ``through``; None if the log is shorter."""
+        async with self._pool.acquire() as conn:
+            if await conn.fetchval("SELECT position FROM ledger_head") < through:
+                return None
+            rows = await conn.fetch("SELECT entry FROM ledger_events WHERE position > $1 AND position <= $2"
+                                    " ORDER BY position", after, through)
+        return [bytes(r["entry"]) for r in rows]
+
+    async def cohort_members(self, cohort_id: str, holder: str | None = None) -> tuple[str, bytes] | None:
+        return await cohorts.members(self._pool, cohort_id, holder)
+
+    async def holds_cohort(self, cohort_id: str, organisation: str) -> bool:
+        return await cohorts.held_by(self._pool, cohort_id, organisation)
+
     async def head(self, conn: asyncpg.Connection | None = None) -> tuple[int, bytes]:
         if conn is None:
-            async with self.pool.acquire() as conn:
+            async with self._pool.acquire() as conn:
                 return await self.head(conn)
         row = await conn.fetchrow("SELECT position, chain_hash FROM ledger_head")
         return row["position"], bytes(row["chain_hash"])
@@ -385,7 +412,7 @@ class EventStore(EventLog):
         return [_stored(r) for r in rows]
 
     async def read_positions(self, positions: Sequence[int]) -> list[StoredEvent]:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return await self._read_positions(conn, positions)
 
     @staticmethod
@@ -396,7 +423,7 @@ class EventStore(EventLog):
         return [_stored(r) for r in rows]
 
     async def read_after(self, after: int, limit: int) -> list[StoredEvent]:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 f"{_SELECT} WHERE position > $1 ORDER BY position LIMIT $2", after, limit
             )
@@ -404,7 +431,7 @@ class EventStore(EventLog):
 
     async def find_idempotent(self, key: IdempotencyKey) -> AppendResult | None:
         """The earlier result for this key, IdempotencyConflict if the request differs."""
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT request_hash, positions FROM ledger_idempotency WHERE scope = $1 AND key = $2",
                 key.scope,
