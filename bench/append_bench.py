@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from contracts import note  # noqa: E402
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.values import Actor  # noqa: E402
-from service import logs, store as store_module, tiles  # noqa: E402
+from service.runtime import logs  # noqa: E402
+from service.store import event_store as store_module, tiles  # noqa: E402
 from service.store.checkpoints import CheckpointLog  # noqa: E402
 from service.runtime.supervisor import Supervisor  # noqa: E402
 from service.store.database import Database  # noqa: E402

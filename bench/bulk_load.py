@@ -33,7 +33,7 @@ from contracts.entry import chain_hash, encode_entry, format_recorded_at, leaf_h
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
 from contracts.values import Actor  # noqa: E402
-from service import tiles  # noqa: E402
+from service.store import tiles  # noqa: E402
 from service.domain.aggregates import patient_aggregate_id  # noqa: E402
 from service.store.migrations import migrate  # noqa: E402
 

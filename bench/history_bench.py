@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
 import random
 import statistics
@@ -28,17 +30,11 @@ from population import BASE, random_stems, valid  # noqa: E402
 from contracts.bodies import DataUseRequest, GrantRequest  # noqa: E402
 from contracts.cohort import encode_cohort  # noqa: E402
 from contracts.nhs_number import NhsNumber  # noqa: E402
-from projections.choices import ChoicesProjection  # noqa: E402
-from projections.optout_filter import OptOutFilter  # noqa: E402
 from projections.reads import history  # noqa: E402
-from projections.runner import Runner  # noqa: E402
-from projections.uses import UsesProjection  # noqa: E402
-from service.app.caller import Caller
-from service.app.ledger import Ledger
-from service.app.assessors import ProjectedOptOutAssessor
+from service import config  # noqa: E402
+from service.app.caller import Caller  # noqa: E402
+from service.composition import running  # noqa: E402
 from service.store.database import Database  # noqa: E402
-from service.store.event_store import EventStore  # noqa: E402
-from service.runtime.supervisor import Supervisor  # noqa: E402
 
 DAC = Caller(subject="bench-dac", roles=frozenset({"dac"}))
 SDE = Caller(subject="bench-sde", roles=frozenset({"sde"}), org="BENCH-H")
@@ -67,16 +63,13 @@ async def main() -> None:
     dsn = database_dsn(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"), args.database)
     print(await describe(dsn))
     database = Database(owner_dsn=dsn, embedded=False)
-    pool = await database.create_pool(min_size=2, max_size=6)
-    store = EventStore(pool)
-    store.start()
-    optouts = await OptOutFilter.load(pool)
-    runner = Runner(pool, [ChoicesProjection(), UsesProjection()], followers=[optouts],
-                    listen=database.connect_app, batch_size=50)
-    await runner.prepare()
-    supervisor = Supervisor()
-    supervisor.start("projection-runner", runner.run)
-    ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
+    # Built by the composition root, as serve builds it (a small runner batch
+    # so the bench sees the uses projection advance per use).
+    ledger_parts = contextlib.AsyncExitStack()
+    parts = await ledger_parts.enter_async_context(
+        running(dataclasses.replace(config.load({}), pool_size=6), database))
+    ledger, store, runner, pool = parts.ledger, parts.store, parts.runner, parts.pool
+    runner.batch_size = 50
     tag = f"{int(time.time()) % 100000}"
     grants = [f"H{tag}-{i}" for i in range(args.grants)]
     for g in grants:
@@ -91,7 +84,7 @@ async def main() -> None:
         sample.extend(rng.choice(stems, 10).tolist())
         t = time.perf_counter()
         cohort = await asyncio.to_thread(encode_cohort, stems)
-        await ledger.store_cohort(cohort)
+        await ledger.store_cohort(SDE, cohort, None)
         cohort_id, size = cohort.cohort_id, len(cohort.stems)
         request = msgspec.convert({
             "use_id": f"use-{tag}-{i}", "grant_id": grants[i % len(grants)], "purpose": "planning",
@@ -110,10 +103,6 @@ async def main() -> None:
     print(f"recorded {args.uses} data uses, {memberships:,} memberships: store cohort + record use median "
           f"{statistics.median(record_times):.2f} s, max {max(record_times):.2f} s; projection caught up "
           f"{time.perf_counter() - t:.0f} s after the last write ({time.perf_counter() - started:.0f} s in all)")
-    await supervisor.stop()
-    await runner.close()
-    await store.stop()
-
     members = [NhsNumber.from_stem(s) for s in random.Random(1).sample(sample, min(len(sample), args.queries // 2))]
     strangers = valid(np.random.default_rng(5).integers(BASE, BASE + 72_000_000, args.queries))
     queries = members + [NhsNumber.from_stem(int(s)) for s in strangers[: args.queries - len(members)]]
@@ -132,7 +121,7 @@ async def main() -> None:
             " ('cohorts', 'cohort_blocks', 'grant_coverage', 'data_uses_view')")}
         cohort_rows = await conn.fetchval("SELECT count(*) FROM cohorts")
         total_members = await conn.fetchval("SELECT sum(size) FROM cohorts")
-    await pool.close()
+    await ledger_parts.aclose()
     latencies.sort()
     p50 = latencies[len(latencies) // 2] * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000

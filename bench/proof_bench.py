@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contracts import merkle  # noqa: E402
 from contracts.entry import GENESIS_CHAIN_HASH  # noqa: E402
-from service import tiles  # noqa: E402
+from service.store import tiles  # noqa: E402
 from service.store.migrations import migrate  # noqa: E402
 
 from machine import describe  # noqa: E402
@@ -139,12 +139,16 @@ async def measure_http(dsn: str, size: int, samples: int) -> None:
 
     from aiohttp.test_utils import TestServer
 
+    import dataclasses
+
+    from service import config
     from service.runtime import logs
     from service.store.database import Database
     from service.http.app import create_app
 
     logs.configure("warning", "json")  # request logs would be timed too
-    app = create_app(Database(owner_dsn=dsn, embedded=False), verifier=None, pool_size=4)  # type: ignore[arg-type]
+    cfg = dataclasses.replace(config.load({}), pool_size=4)
+    app = create_app(cfg, Database(owner_dsn=dsn, embedded=False), verifier=None)  # type: ignore[arg-type]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:

@@ -28,7 +28,7 @@ from contracts.entry import encode_entry, leaf_hash  # noqa: E402
 from contracts.events import OptOutRegistered  # noqa: E402
 from contracts.merkle import CompactRange  # noqa: E402
 from contracts.values import Actor  # noqa: E402
-from service import auditor  # noqa: E402
+from service.audit import client as auditor  # noqa: E402
 
 from machine import describe  # noqa: E402
 

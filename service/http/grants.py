@@ -11,10 +11,9 @@ from contracts import api
 from projections import reads as projection_reads
 from service.app.caller import Caller
 from service.auth.tokens import Forbidden
-from service.http.keys import LEDGER
+from service.http.keys import LEDGER, POOL
 from service.http.problems import invalid
 from service.http.requests import (
-    POOL,
     Handler,
     body_of,
     json_response,

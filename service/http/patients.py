@@ -13,11 +13,10 @@ from service.app.read_records import (
     record_read,
 )
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES
+from service.http.keys import CHECKPOINTS, LEDGER, POOL, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
-    POOL,
     Handler,
     body_of,
     idempotency_header,

@@ -19,11 +19,10 @@ from service.app.read_records import (
     session_expiry,
 )
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, READ_SESSIONS, STORE, TILES
+from service.http.keys import CHECKPOINTS, POOL, READ_SESSIONS, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
-    POOL,
     Handler,
     int_query,
     json_response,
