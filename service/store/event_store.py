@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -33,11 +32,11 @@ from contracts.entry import (
     leaf_hash,
 )
 from projections.runner import NOTIFY_CHANNEL
-from service.store import cohorts, tiles
+from service.store import append_checks, cohorts, tiles
+from service.store.append_checks import Pending
 from service.store.event_log import (
     AppendCondition,
     AppendResult,
-    ConditionFailed,
     EventLog,
     IdempotencyConflict,
     IdempotencyKey,
@@ -45,9 +44,7 @@ from service.store.event_log import (
     SideWrite,
     StoreBusy,
     StoredEvent,
-    StoreError,
     StoreUnavailable,
-    VersionConflict,
 )
 
 log = structlog.get_logger(__name__)
@@ -57,17 +54,6 @@ log = structlog.get_logger(__name__)
 class _CommitOutcomeUnknown(Exception):
     """COMMIT was sent but its answer never came back."""
 
-
-
-@dataclass
-class _Pending:
-    events: list[NewEvent]
-    condition: AppendCondition | None
-    idempotency: IdempotencyKey | None
-    side_write: SideWrite | None
-    future: asyncio.Future[AppendResult]
-    positions: list[int] = field(default_factory=list)
-    replay_of: list[int] | None = None
 
 
 
@@ -99,7 +85,7 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
 class EventStore(EventLog):
     def __init__(self, pool: asyncpg.Pool, *, queue_size: int = 10_000, max_batch: int = 500):
         self._pool = pool
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -146,7 +132,7 @@ class EventStore(EventLog):
             raise StoreUnavailable("the ledger writer is not running")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(events, condition, idempotency, side_write, future))
+            self._queue.put_nowait(Pending(events, condition, idempotency, side_write, future))
         except asyncio.QueueFull:
             raise StoreBusy("the write queue is full") from None
         return await future
@@ -180,7 +166,7 @@ class EventStore(EventLog):
                     if not item.future.done():
                         item.future.set_exception(failure)
 
-    async def _write(self, batch: list[_Pending]) -> None:
+    async def _write(self, batch: list[Pending]) -> None:
         conn = await self._pool.acquire()
         try:
             async with _committing(conn):
@@ -189,9 +175,9 @@ class EventStore(EventLog):
                     " LEFT JOIN ledger_events e ON e.position = h.position FOR UPDATE OF h")
                 position, chain = head["position"], bytes(head["chain_hash"])
                 tree_size = position
-                known_keys = await self._known_keys(conn, batch)
-                versions = await self._versions(conn, batch)
-                newer = await self._events_after(conn, batch)
+                known_keys = await append_checks.known_keys(conn, batch)
+                versions = await append_checks.versions(conn, batch)
+                newer = await append_checks.events_after(conn, batch)
 
                 # Never earlier than the entry before: "the state at an instant" is
                 # then a prefix of the log (a clock stepping back, or another
@@ -199,10 +185,10 @@ class EventStore(EventLog):
                 recorded = max(datetime.now(timezone.utc), head["recorded_at"] or datetime.min.replace(tzinfo=timezone.utc))
                 recorded_at = format_recorded_at(recorded)
                 rows: list[tuple[Any, ...]] = []
-                accepted: list[_Pending] = []
+                accepted: list[Pending] = []
                 written: list[tuple[int, str, Any]] = []
                 for item in batch:
-                    refusal = self._check(item, known_keys, versions, newer, written)
+                    refusal = append_checks.refusal(item, known_keys, versions, newer, written)
                     if refusal is not None:
                         # A caller that gave up (cancelled) has no one to tell;
                         # setting its future would abort everyone's batch.
@@ -274,84 +260,6 @@ class EventStore(EventLog):
                 item.future.set_result(AppendResult([stored[p].receipt() for p in item.replay_of], replayed=True))
             else:
                 item.future.set_result(AppendResult([_receipt(by_position[p], recorded_at) for p in item.positions]))
-
-    def _check(
-        self,
-        item: _Pending,
-        known_keys: dict[tuple[str, str], tuple[bytes, list[int]]],
-        versions: dict[UUID, int],
-        newer: list[tuple[int, str, Any]],
-        written: list[tuple[int, str, Any]],
-    ) -> StoreError | None:
-        if item.idempotency is not None:
-            k = item.idempotency
-            seen = known_keys.get((k.scope, k.key))
-            if seen is not None:
-                if seen[0] != k.request_hash:
-                    return IdempotencyConflict("this Idempotency-Key was used with a different request")
-                item.replay_of = list(seen[1])
-                return None
-        local: dict[UUID, int] = {}
-        for event in item.events:
-            current = local.get(event.aggregate_id, versions.get(event.aggregate_id, 0))
-            if event.aggregate_version != current + 1:
-                return VersionConflict(f"aggregate {event.aggregate_id} changed concurrently")
-            local[event.aggregate_id] = event.aggregate_version
-        if item.condition is not None:
-            c = item.condition
-            relevant = [(t, p) for pos, t, p in newer + written if pos > c.after and t in c.event_types]
-            reason = c.violated(relevant) if relevant else None
-            if reason is not None:
-                return ConditionFailed(reason)
-        return None
-
-    @staticmethod
-    async def _known_keys(
-        conn: asyncpg.Connection, batch: list[_Pending]
-    ) -> dict[tuple[str, str], tuple[bytes, list[int]]]:
-        keyed = [i.idempotency for i in batch if i.idempotency is not None]
-        if not keyed:
-            return {}
-        rows = await conn.fetch(
-            "SELECT i.scope, i.key, i.request_hash, i.positions FROM ledger_idempotency i"
-            " JOIN unnest($1::text[], $2::text[]) AS k(scope, key) USING (scope, key)",
-            [k.scope for k in keyed],
-            [k.key for k in keyed],
-        )
-        return {(r["scope"], r["key"]): (bytes(r["request_hash"]), list(r["positions"])) for r in rows}
-
-    @staticmethod
-    async def _versions(conn: asyncpg.Connection, batch: list[_Pending]) -> dict[UUID, int]:
-        ids = list({e.aggregate_id for i in batch for e in i.events})
-        # One index probe per aggregate.  The obvious `aggregate_id = ANY($1)
-        # GROUP BY` form let PostgreSQL cache a generic sequential-scan plan
-        # while the table was small, and every later batch then scanned the
-        # whole log (6 ms per batch at 35k events, growing with the log).
-        rows = await conn.fetch(
-            "SELECT k.id AS aggregate_id, (SELECT e.aggregate_version FROM ledger_events e"
-            " WHERE e.aggregate_id = k.id ORDER BY e.aggregate_version DESC LIMIT 1) AS version"
-            " FROM unnest($1::uuid[]) AS k(id)",
-            ids,
-        )
-        return {r["aggregate_id"]: r["version"] for r in rows if r["version"] is not None}
-
-    @staticmethod
-    async def _events_after(conn: asyncpg.Connection, batch: list[_Pending]) -> list[tuple[int, str, Any]]:
-        conditions = [i.condition for i in batch if i.condition is not None]
-        if not conditions:
-            return []
-        types = sorted({t for c in conditions for t in c.event_types})
-        rows = await conn.fetch(
-            "SELECT position, entry FROM ledger_events WHERE position > $1"
-            " AND event_type = ANY($2::text[]) ORDER BY position",
-            min(c.after for c in conditions),
-            types,
-        )
-        out = []
-        for r in rows:
-            entry = decode_entry(r["entry"])
-            out.append((r["position"], entry.event_type, entry.payload))
-        return out
 
     # --- reading --------------------------------------------------------------
 
