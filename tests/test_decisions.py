@@ -26,7 +26,7 @@ from service.domain.aggregates import data_use_aggregate_id, grant_aggregate_id
 from service.http.keys import CHECKPOINTS
 from service.http.app import create_app
 from service.store.event_log import NewEvent
-from test_auditor import cli
+from test_audit_client import cli
 from test_http_rules import refused, written
 
 DAC = "dac"
