@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 from conftest import AUDIENCE, ISSUER, TokenFactory
@@ -119,7 +120,17 @@ async def test_workers_follow_their_parent_and_a_restart_finds_none_left(databas
         second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         async with aiohttp.ClientSession() as session:
             await wait_until_ready(session, base, second)
+        # They stop on their own (their parent is gone); on a busy machine the
+        # last of them may still be finishing its shutdown when the port is free.
+        deadline = time.monotonic() + 30
+        while [pid for pid in old_workers if _alive(pid)] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert not [pid for pid in old_workers if _alive(pid)], "workers outlived their parent"
+        # An old worker may have answered the readiness check above: wait for the new ones.
+        while len(_workers(second.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(session, base, second)
         new_workers = _workers(second.pid)
         assert len(new_workers) == 2 and not set(new_workers) & set(old_workers)
         second.send_signal(signal.SIGTERM)

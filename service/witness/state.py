@@ -11,6 +11,7 @@ answers (tlog-witness requires both).
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,7 +54,18 @@ class WitnessState:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "witness.sqlite3"
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL takes an exclusive lock without waiting on the busy
+        # timeout: two witness processes starting together on one state
+        # directory would otherwise fail with "database is locked".
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
