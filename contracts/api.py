@@ -14,8 +14,10 @@ from . import bodies
 from .codes import Purpose, values
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
-from .values import MAX_COHORT_SIZE  # part of this module's limits, see README
-from .values import END
+from .values import (
+    END,
+    MAX_COHORT_SIZE,  # part of this module's limits, see README
+)
 
 PUBLIC: frozenset[str] = frozenset()
 PATIENT_APP = frozenset({"patient-app"})
@@ -59,6 +61,8 @@ class Operation(NamedTuple):
     description: str = ""
     # Pages of entries an auditor may read under a read session (header Ledger-Read-Session).
     session_pages: bool = False
+    # A FHIR R4 interaction: errors are OperationOutcome resources (application/fhir+json).
+    fhir: bool = False
 
 
 _REPEATS = (
@@ -66,6 +70,10 @@ _REPEATS = (
     "its existing receipt, whether or not an Idempotency-Key was sent. "
 )
 _after = ("after", {"type": "integer", "minimum": 0}, False)
+FHIR_JSON = "application/fhir+json"
+_fhir_patient = ("patient", {"type": "string", "minLength": 1, "maxLength": 64,
+                             "description": "NHS number, bare or as https://fhir.nhs.uk/Id/nhs-number|NNNNNNNNNN"},
+                 True)
 _limit = ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, False)
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -167,6 +175,25 @@ OPERATIONS: tuple[Operation, ...] = (
                      ("to", {"type": "integer", "minimum": 1}, True)), may_be_missing=True),
     Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
               PUBLIC, None, bodies.LogKeys),
+    Operation("fhir_metadata", "GET", "/fhir/metadata", "FHIR R4 CapabilityStatement of the FHIR interface",
+              PUBLIC, media_type=FHIR_JSON, fhir=True),
+    Operation("fhir_consents", "GET", "/fhir/Consent",
+              "A patient's current choices as FHIR R4 Consent resources (a searchset Bundle)",
+              PATIENT_APP, media_type=FHIR_JSON, fhir=True, recorded=True, query=(_fhir_patient,),
+              description="The national and type-1 opt-outs (deny while opted out, permit once opted back in) "
+                          "and each study consent in force (permit, its grant as the policy), each identified by "
+                          "its ledger position and leaf hash so it can be tied to a receipt. Same rules as "
+                          "GET /v1/patients/{nhs}/choices, and recorded as a read of the patient's choices. "
+                          "contracts/FHIR-MAPPING.md lists every mapping choice."),
+    Operation("fhir_audit_events", "GET", "/fhir/AuditEvent",
+              "A patient's history as IHE BALP AuditEvents (a searchset Bundle, newest first, paged)",
+              PATIENT_APP, media_type=FHIR_JSON, fhir=True, recorded=True,
+              query=(_fhir_patient, ("_count", {"type": "integer", "minimum": 1, "maximum": 1000}, False),
+                     ("_cursor", {"type": "string", "pattern": r"^[0-9]{1,19}" + END}, False)),
+              description="Each data use as a PrivacyDisclosure (recipient organisation, purpose of use, legal "
+                          "basis, datasets, exemption), each recorded read by someone else as a read, each choice "
+                          "change as a create. Follow the Bundle's `next` link for older entries. Recorded as a "
+                          "read of the patient's history."),
     Operation("whoami", "GET", "/v1/whoami",
               "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
               frozenset(ROLES), None, bodies.TokenInfo),
@@ -196,11 +223,11 @@ def _schema_hook(kind: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def _problem_response(description: str, header: str | None = None) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
+def _problem_response(description: str, header: str | None = None, fhir: bool = False) -> dict[str, Any]:
+    content = ({FHIR_JSON: {"schema": {"type": "object", "description": "a FHIR R4 OperationOutcome",
+                                        "required": ["resourceType", "issue"]}}} if fhir
+               else {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}})
+    response: dict[str, Any] = {"description": description, "content": content}
     if header is not None:
         response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
     return response
@@ -227,6 +254,10 @@ def openapi(version: str) -> dict[str, Any]:
             for name, schema, required in op.query
         ]
         responses: dict[str, Any] = {}
+
+        def problem(description: str, header: str | None = None, op: Operation = op) -> dict[str, Any]:
+            return _problem_response(description, header, fhir=op.fhir)
+
         ok_schema = (
             {"$ref": f"#/components/schemas/{op.response.__name__}"}
             if op.response is not None
@@ -234,7 +265,7 @@ def openapi(version: str) -> dict[str, Any]:
         )
         responses[str(op.success)] = {
             "description": "success",
-            "content": {op.media_type: {"schema": ok_schema if op.media_type == "application/json" else
+            "content": {op.media_type: {"schema": ok_schema if op.media_type in ("application/json", FHIR_JSON) else
                                         {"type": "string", "format": "binary"}
                                         if op.media_type == "application/octet-stream" else {"type": "string"}}},
         }
@@ -250,22 +281,22 @@ def openapi(version: str) -> dict[str, Any]:
                 "description": "already in force, or an idempotent replay: the existing receipt",
                 "content": {"application/json": {"schema": ok_schema}},
             }
-        if op.request is not None or params or op.bulk:
-            responses["400"] = _problem_response("malformed request")
+        if op.request is not None or params or op.bulk or op.fhir and op.roles:
+            responses["400"] = problem("malformed request")
         if op.roles:
-            responses["401"] = _problem_response("missing or invalid credentials (RFC 6750 challenge)",
+            responses["401"] = problem("missing or invalid credentials (RFC 6750 challenge)",
                                                  "WWW-Authenticate")
-            responses["403"] = _problem_response("not allowed for this caller", "WWW-Authenticate")
+            responses["403"] = problem("not allowed for this caller", "WWW-Authenticate")
         if "{" in op.path or op.may_be_missing:
-            responses["404"] = _problem_response("not found")
+            responses["404"] = problem("not found")
         if op.response is bodies.Receipt:
-            responses["409"] = _problem_response("idempotency key reused with another body, or a concurrent change")
+            responses["409"] = problem("idempotency key reused with another body, or a concurrent change")
         if op.request is not None:
-            responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
-            responses["415"] = _problem_response("body is not application/json")
-        if op.request is not None or "{nhs}" in op.path:
-            responses["422"] = _problem_response("well-formed but breaks a rule (or an NHS number's check digit)")
-        responses["503"] = _problem_response(
+            responses["413"] = problem(f"body larger than {op.body_limit} bytes")
+            responses["415"] = problem("body is not application/json")
+        if op.request is not None or "{nhs}" in op.path or op.fhir and op.roles:
+            responses["422"] = problem("well-formed but breaks a rule (or an NHS number's check digit)")
+        responses["503"] = problem(
             "the database is unavailable, the write queue is full (writes, and reads that are recorded) or the "
             "request timed out: retry after Retry-After; `outcome-unknown`: a write may have been recorded, "
             "retry it with the same Idempotency-Key", "Retry-After")
@@ -316,9 +347,9 @@ def openapi(version: str) -> dict[str, Any]:
                 "text/plain": {"schema": lines},
                 "application/vnd.nhs.mesh.dat": {"schema": lines},
             }}
-            responses["413"] = _problem_response(f"body larger than {op.body_limit} bytes")
-            responses["415"] = _problem_response("not JSON, text/plain or application/vnd.nhs.mesh.dat")
-            responses["422"] = _problem_response(
+            responses["413"] = problem(f"body larger than {op.body_limit} bytes")
+            responses["415"] = problem("not JSON, text/plain or application/vnd.nhs.mesh.dat")
+            responses["422"] = problem(
                 "invalid NHS numbers (the errors list their lines), or the grant or purpose breaks a rule")
         paths.setdefault(openapi_path(op.path), {})[op.method.lower()] = operation
     return {

@@ -11,10 +11,10 @@ from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
 from .values import (
+    MAX_COHORT_SIZE,
     Actor,
     Exemption,
     Frozen,
-    MAX_COHORT_SIZE,
     Identifier,
     Organisation,
     Position,

@@ -11,7 +11,15 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose, ReadKind, Role
+from .codes import (
+    AccessMethod,
+    Channel,
+    LegalBasis,
+    OptOutScope,
+    Purpose,
+    ReadKind,
+    Role,
+)
 from .values import (
     END,
     Actor,

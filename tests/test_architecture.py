@@ -28,7 +28,8 @@ ROOMS = {
     "audit": {"store", "console"},
     "witness": {"store", "runtime", "console"},
     "composition": {"app", "store", "runtime"},  # the root that builds a running ledger
-    "http": {"app", "auth", "composition", "domain", "store", "runtime"},
+    "fhir": set(),  # the ledger's records as FHIR resources: contracts and fhir.resources only
+    "http": {"app", "auth", "composition", "domain", "fhir", "store", "runtime"},
     "cli": {"app", "audit", "auth", "composition", "domain", "http", "runtime", "store", "witness", "console"},
 }
 SHARED = {"config", "__version__"}

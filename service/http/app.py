@@ -22,7 +22,7 @@ from service.auth.tokens import Forbidden, Unauthenticated, Verifier, authorise
 from service.composition import running
 from service.config import Config
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
-from service.http import data_uses, grants, operations, patients, transparency
+from service.http import data_uses, fhir, grants, operations, patients, transparency
 from service.http.keys import (
     CHECKPOINTS,
     CONFIG,
@@ -56,6 +56,7 @@ log = structlog.get_logger('consent_ledger.http')
 # Each API area registers its own handlers; an operation without one fails at start-up.
 HANDLERS: dict[str, Handler] = {
     **patients.HANDLERS, **grants.HANDLERS, **data_uses.HANDLERS, **transparency.HANDLERS, **operations.HANDLERS,
+    **fhir.HANDLERS,
 }
 
 
@@ -152,7 +153,8 @@ async def request_context(
             log.error("unhandled error", route=template, error=type(exc).__name__, exc_info=True)
             problem = ProblemError(500, "internal-error", "Internal error",
                                    f"the server failed; quote request id {request_id} when reporting it")
-        response = problem.response()
+        # FHIR clients expect an OperationOutcome; everyone else an RFC 9457 problem.
+        response = fhir.outcome_response(problem) if request.path.startswith("/fhir/") else problem.response()
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
     request.app[METRICS].observe(request.method, template, response.status, elapsed)

@@ -1,0 +1,1 @@
+"""FHIR R4: the ledger's choices and history as resources a FHIR client reads (contracts/FHIR-MAPPING.md)."""
