@@ -194,6 +194,16 @@ OPERATIONS: tuple[Operation, ...] = (
                           "basis, datasets, exemption), each recorded read by someone else as a read, each choice "
                           "change as a create. Follow the Bundle's `next` link for older entries. Recorded as a "
                           "read of the patient's history."),
+    Operation("fhir_import_bundle", "POST", "/fhir/Bundle",
+              "Import an earlier register's choices: a transaction or batch Bundle of FHIR R4 Consent resources",
+              DAC, media_type=FHIR_JSON, fhir=True, body_limit=16 * MIB,
+              description="Each Consent (national or type-1 opt-out as deny or permit, or a study consent under "
+                          "urn:consent-ledger:grant:<id>) is recorded as an entry marked imported, keeping its "
+                          "id, source (meta.source) and dateTime; the entry's own time is the import. A choice is "
+                          "written only where the ledger holds none for that patient and scope (or that "
+                          "consent), so a later choice is never overridden and a second import writes nothing. "
+                          "The bundle is written whole or not at all: every mistake is reported with its entry "
+                          "index and nothing is written."),
     Operation("whoami", "GET", "/v1/whoami",
               "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
               frozenset(ROLES), None, bodies.TokenInfo),
@@ -291,7 +301,7 @@ def openapi(version: str) -> dict[str, Any]:
             responses["404"] = problem("not found")
         if op.response is bodies.Receipt:
             responses["409"] = problem("idempotency key reused with another body, or a concurrent change")
-        if op.request is not None:
+        if op.request is not None or op.fhir and op.method == "POST":
             responses["413"] = problem(f"body larger than {op.body_limit} bytes")
             responses["415"] = problem("body is not application/json")
         if op.request is not None or "{nhs}" in op.path or op.fhir and op.roles:
@@ -316,6 +326,9 @@ def openapi(version: str) -> dict[str, Any]:
             operation["x-roles"] = sorted(op.roles)
         else:
             operation["security"] = []
+        if op.fhir and op.method == "POST":
+            operation["requestBody"] = {"required": True, "content": {FHIR_JSON: {"schema": {
+                "type": "object", "description": "a FHIR R4 Bundle", "required": ["resourceType"]}}}}
         if op.request is not None:
             operation["requestBody"] = {
                 "required": not op.body_optional,

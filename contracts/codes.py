@@ -10,6 +10,8 @@ from typing import Literal, get_args
 
 OptOutScope = Literal["national", "type-1"]
 Channel = Literal["app", "online", "phone", "post", "gp-practice"]
+# What an entry may say: a request's channel, or an import from an earlier register (never a request's).
+RecordedChannel = Literal["app", "online", "phone", "post", "gp-practice", "import"]
 ActorKind = Literal["patient", "proxy"]
 ProxyRole = Literal["parent", "lasting-power-of-attorney", "court-deputy"]
 Purpose = Literal[

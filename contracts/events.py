@@ -13,11 +13,11 @@ from msgspec import Meta
 
 from .codes import (
     AccessMethod,
-    Channel,
     LegalBasis,
     OptOutScope,
     Purpose,
     ReadKind,
+    RecordedChannel,
     Role,
 )
 from .values import (
@@ -26,6 +26,7 @@ from .values import (
     Exemption,
     Frozen,
     Identifier,
+    Imported,
     Organisation,
     Position,
     PurposeStatement,
@@ -42,17 +43,19 @@ Count = Annotated[int, Meta(ge=0)]
 class OptOutRegistered(Frozen):
     nhs_number: NhsDigits
     scope: OptOutScope
-    channel: Channel
+    channel: RecordedChannel
     actor: Actor
     recorded_by: ShortText
+    imported: Imported | None = None
 
 
 class OptOutWithdrawn(Frozen):
     nhs_number: NhsDigits
     scope: OptOutScope
-    channel: Channel
+    channel: RecordedChannel
     actor: Actor
     recorded_by: ShortText
+    imported: Imported | None = None
 
 
 class StudyConsentGiven(Frozen):
@@ -60,6 +63,7 @@ class StudyConsentGiven(Frozen):
     grant_id: Identifier
     actor: Actor
     recorded_by: ShortText
+    imported: Imported | None = None
 
 
 class StudyConsentWithdrawn(Frozen):

@@ -126,3 +126,13 @@ __all__ = [
     "require_utc_range",
     "utc",
 ]
+
+
+class Imported(Frozen):
+    """Where an imported choice came from: the earlier register, its own id
+    for the record, and when that register says the choice was made (the
+    ledger entry's own ``recorded_at`` is the import, never backdated)."""
+
+    source: ShortText
+    resource_id: ShortText
+    dated: UtcTime | None = None

@@ -101,6 +101,8 @@ def _choice_item(r: asyncpg.Record) -> HistoryItem:
     summary = _CHOICE_WORDS[t].format(scope=scope.label if scope else "", grant=r["grant_id"])
     if r["actor_kind"] != "patient":
         summary = summary.replace("You ", "Someone acting for you ", 1)
+    if r["channel"] == "import":
+        summary += " (carried over from the register kept before this ledger)"
     return HistoryItem(
         position=r["position"],
         recorded_at=_ts(r["recorded_at"]),

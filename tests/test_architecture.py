@@ -28,9 +28,9 @@ ROOMS = {
     "audit": {"store", "console"},
     "witness": {"store", "runtime", "console"},
     "composition": {"app", "store", "runtime"},  # the root that builds a running ledger
-    "fhir": set(),  # the ledger's records as FHIR resources: contracts and fhir.resources only
+    "fhir": {"domain"},  # the ledger's records as FHIR resources, and imported ones as domain values
     "http": {"app", "auth", "composition", "domain", "fhir", "store", "runtime"},
-    "cli": {"app", "audit", "auth", "composition", "domain", "http", "runtime", "store", "witness", "console"},
+    "cli": {"app", "audit", "auth", "composition", "domain", "fhir", "http", "runtime", "store", "witness", "console"},
 }
 SHARED = {"config", "__version__"}
 

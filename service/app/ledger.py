@@ -10,7 +10,7 @@ an idempotent retry with its original receipts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import NamedTuple, TypeVar
 from uuid import UUID, uuid4
@@ -54,6 +54,7 @@ from service.domain.aggregates import (
     patient_aggregate_id,
 )
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
+from service.domain.imports import ImportedChoice
 from service.store import cohorts as stored_cohorts
 from service.store.event_log import (
     ConditionFailed,
@@ -244,6 +245,49 @@ class Ledger:
             for g, c in sorted(patient.consents.items())
         ]
         return Choices(nhs_number=str(nhs), as_of=as_of, scopes=scopes, consents=consents)
+
+    async def import_choices(self, caller: Caller, choices: Sequence[ImportedChoice]) -> list[Receipt | None]:
+        """Record each imported choice the ledger does not already cover, all
+        in one append (the bundle is written whole or not at all); per choice
+        its receipt, or None where the ledger already held a choice for that
+        patient and scope (or that consent)."""
+        for grant_id in sorted({c.grant_id for c in choices if c.grant_id}):
+            if not (await self.load(Grant, grant_aggregate_id(grant_id))).exists:
+                raise RuleBroken(f"no grant {grant_id!r} is recorded: record the grant before importing "
+                                 "consents to it", code="unknown-grant", path="policy")
+        ids = {patient_aggregate_id(c.nhs_number) for c in choices}
+        for _ in range(_ATTEMPTS):
+            async with self.store.snapshot() as conn:
+                head, _ = await self.store.head(conn)
+                stored = await self.store.aggregates_events(conn, ids, head)
+            patients = {i: Patient.blank(i) for i in ids}
+            for s in stored:
+                _replay(patients[UUID(s.entry.aggregate_id)], s)
+            events: list[NewEvent] = []
+            owners: list[int] = []
+            for n, c in enumerate(choices):
+                patient = patients[patient_aggregate_id(c.nhs_number)]
+                if c.kind == "consent":
+                    assert c.grant_id is not None
+                    patient.import_consent(str(c.nhs_number), c.grant_id, c.imported, caller.subject)
+                else:
+                    assert c.scope is not None
+                    patient.import_choice(str(c.nhs_number), c.scope, c.kind == "opt-out", c.imported,
+                                          caller.subject)
+                fresh = _new_events(patient)
+                events += fresh
+                owners += [n] * len(fresh)
+            if not events:
+                return [None] * len(choices)
+            try:
+                result = await self.store.append(events)
+            except VersionConflict:
+                continue
+            receipts: list[Receipt | None] = [None] * len(choices)
+            for owner, receipt in zip(owners, result.receipts, strict=True):
+                receipts[owner] = receipt
+            return receipts
+        raise Contended("the patients' records kept changing while the import was applied; retry")
 
     # --- grants ---------------------------------------------------------------
 

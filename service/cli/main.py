@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -97,6 +98,14 @@ def _demo(args: argparse.Namespace) -> None:
     cfg = config_module.load()
     summary = asyncio.run(run_demo(cfg, patients=args.patients, seed=args.seed))
     print(summary)
+
+
+def _import_fhir(args: argparse.Namespace) -> None:
+    from service.cli.import_fhir import run_import
+
+    if args.batch < 1:
+        raise CommandError("--batch must be at least 1")
+    print(asyncio.run(run_import(config_module.load(), Path(args.file), source=args.source, batch=args.batch)))
 
 
 def _keys_generate(args: argparse.Namespace) -> None:
@@ -204,6 +213,13 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=2021)
     demo.set_defaults(run=_demo)
+
+    imports = sub.add_parser("import-fhir", help="import an earlier register's choices: NDJSON, one FHIR R4 "
+                                                 "Consent per line (checked whole first; safe to run again)")
+    imports.add_argument("file", help="the NDJSON file")
+    imports.add_argument("--source", help="the register it comes from, where a line has no meta.source")
+    imports.add_argument("--batch", type=int, default=1000, help="resources per transaction (default 1000)")
+    imports.set_defaults(run=_import_fhir)
 
     projections = sub.add_parser("projections", help="read models: status, rebuild").add_subparsers(
         dest="projections_command", required=True)

@@ -19,7 +19,7 @@ from eventsourcing.domain import Aggregate
 from contracts import events as ev
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
 from contracts.decision import GrantStatus, Terms, grant_status
-from contracts.values import Actor, utc
+from contracts.values import Actor, Imported, utc
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
 
 _NAMESPACE = UUID("6c1b3f0e-4a53-5d0c-9a7e-2f1c7b0d8e11")
@@ -157,6 +157,25 @@ class Patient(LedgerAggregate):
             nhs_number=nhs_number, grant_id=request.grant_id, actor=request.actor, recorded_by=recorded_by
         ))
         return None
+
+    def import_choice(self, nhs_number: str, scope: str, opt_out: bool, imported: Imported, recorded_by: str) -> bool:
+        """A choice carried over from an earlier register: recorded only while
+        the ledger holds no choice for this scope, so a later choice is never
+        overridden and importing the same register again writes nothing."""
+        if scope in self.scopes:
+            return False
+        cls = ev.OptOutRegistered if opt_out else ev.OptOutWithdrawn
+        self._trigger(cls(nhs_number=nhs_number, scope=scope, channel="import", actor=Actor(kind="patient"),
+                          recorded_by=recorded_by, imported=imported))
+        return True
+
+    def import_consent(self, nhs_number: str, grant_id: str, imported: Imported, recorded_by: str) -> bool:
+        """A study consent carried over: only if none was given or withdrawn here."""
+        if grant_id in self.consents or grant_id in self.withdrawn:
+            return False
+        self._trigger(ev.StudyConsentGiven(nhs_number=nhs_number, grant_id=grant_id, actor=Actor(kind="patient"),
+                                           recorded_by=recorded_by, imported=imported))
+        return True
 
     def withdraw_consent(self, nhs_number: str, grant_id: str, actor: Actor, recorded_by: str) -> int | None:
         if grant_id in self.consents:

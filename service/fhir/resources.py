@@ -243,11 +243,30 @@ _ISSUE_CODE = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
                409: "conflict", 413: "too-costly", 415: "not-supported", 422: "business-rule", 503: "transient"}
 
 
-def operation_outcome(status: int, detail: str, paths: list[str]) -> dict[str, Any]:
+def operation_outcome(status: int, detail: str, issues: list[tuple[str, str]]) -> dict[str, Any]:
+    """One issue per (path, message), or one saying ``detail`` when there are none."""
+    code = _ISSUE_CODE.get(status, "exception")
     outcome = {
         "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": _ISSUE_CODE.get(status, "exception"), "diagnostics": detail,
-                   **({"expression": paths} if paths else {})}],
+        "issue": [{"severity": "error", "code": code, "diagnostics": message, "expression": [path]}
+                  for path, message in issues] or [{"severity": "error", "code": code, "diagnostics": detail}],
     }
     OperationOutcome.model_validate(outcome)
     return outcome
+
+
+def import_response(receipts: list[Any]) -> dict[str, Any]:
+    """A transaction-response Bundle: per imported Consent, 201 and the
+    position of the entry written, or 200 where the ledger already held a
+    choice for that patient and scope (or that consent)."""
+    entries = []
+    for receipt in receipts:
+        if receipt is None:
+            entries.append({"response": {"status": "200 OK"}})
+        else:
+            entries.append({"response": {"status": "201 Created",
+                                         "location": f"{POSITION}/{receipt.position}",
+                                         "lastModified": receipt.recorded_at}})
+    bundle = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+    Bundle.model_validate(bundle)
+    return bundle

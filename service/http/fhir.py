@@ -12,16 +12,17 @@ import msgspec
 from aiohttp import web
 
 from contracts import api
+from contracts.bodies import ProblemDetail
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from projections import reads as projection_reads
 from service import __version__
 from service.app.caller import Caller
 from service.app.read_records import READ_HEADER, record_read
 from service.auth.tokens import authorise
-from service.fhir import resources
+from service.fhir import importing, resources
 from service.http.keys import LEDGER, POOL, STORE, WORKERS
 from service.http.problems import ProblemError, invalid
-from service.http.requests import Handler, int_query, required_caller
+from service.http.requests import Handler, int_query, read_body, required_caller
 
 _STARTED = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -84,10 +85,26 @@ async def audit_events(request: web.Request, caller: Caller | None) -> web.Respo
     return fhir_response(resources.searchset(events, here, following), headers={READ_HEADER: str(read.position)})
 
 
+async def import_bundle(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    if request.content_type not in (resources.MEDIA_TYPE, "application/json"):
+        raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
+                           f"send the Bundle as {resources.MEDIA_TYPE}, not {request.content_type or 'nothing'}")
+    body = await read_body(request, api.BY_ID["fhir_import_bundle"].body_limit)
+    try:
+        choices = await request.app[WORKERS].run(importing.bundle, bytes(body))
+    except importing.ImportRefused as exc:
+        raise ProblemError(422, "import-refused", "Nothing imported",
+                           f"{len(exc.mistakes)} mistake(s) in the bundle; nothing from it was written",
+                           errors=[ProblemDetail(path=m.path, message=m.message) for m in exc.mistakes]) from None
+    receipts = await request.app[LEDGER].import_choices(caller, choices)
+    return fhir_response(resources.import_response(receipts))
+
+
 def outcome_response(problem: ProblemError) -> web.Response:
     """A problem on a /fhir/ route, as the OperationOutcome FHIR clients parse."""
-    paths = [e.path for e in problem.errors or []]
-    return fhir_response(resources.operation_outcome(problem.status, problem.detail, paths),
+    issues = [(e.path, e.message) for e in problem.errors or []]
+    return fhir_response(resources.operation_outcome(problem.status, problem.detail, issues),
                          headers=problem.headers, status=problem.status)
 
 
@@ -95,4 +112,5 @@ HANDLERS: dict[str, Handler] = {
     "fhir_metadata": metadata,
     "fhir_consents": consents,
     "fhir_audit_events": audit_events,
+    "fhir_import_bundle": import_bundle,
 }
