@@ -199,6 +199,8 @@ class Runner:
 
     async def step(self) -> bool:
         """Process one batch; True if anything was read."""
+        if not self.projections and not self.followers:
+            return False  # nothing would ever move past what it reads
         async with self.pool.acquire() as conn:
             entries = await read_entries(conn, self.lowest_position(), self.batch_size)
             if not entries:

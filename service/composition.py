@@ -47,8 +47,8 @@ class Components:
     read_sessions: ReadSessions
     tiles: TileReader
     checkpoints: CheckpointLog
-    opt_out_filter: OptOutFilter
-    runner: Runner
+    opt_out_filter: OptOutFilter | None  # None when built with decisions=False
+    runner: Runner | None
     supervisor: Supervisor
 
 
@@ -74,6 +74,7 @@ async def running(
     supervisor: Supervisor | None = None,
     signers: list[note.Signer] | None = None,
     projections: Sequence[Projection] | None = None,
+    decisions: bool = True,
 ) -> AsyncIterator[Components]:
     """Migrate, then start the writer, the checkpoint signer and the
     projection runner (which also feeds the in-memory decision state);
@@ -82,7 +83,10 @@ async def running(
     ``signers``: the checkpoint keys (``load_signers(config)``); without them
     the log signs with a key that lives as long as this ledger (tests,
     embedding). ``projections``: the runner's tables (default: choices and
-    uses; the demo passes none and leaves them to the next ``serve``)."""
+    uses; the demo passes none and leaves them to the next ``serve``).
+    ``decisions=False``: no in-memory decision state and no runner at all,
+    for commands that only write choices (an import): data uses are then
+    judged from the ledger's entries."""
     supervisor = supervisor or Supervisor(stall_after=config.task_stall_seconds)
     await migrated(database)
     pool = await database.create_pool(max_size=config.pool_size)
@@ -96,27 +100,31 @@ async def running(
     try:
         supervisor.start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
         started.append("checkpoint-signer")
-        began = time.perf_counter()
-        optouts = await OptOutFilter.load(pool)
-        log.info("decision state loaded from the ledger's entries", position=optouts.position,
-                 seconds=round(time.perf_counter() - began, 2), grants=len(optouts.grants),
-                 projection_poll_interval=config.projection_poll_interval, filter_wait=config.filter_wait)
-        runner = Runner(
-            pool,
-            default_projections() if projections is None else list(projections),
-            followers=[optouts],
-            listen=database.connect_app,
-            poll_interval=config.projection_poll_interval,
-        )
-        await runner.prepare()
-        supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
-        started.append("projection-runner")
+        optouts: OptOutFilter | None = None
+        ledger = Ledger(store)
+        if decisions:
+            began = time.perf_counter()
+            optouts = await OptOutFilter.load(pool)
+            log.info("decision state loaded from the ledger's entries", position=optouts.position,
+                     seconds=round(time.perf_counter() - began, 2), grants=len(optouts.grants),
+                     projection_poll_interval=config.projection_poll_interval, filter_wait=config.filter_wait)
+            runner = Runner(
+                pool,
+                default_projections() if projections is None else list(projections),
+                followers=[optouts],
+                listen=database.connect_app,
+                poll_interval=config.projection_poll_interval,
+            )
+            await runner.prepare()
+            supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
+            started.append("projection-runner")
+            ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
         yield Components(
             config=config,
             database=database,
             pool=pool,
             store=store,
-            ledger=Ledger(store, ProjectedOptOutAssessor(optouts, runner)),
+            ledger=ledger,
             read_sessions=ReadSessions(store),
             tiles=tiles,
             checkpoints=checkpoints,

@@ -76,6 +76,7 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     following = dataclasses.replace(config, projection_poll_interval=0.05)
     async with running(following, database, signers=signers, projections=()) as parts:
         ledger, store, runner, optouts = parts.ledger, parts.store, parts.runner, parts.opt_out_filter
+        assert runner is not None and optouts is not None
         # The demo may run again on the same data: say what was already there
         # instead of failing on the first grant or data use that exists.
         existing = {"opt-outs": 0, "grants": 0, "study consents": 0, "data uses": 0}

@@ -63,8 +63,9 @@ async def run_import(config: Config, path: Path, *, source: str | None, batch: i
     database = await locate(config)
     signers, _ = load_signers(config)
     written = 0
-    # The projections catch up in the next `serve`; the import only writes.
-    async with running(config, database, signers=signers, projections=()) as parts:
+    # The import only writes choices: no decision state to follow, and the
+    # projections catch up in the next `serve`.
+    async with running(config, database, signers=signers, decisions=False) as parts:
         with Progress("import", len(choices), unit="resources") as progress:
             for start in range(0, len(choices), batch):
                 part = choices[start:start + batch]

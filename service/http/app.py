@@ -201,6 +201,7 @@ def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Applicat
             app[READ_SESSIONS] = parts.read_sessions
             app[TILES] = parts.tiles
             app[CHECKPOINTS] = parts.checkpoints
+            assert parts.runner is not None and parts.opt_out_filter is not None  # built with decisions
             app[RUNNER] = parts.runner
             app[OPT_OUT_FILTER] = parts.opt_out_filter
             yield
