@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -97,19 +97,31 @@ async def drop_later(admin_dsn: str) -> AsyncIterator[Callable[[str], None]]:
 
 
 @pytest.fixture
-async def database(
+async def new_database(
     admin_dsn: str, template_database: str, drop_later: Callable[[str], None]
-) -> AsyncIterator[Database]:
-    name = f"cl_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await admin.close()
-    try:
-        yield Database(owner_dsn=_dsn_with_database(admin_dsn, name), embedded=False)
-    finally:
+) -> AsyncIterator[Callable[[], Awaitable[Database]]]:
+    """Makes fresh migrated databases (dropped after the test): a second
+    ledger for tests that move records from one to another."""
+    made: list[str] = []
+
+    async def make() -> Database:
+        name = f"cl_test_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        finally:
+            await admin.close()
+        made.append(name)
+        return Database(owner_dsn=_dsn_with_database(admin_dsn, name), embedded=False)
+
+    yield make
+    for name in made:
         drop_later(name)
+
+
+@pytest.fixture
+async def database(new_database: Callable[[], Awaitable[Database]]) -> Database:
+    return await new_database()
 
 
 @pytest.fixture

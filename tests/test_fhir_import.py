@@ -8,15 +8,13 @@ import asyncio
 import json
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import app_config
 from samples import auth, choice, grant, head_position, nhs_numbers
 
-from conftest import _dsn_with_database, app_config
 from service.http.app import create_app
 from service.http.keys import RUNNER
 from service.store.database import Database
@@ -26,22 +24,13 @@ A, B, C = nhs_numbers(3, seed=1515)
 
 
 @pytest.fixture
-async def other_client(admin_dsn, template_database, drop_later, verifier) -> AsyncIterator[TestClient]:
+async def other_client(new_database, verifier) -> AsyncIterator[TestClient]:
     """A second, fresh ledger: where the register is migrated to."""
-    name = f"cl_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await admin.close()
-    database = Database(owner_dsn=_dsn_with_database(admin_dsn, name), embedded=False)
-    try:
-        async with TestClient(TestServer(create_app(app_config(pool_size=4), database, verifier),
-                                         host="127.0.0.1")) as c:
-            c.database = database  # type: ignore[attr-defined]
-            yield c
-    finally:
-        drop_later(name)
+    database = await new_database()
+    async with TestClient(TestServer(create_app(app_config(pool_size=4), database, verifier),
+                                     host="127.0.0.1")) as c:
+        c.database = database  # type: ignore[attr-defined]
+        yield c
 
 
 def consent(nhs: str, policy: str, decision: str, rid: str, **extra) -> dict:

@@ -73,6 +73,23 @@ def _purposes() -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def _consent(kind: str, position: int, leaf_hash: bytes | None, nhs_number: str, when: str | None,
+             scope: tuple[str, str], policy: str, rule: str, provision: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "id": f"{kind}-{position}",
+        "identifier": _ledger_ids(position, leaf_hash),
+        "status": "active",
+        "scope": {"coding": [_coding(_SCOPE, *scope)]},
+        "category": [{"coding": [_coding("http://loinc.org", "59284-0", "Patient Consent")]}],
+        "patient": _patient(nhs_number),
+        "dateTime": when,
+        "policy": [{"uri": policy}],
+        "policyRule": {"coding": [_coding(_ACT_CODE, rule)]},
+        "provision": provision,
+    }
+
+
 def consents(choices: Choices, leaf_hashes: dict[int, bytes]) -> list[dict[str, Any]]:
     """The patient's current choices: one Consent per recorded opt-out scope
     (deny while opted out, permit once opted back in) and one per study
@@ -82,33 +99,14 @@ def consents(choices: Choices, leaf_hashes: dict[int, bytes]) -> list[dict[str, 
         if choice.state == "not-recorded" or choice.position is None:
             continue
         opted_out = choice.state == "opted-out"
-        out.append({
-            "resourceType": "Consent",
-            "id": f"choice-{choice.position}",
-            "identifier": _ledger_ids(choice.position, leaf_hashes.get(choice.position)),
-            "status": "active",
-            "scope": {"coding": [_coding(_SCOPE, "patient-privacy", "Privacy Consent")]},
-            "category": [{"coding": [_coding("http://loinc.org", "59284-0", "Patient Consent")]}],
-            "patient": _patient(choices.nhs_number),
-            "dateTime": choice.since,
-            "policy": [{"uri": _SCOPE_POLICY[scope]}],
-            "policyRule": {"coding": [_coding(_ACT_CODE, "OPTOUT" if opted_out else "OPTIN")]},
-            "provision": {"type": "deny" if opted_out else "permit", "purpose": _purposes()},
-        })
+        out.append(_consent("choice", choice.position, leaf_hashes.get(choice.position), choices.nhs_number,
+                            choice.since, ("patient-privacy", "Privacy Consent"), _SCOPE_POLICY[scope],
+                            "OPTOUT" if opted_out else "OPTIN",
+                            {"type": "deny" if opted_out else "permit", "purpose": _purposes()}))
     for consent in choices.consents:
-        out.append({
-            "resourceType": "Consent",
-            "id": f"consent-{consent.position}",
-            "identifier": _ledger_ids(consent.position, leaf_hashes.get(consent.position)),
-            "status": "active",
-            "scope": {"coding": [_coding(_SCOPE, "research", "Research")]},
-            "category": [{"coding": [_coding("http://loinc.org", "59284-0", "Patient Consent")]}],
-            "patient": _patient(choices.nhs_number),
-            "dateTime": consent.given_at,
-            "policy": [{"uri": GRANT + consent.grant_id}],
-            "policyRule": {"coding": [_coding(_ACT_CODE, "OPTIN")]},
-            "provision": {"type": "permit"},
-        })
+        out.append(_consent("consent", consent.position, leaf_hashes.get(consent.position), choices.nhs_number,
+                            consent.given_at, ("research", "Research"), GRANT + consent.grant_id, "OPTIN",
+                            {"type": "permit"}))
     for resource in out:
         Consent.model_validate(resource)
     return out
