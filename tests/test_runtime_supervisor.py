@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
@@ -152,3 +153,25 @@ async def test_the_checkpoint_signer_survives_the_errors_that_killed_it(
     assert failures and all(e["task"] == "checkpoint-signer" for e in failures)
     assert {e["error"].split(":")[0] for e in failures} == {"InterfaceError", "InternalClientError"}
 
+
+
+async def test_a_cancellation_of_the_caller_during_stop_is_not_swallowed():
+    """Ctrl-C while a command stops its background tasks must still stop the
+    command (it once ended as a normal stop, exit status 0)."""
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def slow_to_stop(beat) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()  # a task that takes a moment to wind down
+
+    supervisor.start("slow", slow_to_stop, every=1.0)
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(supervisor.stop())
+    await asyncio.sleep(0.01)
+    stopping.cancel()  # the caller is cancelled while it waits for the task
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping

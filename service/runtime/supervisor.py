@@ -117,4 +117,8 @@ class Supervisor:
             try:
                 await state.task  # failures were caught, logged and retried inside
             except asyncio.CancelledError:
-                pass
+                # The task cancelled above has ended. If the caller is itself
+                # being cancelled (Ctrl-C while a command shuts down), that
+                # cancellation must go on, not end here as a normal stop.
+                if (me := asyncio.current_task()) is not None and me.cancelling():
+                    raise
