@@ -186,8 +186,11 @@ async def test_ctrl_c_stops_a_long_demo_at_once_with_one_line(database, tmp_path
                 "CONSENT_LEDGER_LOG_LEVEL": "warning", "CONSENT_LEDGER_PROGRESS_SECONDS": "0.2"})
     errors = tmp_path / "stderr"
     with errors.open("w") as sink:
+        # As from a terminal: a runner started in the background may have left SIGINT ignored, which the
+        # command would inherit and never see the Ctrl-C this test sends.
         process = subprocess.Popen([*_command(), "demo", "--patients", "200000"], env=env, stdout=subprocess.PIPE,
-                                   stderr=sink, text=True, stdin=subprocess.DEVNULL)
+                                   stderr=sink, text=True, stdin=subprocess.DEVNULL,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while "demo: " not in errors.read_text() and time.monotonic() < deadline:
@@ -199,7 +202,7 @@ async def test_ctrl_c_stops_a_long_demo_at_once_with_one_line(database, tmp_path
         finally:
             process.kill()
     lines = errors.read_text().strip().splitlines()
-    assert process.returncode == 130
+    assert process.returncode == 130, errors.read_text()[-2000:]
     assert lines[-1].startswith("consent-ledger: interrupted") and "run again" in lines[-1]
     assert "Traceback" not in errors.read_text() and "CancelledError" not in errors.read_text()
     conn = await database.connect_owner()
