@@ -168,10 +168,12 @@ async def run_cli(*args: str, database: Database, data_dir) -> tuple[int, str]:
 async def test_the_command_line_import_checks_the_whole_file_first_and_can_run_again(database, tmp_path):
     lines = [consent(n, NATIONAL, "deny", f"r{i}") for i, n in enumerate(nhs_numbers(5, seed=77))]
     bad = tmp_path / "bad.ndjson"
+    again = consent(lines[0]["patient"]["identifier"]["value"], NATIONAL, "permit", "r-later")
     bad.write_text("\n".join(json.dumps(r) for r in lines[:3]) + "\n" +
-                   json.dumps(consent("9434765918", NATIONAL, "deny", "x")) + "\n{oops\n")
+                   json.dumps(consent("9434765918", NATIONAL, "deny", "x")) + "\n{oops\n" + json.dumps(again) + "\n")
     code, out = await run_cli("import-fhir", str(bad), "--source", "legacy", database=database, data_dir=tmp_path)
-    assert code == 2 and "nothing imported, 2 mistake(s)" in out and "line 4: " in out and "line 5: " in out, out
+    assert code == 2 and "nothing imported, 3 mistake(s)" in out and "line 4: " in out and "line 5: " in out, out
+    assert "line 6: a second record for the same patient and scope as line 1" in out, out
     assert await head_position(database) == 0
 
     good = tmp_path / "good.ndjson"
