@@ -247,6 +247,25 @@ class RegisterEntry(Struct, frozen=True, kw_only=True):
     opt_outs_applied: bool
     opt_out_exemption: Labelled | None
     opted_out_included: int
+    # The entries the row rests on: the grant and, once revoked, its revocation.
+    position: int = 0
+    revoked_position: int | None = None
+
+
+class RegisteredUse(Struct, frozen=True, kw_only=True):
+    """One data use under a grant, as the public sees it (patient counts suppressed)."""
+
+    position: int
+    use_id: str
+    purpose: Labelled
+    datasets: list[str]
+    access_method: Labelled
+    occurred_at: str
+    recorded_at: str
+    opt_out_state_position: int
+    patients: int | None
+    opted_out_included: int | None
+    exemption: Labelled | None
 
 
 class Register(Struct, frozen=True, kw_only=True):
@@ -376,3 +395,41 @@ class ReceiptProof(Struct, frozen=True, kw_only=True):
     leaf_hash: str
     proof: InclusionProof
     checkpoint: str
+
+
+class ChoiceCount(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Opt-outs and opt-ins of one scope recorded in one period, or through one channel.
+
+    Counts are of patients' choices, so they are suppressed
+    (contracts/disclosure.py): ``None`` means fewer than 10."""
+
+    scope: OptOutScope
+    opt_outs: int | None
+    opt_ins: int | None
+    period: str | None = None
+    channel: str | None = None
+
+
+class PurposeCount(Struct, frozen=True, kw_only=True):
+    purpose: Labelled
+    uses: int
+    grants: int
+
+
+class CommercialShare(Struct, frozen=True, kw_only=True):
+    grants: int
+    commercial_grants: int
+    uses: int
+    commercial_uses: int
+
+
+class Statistics(Struct, frozen=True, kw_only=True):
+    """Public figures about choices and uses; no count of patients below 10 is shown."""
+
+    as_of: int
+    period: Literal["day", "month"]
+    choices_over_time: list[ChoiceCount]
+    choices_by_channel: list[ChoiceCount]
+    opted_out_now: dict[str, int | None]
+    uses_by_purpose: list[PurposeCount]
+    commercial: CommercialShare

@@ -8,9 +8,17 @@ import asyncpg
 import numpy as np
 
 from contracts import decision
-from contracts.bodies import HistoryItem, HistoryPage, Labelled, Register, RegisterEntry
+from contracts.bodies import (
+    HistoryItem,
+    HistoryPage,
+    Labelled,
+    Register,
+    RegisteredUse,
+    RegisterEntry,
+)
 from contracts.codes import LABELS
 from contracts.decision import Reason, Terms, grant_status
+from contracts.disclosure import suppressed
 from contracts.entry import format_recorded_at
 from contracts.values import Exemption, Organisation
 
@@ -191,13 +199,15 @@ async def history(
     )
 
 
-async def register(conn: asyncpg.Connection) -> Register:
+async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Register:
+    """Every grant, or only ``grant_id`` (an empty register if there is no such grant)."""
     now = datetime.now(timezone.utc)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         as_of = await projection_position(conn, "uses")
         rows = await conn.fetch(
             "SELECT g.*, coalesce(c.patients, 0) AS patients FROM grants_view g"
-            " LEFT JOIN grant_coverage c USING (grant_id) ORDER BY g.position"
+            " LEFT JOIN grant_coverage c USING (grant_id) WHERE $1::text IS NULL OR g.grant_id = $1"
+            " ORDER BY g.position", grant_id
         )
     grants = []
     for r in rows:
@@ -223,8 +233,27 @@ async def register(conn: asyncpg.Connection) -> Register:
                                    if r["exemption_basis"] else None).opt_outs_apply,
             opt_out_exemption=_label(r["exemption_basis"]),
             opted_out_included=r["opted_out_included"],
+            position=r["position"],
+            revoked_position=r["revoked_position"],
         ))
     return Register(as_of=as_of, grants=grants)
+
+
+async def grant_uses(conn: asyncpg.Connection, grant_id: str, limit: int = 1000) -> list[RegisteredUse]:
+    """The newest ``limit`` data uses under a grant, newest first."""
+    rows = await conn.fetch(
+        "SELECT * FROM data_uses_view WHERE grant_id = $1 ORDER BY position DESC LIMIT $2", grant_id, limit)
+    uses = []
+    for r in rows:
+        purpose, method = _label(r["purpose"]), _label(r["access_method"])
+        assert purpose is not None and method is not None
+        uses.append(RegisteredUse(
+            position=r["position"], use_id=r["use_id"], purpose=purpose, datasets=list(r["datasets"]),
+            access_method=method, occurred_at=_ts(r["occurred_at"]), recorded_at=_ts(r["recorded_at"]),
+            opt_out_state_position=r["opt_out_state_position"], patients=suppressed(r["cohort_size"]),
+            opted_out_included=suppressed(r["opted_out_included"]), exemption=_label(r["exemption_basis"]),
+        ))
+    return uses
 
 
 REGISTER_COLUMNS = (
