@@ -63,6 +63,8 @@ class Operation(NamedTuple):
     session_pages: bool = False
     # A FHIR R4 interaction: errors are OperationOutcome resources (application/fhir+json).
     fhir: bool = False
+    # A page for people (text/html, errors as pages too); not part of the API document.
+    page: bool = False
 
 
 _REPEATS = (
@@ -71,6 +73,7 @@ _REPEATS = (
 )
 _after = ("after", {"type": "integer", "minimum": 0}, False)
 FHIR_JSON = "application/fhir+json"
+HTML = "text/html"
 _fhir_patient = ("patient", {"type": "string", "minLength": 1, "maxLength": 64,
                              "description": "NHS number, bare or as https://fhir.nhs.uk/Id/nhs-number|NNNNNNNNNN"},
                  True)
@@ -83,25 +86,56 @@ OPERATIONS: tuple[Operation, ...] = (
               description=_REPEATS.format(what="choice (that scope, opted out)")),
     Operation("opt_in", "POST", "/v1/patients/{nhs}/opt-in",
               "Withdraw an opt-out of that scope (201), or return the receipt of the choice in force (200)",
-              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201),
+              PATIENT_APP, bodies.ChoiceRequest, bodies.Receipt, 201,
+              description=(
+              'Records an OptOutWithdrawn entry for the scope (`national` or `type-1`) when the patient is opted '
+              'out; if they are not, nothing is written and the answer is 200 with the receipt of the choice in '
+              'force. `channel` says how the choice reached the ledger and `actor` whether the patient or a proxy '
+              '(with their role) acted. A patient-app token with an `nhs_number` claim may act only for that '
+              'patient.')),
     Operation("give_consent", "POST", "/v1/patients/{nhs}/consents",
               "Record the patient's explicit consent to one approved project (grant)",
-              PATIENT_APP, bodies.ConsentRequest, bodies.Receipt, 201),
+              PATIENT_APP, bodies.ConsentRequest, bodies.Receipt, 201,
+              description=(
+              'The grant must exist and be in force. Consent lets a grant keep the patient even while they are '
+              'opted out, and is what an `explicit-consent` grant requires. Giving a consent already in force is '
+              '200 with its receipt.')),
     Operation("withdraw_consent", "DELETE", "/v1/patients/{nhs}/consents/{grant_id}",
               "Withdraw the patient's consent to a project; the optional body says who acts (default: the patient)",
-              PATIENT_APP, bodies.ConsentWithdrawal, bodies.Receipt, 201, body_optional=True),
+              PATIENT_APP, bodies.ConsentWithdrawal, bodies.Receipt, 201, body_optional=True,
+              description=(
+              "Records StudyConsentWithdrawn; data uses under that grant that occur afterwards may no longer "
+              "include the patient on the strength of the consent. 404 if the patient never consented to that "
+              "grant; withdrawing again is 200 with the earlier receipt. Honours Idempotency-Key like every write.")),
     Operation("get_choices", "GET", "/v1/patients/{nhs}/choices",
               "The patient's current choice per scope and consents, with the position they reflect",
-              PATIENT_APP, None, bodies.Choices),
+              PATIENT_APP, None, bodies.Choices,
+              description=(
+              'The state of each opt-out scope (`opted-out`, `opted-in` or `not-recorded`, with when and at which '
+              'position) and the study consents in force. `as_of` is the ledger position the answer reflects. The '
+              'read itself is recorded (Ledger-Read-Recorded names its entry), so the patient can see who looked.')),
     Operation("create_grant", "POST", "/v1/grants",
               "Record a data access committee's grant of access",
-              DAC, bodies.GrantRequest, bodies.Receipt, 201),
+              DAC, bodies.GrantRequest, bodies.Receipt, 201,
+              description=(
+              'A grant names the organisation, purpose (code, description, patient benefit), legal basis, datasets,'
+              ' validity window and any opt-out exemption with its reference. It is in force from `valid_from` to '
+              '`valid_until` unless revoked. A `grant_id` is used once: a different grant under the same id is 409.'
+              ' The grant appears in the public register at once.')),
     Operation("revoke_grant", "POST", "/v1/grants/{grant_id}/revoke",
               "Revoke a grant; data uses under it are refused from this position on",
-              DAC, bodies.RevokeRequest, bodies.Receipt, 201),
+              DAC, bodies.RevokeRequest, bodies.Receipt, 201,
+              description=(
+              'Records AccessRevoked with the reason. From that position on, the filter refuses the grant (422) and'
+              ' data uses under it are refused; uses recorded earlier stay in the ledger. Revoking a revoked grant '
+              'is 200 with the earlier receipt.')),
     Operation("get_grant", "GET", "/v1/grants/{grant_id}",
               "A grant and its status (SDE callers see only their own organisation's grants)",
-              DAC | SDE | AUDITOR, None, bodies.GrantView),
+              DAC | SDE | AUDITOR, None, bodies.GrantView,
+              description=(
+              'The grant as recorded, its status now (`active`, `revoked`, `expired`, `not-yet-valid`), its '
+              'position and, when revoked, when and why. `dac` and `auditor` tokens read any grant; an `sde` token '
+              'reads only grants of its own organisation (`org` claim), else 403.')),
     Operation("record_data_use", "POST", "/v1/data-uses",
               "Record a use of patients' data under a grant; refused unless every member may be included under "
               "the grant when the use occurred (opt-outs, consents, exemption)",
@@ -114,11 +148,21 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("create_cohort", "POST", "/v1/cohorts",
               "Store a cohort once, content-addressed (JSON array, text/plain or MESH .dat of NHS numbers); "
               "the ledger records that the caller's organisation stored it",
-              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True, org_scoped=True),
+              SDE, None, bodies.Cohort, 201, BULK_BODY, bulk=True, org_scoped=True,
+              description=(
+              'The body is the set of NHS numbers (every check digit is checked; an error lists each bad line). The'
+              ' cohort is stored once, sorted and de-duplicated; its id is the SHA-256 of its canonical list, so '
+              'the same set always has the same id. A data use can then name the cohort by id instead of sending '
+              'millions of numbers again.')),
     Operation("get_cohort", "GET", "/v1/cohorts/{cohort_id}",
               "A stored cohort's canonical list (one 10-digit NHS number per line, sorted; its SHA-256 is the "
               "cohort_id), for auditors re-checking data uses; the read is recorded",
-              AUDITOR, None, None, media_type="text/plain", recorded=True),
+              AUDITOR, None, None, media_type="text/plain", recorded=True,
+              description=(
+              'Only auditors may read members: the answer lists NHS numbers, so the read is recorded first (Ledger-'
+              "Read-Recorded) and appears in each member's history as a read by someone else. Hashing the body with"
+              ' SHA-256 gives the cohort id back.'),
+              ),
     Operation("opt_out_filter", "POST", "/v1/opt-out-filter",
               "The NHS numbers that may be used under a grant of the caller's organisation (or with opt-outs "
               "alone), in input order (JSON, text/plain or MESH .dat, answered in kind); every call is recorded",
@@ -127,20 +171,48 @@ OPERATIONS: tuple[Operation, ...] = (
                                   "description": "checked against the grant's purpose (needs grant_id)"}, False),
                      ("grant_id", {"type": "string"}, False),
                      ("min_position", {"type": "integer", "minimum": 0}, False)), bulk=True,
-              also_as=("text/plain", "application/vnd.nhs.mesh.dat"), org_scoped=True, recorded=True),
+              also_as=("text/plain", "application/vnd.nhs.mesh.dat"), org_scoped=True, recorded=True,
+              description=(
+              'Send the candidate cohort; the answer keeps the order of the input and leaves out everyone who may '
+              "not be used: with `grant_id`, under that grant's terms (consents kept, `explicit-consent` keeps only"
+              ' consenters, an exemption keeps everyone and `Ledger-Exemption` says why); without it, opt-outs '
+              'alone apply. `as_of` is the position the decision reflects and `removed` how many were left out; '
+              '`min_position` waits (bounded) until the filter reflects that position, for read-your-writes. Every '
+              'call is recorded as an OptOutFilterApplied entry whose position comes back in Ledger-Read-Recorded, '
+              'and `consent-ledger verify --decisions` re-derives each decision from the log.'),
+              ),
     Operation("get_history", "GET", "/v1/patients/{nhs}/history",
               "Who used my data: choice changes and data uses that included the patient, newest first",
               PATIENT_APP, None, bodies.HistoryPage,
-              query=(("cursor", {"type": "string"}, False), _limit)),
+              query=(("cursor", {"type": "string"}, False), _limit),
+              description=(
+              'Each item says in plain words what happened: an opt-out or opt-in (with channel and who acted), a '
+              'consent given or withdrawn, a data use that included the patient (organisation, purpose, legal '
+              'basis, datasets, access method, whether an opt-out was set aside and why) and a recorded read of the'
+              " patient's data by someone else. Pages of up to `limit` items; follow `next_cursor` for older ones. "
+              'The read is recorded.'),
+              ),
     Operation("get_register", "GET", "/v1/register",
               "The public data uses register: one row per grant, no personal data (JSON, or CSV)",
               PUBLIC, None, bodies.Register,
-              query=(("format", {"type": "string", "enum": ["json", "csv"]}, False),), also_as=("text/csv",)),
+              query=(("format", {"type": "string", "enum": ["json", "csv"]}, False),), also_as=("text/csv",),
+              description=(
+              'One row per grant: organisation, purpose and its description, patient benefit, legal basis, '
+              'datasets, commercial or not, validity, status, number of uses, patients covered, whether opt-outs '
+              'apply and any exemption. `format=csv` (or `Accept: text/csv`) gives the same rows as CSV with a '
+              'Ledger-As-Of header. No token needed.')),
     Operation("list_events", "GET", "/v1/events",
               "Ledger entries in position order", AUDITOR, None, bodies.EventsPage,
-              query=(_after, _limit), session_pages=True),
+              query=(_after, _limit), session_pages=True,
+              description=(
+              'Entries after position `after` (default 0), up to `limit` per page, each with its payload, leaf hash'
+              ' and chain hash; follow `next_after` for the next page. Each page is recorded as a read unless a '
+              'read session (`Ledger-Read-Session`) covers it.')),
     Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
-              AUDITOR, None, bodies.EventView, session_pages=True),
+              AUDITOR, None, bodies.EventView, session_pages=True,
+              description=(
+              'The entry at `position` with its hashes (404 beyond the head). Recorded as a read unless a read '
+              'session covers it.')),
     Operation("open_read_session", "POST", "/v1/read-sessions",
               "Record one read of a range of entries, covering every page of it for a day",
               AUDITOR, bodies.ReadSessionRequest, bodies.ReadSession, 201,
@@ -153,30 +225,62 @@ OPERATIONS: tuple[Operation, ...] = (
                           "and only until `expires_at`; otherwise the page is 403, saying which."),
     Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
               "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
-              PATIENT_APP, None, bodies.ReceiptProof),
+              PATIENT_APP, None, bodies.ReceiptProof,
+              description=(
+              "For an entry about the caller's own patient (a choice or consent): the entry, its exact bytes "
+              '(`entry`), leaf hash, RFC 9162 inclusion proof and the signed checkpoint the proof leads to. Anyone '
+              "holding the log's public key can check it offline; the /transparency page does it in the browser. "
+              "Another patient's entry answers exactly like a missing one (404)."),
+              ),
     Operation("get_checkpoint", "GET", "/checkpoint",
               "The latest signed checkpoint (C2SP tlog-checkpoint, text/plain)", PUBLIC,
-              media_type="text/plain"),
+              media_type="text/plain",
+              description=(
+              "A C2SP signed note: origin, tree size and base64 root hash, signed with the log's Ed25519 key(s) "
+              '(see /v1/log-key). Signed at most every few seconds as the log grows; clients keep the last one they'
+              ' verified to detect a rollback or fork.'),
+              ),
     Operation("get_entry_bundle", "GET", "/tile/entries/{tile_path:.+}",
               "Entry bundle (C2SP tlog-tiles): big-endian uint16 length-prefixed entries", AUDITOR,
-              media_type="application/octet-stream", session_pages=True),
+              media_type="application/octet-stream", session_pages=True,
+              description=(
+              'The entries of one tile (256, or fewer in a partial tile `.p/W`), each as a big-endian uint16 length'
+              ' followed by the entry bytes, as C2SP tlog-tiles defines them. Auditor only, since entries name '
+              'patients; recorded as a read unless a read session covers it. Full tiles never change and are '
+              'cacheable for a year.')),
     Operation("get_tile", "GET", r"/tile/{level:\d+}/{tile_path:.+}",
               "Merkle hash tile (C2SP tlog-tiles): 32-byte hashes", PUBLIC,
-              media_type="application/octet-stream"),
+              media_type="application/octet-stream",
+              description=(
+              'Level-`L` tile `N` holds up to 256 32-byte Merkle hashes (C2SP tlog-tiles): level 0 the leaf hashes,'
+              ' higher levels the subtree roots. Public: hashes reveal nothing about patients. Full tiles are '
+              'immutable and cacheable.')),
     Operation("inclusion_proof", "GET", "/v1/proofs/inclusion",
               "RFC 9162 inclusion proof of the entry at `position` in the tree of `tree_size` (default: latest checkpoint)",
               PUBLIC, None, bodies.InclusionProof,
               query=(("position", {"type": "integer", "minimum": 1}, True),
-                     ("tree_size", {"type": "integer", "minimum": 1}, False)), may_be_missing=True),
+                     ("tree_size", {"type": "integer", "minimum": 1}, False)), may_be_missing=True,
+              description=(
+              'The audit path from the leaf at `position - 1` to the root of the tree of `tree_size` entries '
+              '(default: the latest checkpoint). 404 while the log is smaller than `tree_size`.')),
     Operation("consistency_proof", "GET", "/v1/proofs/consistency",
               "RFC 9162 consistency proof between tree sizes `from` and `to`",
               PUBLIC, None, bodies.ConsistencyProof,
               query=(("from", {"type": "integer", "minimum": 1}, True),
-                     ("to", {"type": "integer", "minimum": 1}, True)), may_be_missing=True),
+                     ("to", {"type": "integer", "minimum": 1}, True)), may_be_missing=True,
+              description=(
+              'The hashes showing that the tree of `from` entries is a prefix of the tree of `to` entries, so '
+              'nothing earlier was changed or removed. 404 while the log is smaller than `to`.')),
     Operation("log_key", "GET", "/v1/log-key", "The checkpoint verifier key(s) in signed-note vkey form",
-              PUBLIC, None, bodies.LogKeys),
+              PUBLIC, None, bodies.LogKeys,
+              description=(
+              'The checkpoint origin and every key that signs it, in signed-note vkey form (name+keyid+base64 key).'
+              ' During a key rotation both keys are listed.')),
     Operation("fhir_metadata", "GET", "/fhir/metadata", "FHIR R4 CapabilityStatement of the FHIR interface",
-              PUBLIC, media_type=FHIR_JSON, fhir=True),
+              PUBLIC, media_type=FHIR_JSON, fhir=True,
+              description=(
+              'The CapabilityStatement lists the FHIR interactions this service offers (Consent search, AuditEvent '
+              'search, Bundle import), their search parameters and the security they need.')),
     Operation("fhir_consents", "GET", "/fhir/Consent",
               "A patient's current choices as FHIR R4 Consent resources (a searchset Bundle)",
               PATIENT_APP, media_type=FHIR_JSON, fhir=True, recorded=True, query=(_fhir_patient,),
@@ -206,13 +310,57 @@ OPERATIONS: tuple[Operation, ...] = (
                           "index and nothing is written."),
     Operation("whoami", "GET", "/v1/whoami",
               "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
-              frozenset(ROLES), None, bodies.TokenInfo),
-    Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health),
+              frozenset(ROLES), None, bodies.TokenInfo,
+              description=(
+              'What this service makes of a bearer token: its subject, the roles it accepts from it, the '
+              'organisation and whether it is bound to one patient (the NHS number is not echoed). Useful to check '
+              'a token before using it; 401 says why a token is refused.')),
+    Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health,
+              description=(
+              '200 while the process runs and answers HTTP; says nothing about the database (see /readyz).'),
+              ),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running, no background task stalled",
-              PUBLIC, None, bodies.Health),
+              PUBLIC, None, bodies.Health,
+              description=(
+              '200 when the database answers, the writer runs and no background task (checkpoint signer, '
+              'projections, filter) has stalled; otherwise 503 naming what is wrong, so a load balancer stops '
+              'sending requests here.')),
     Operation("metrics", "GET", "/metrics", "Prometheus metrics (no personal data: routes are templates)",
-              PUBLIC, media_type="text/plain"),
-    Operation("openapi", "GET", "/openapi.json", "This document", PUBLIC),
+              PUBLIC, media_type="text/plain",
+              description=(
+              "Prometheus text format: request counts and latencies per route template and status, the ledger "
+              "head, the write queue, the latest checkpoint's size, and the position each projection and the "
+              "opt-out filter has reached. Routes are templates, never paths, so no NHS number appears.")),
+    Operation("openapi", "GET", "/openapi.json", "This document", PUBLIC,
+              description=(
+              'The OpenAPI 3.1 document of this API, generated from the contracts (msgspec Structs and the '
+              'operation table) the service itself runs on. /docs renders it for people.')),
+    # Pages for people: server-rendered, no login (the patient page acts with the token typed into it).
+    Operation("page_home", "GET", "/", "What this ledger is, its latest checkpoint, and where to look next",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_register", "GET", "/register", "The public register of grants, searchable and filterable",
+              PUBLIC, media_type=HTML, page=True,
+              query=(("q", {"type": "string", "maxLength": 200}, False),
+                     ("purpose", {"type": "string", "enum": list(values(Purpose))}, False),
+                     ("status", {"type": "string", "enum": ["active", "revoked", "expired", "not-yet-valid"]}, False),
+                     ("commercial", {"type": "string", "enum": ["yes", "no"]}, False))),
+    Operation("page_grant", "GET", "/register/{grant_id}", "One grant: its terms, the uses under it, its entries",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_statistics", "GET", "/statistics", "Charts of choices over time, uses per purpose, commercial share",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_transparency", "GET", "/transparency", "How to verify this ledger, with a receipt checker",
+              PUBLIC, media_type=HTML, page=True,
+              query=(("from", {"type": "integer", "minimum": 1}, False), ("to", {"type": "integer", "minimum": 1}, False))),
+    Operation("page_check_receipt", "POST", "/transparency/receipt", "Check a pasted receipt on the server",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_patient", "GET", "/patient", "Reference patient timeline: sign in with a patient-app token",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_patient_act", "POST", "/patient", "Reference patient timeline: show, confirm and record choices",
+              PUBLIC, media_type=HTML, page=True),
+    Operation("page_docs", "GET", "/docs", "The API reference, rendered from /openapi.json", PUBLIC,
+              media_type=HTML, page=True),
+    Operation("page_asset", "GET", "/static/{asset:.+}", "The pages' stylesheets, scripts and images", PUBLIC,
+              media_type="application/octet-stream", page=True),
 )
 
 BY_ID = {op.id: op for op in OPERATIONS}
@@ -255,6 +403,8 @@ def openapi(version: str) -> dict[str, Any]:
     )
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
+        if op.page:
+            continue
         params = [
             {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
             for name in _path_names(op.path)
