@@ -29,7 +29,8 @@ ROOMS = {
     "witness": {"store", "runtime", "console"},
     "composition": {"app", "store", "runtime"},  # the root that builds a running ledger
     "fhir": {"domain"},  # the ledger's records as FHIR resources, and imported ones as domain values
-    "http": {"app", "auth", "composition", "domain", "fhir", "store", "runtime"},
+    "pages": set(),  # templates, static files, charts and the patient page's API client
+    "http": {"app", "audit", "auth", "composition", "domain", "fhir", "pages", "store", "runtime"},
     "cli": {"app", "audit", "auth", "composition", "domain", "fhir", "http", "runtime", "store", "witness", "console"},
 }
 SHARED = {"config", "__version__"}

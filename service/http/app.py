@@ -22,7 +22,15 @@ from service.auth.tokens import Forbidden, Unauthenticated, Verifier, authorise
 from service.composition import running
 from service.config import Config
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
-from service.http import data_uses, fhir, grants, operations, patients, transparency
+from service.http import (
+    data_uses,
+    fhir,
+    grants,
+    operations,
+    pages,
+    patients,
+    transparency,
+)
 from service.http.keys import (
     CHECKPOINTS,
     CONFIG,
@@ -34,6 +42,7 @@ from service.http.keys import (
     POOL,
     READ_SESSIONS,
     RUNNER,
+    STATISTICS,
     STORE,
     SUPERVISOR,
     TILES,
@@ -44,6 +53,8 @@ from service.http.keys import (
 from service.http.problems import ProblemError
 from service.http.requests import Handler, path_nhs
 from service.http.timeouts import request_timeout
+from service.pages.cache import Expiring
+from service.pages.rendering import API_POLICY, PAGE_POLICY, render
 from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
 from service.runtime.worker_threads import WorkerThreads
@@ -56,7 +67,7 @@ log = structlog.get_logger('consent_ledger.http')
 # Each API area registers its own handlers; an operation without one fails at start-up.
 HANDLERS: dict[str, Handler] = {
     **patients.HANDLERS, **grants.HANDLERS, **data_uses.HANDLERS, **transparency.HANDLERS, **operations.HANDLERS,
-    **fhir.HANDLERS,
+    **fhir.HANDLERS, **pages.HANDLERS,
 }
 
 
@@ -153,13 +164,37 @@ async def request_context(
             log.error("unhandled error", route=template, error=type(exc).__name__, exc_info=True)
             problem = ProblemError(500, "internal-error", "Internal error",
                                    f"the server failed; quote request id {request_id} when reporting it")
-        # FHIR clients expect an OperationOutcome; everyone else an RFC 9457 problem.
-        response = fhir.outcome_response(problem) if request.path.startswith("/fhir/") else problem.response()
+        # FHIR clients expect an OperationOutcome, people a page; everyone else an RFC 9457 problem.
+        if request.path.startswith("/fhir/"):
+            response = fhir.outcome_response(problem)
+        elif _for_people(request):
+            response = render("error.html", http_status=problem.status, problem=problem, nav=None)
+            response.headers.update({k: v for k, v in problem.headers.items() if k in ("Allow", "Retry-After")})
+        else:
+            response = problem.response()
     response.headers["X-Request-Id"] = request_id
+    _security_headers(response)
     elapsed = time.perf_counter() - started
     request.app[METRICS].observe(request.method, template, response.status, elapsed)
     log.info("request", method=request.method, route=template, status=response.status, ms=round(elapsed * 1000, 2))
     return response
+
+
+def _for_people(request: web.Request) -> bool:
+    """A page's own route, or an unknown address a browser asked for."""
+    route = request.match_info.route
+    op = api.BY_ID.get(route.name) if route.name else None
+    if op is not None:
+        return op.page
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def _security_headers(response: web.StreamResponse) -> None:
+    page = response.content_type == "text/html"
+    response.headers.setdefault("Content-Security-Policy", PAGE_POLICY if page else API_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
 
 
 # --- composition --------------------------------------------------------------------
@@ -181,6 +216,8 @@ def create_app(
     app[METRICS] = Metrics()
     app[SUPERVISOR] = Supervisor(stall_after=config.task_stall_seconds)
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
+    # The statistics scan whole projection tables: one computation serves every visitor for a minute.
+    app[STATISTICS] = Expiring(60.0)
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
     if missing:
         raise RuntimeError(f"operations without a handler: {sorted(missing)}")

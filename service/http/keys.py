@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from contracts.bodies import Statistics
 from projections.optout_filter import OptOutFilter
 from projections.runner import Runner
 from service.app.ledger import Ledger
@@ -12,6 +13,7 @@ from service.app.read_records import ReadSessions
 from service.auth.token_cache import VerifiedTokens
 from service.auth.tokens import Verifier
 from service.config import Config
+from service.pages.cache import Expiring
 from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
 from service.runtime.worker_threads import WorkerThreads
@@ -37,3 +39,4 @@ OPT_OUT_FILTER = web.AppKey("opt_out_filter", OptOutFilter)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 WORKERS = web.AppKey("worker_threads", WorkerThreads)
 READ_SESSIONS = web.AppKey("read_sessions", ReadSessions)
+STATISTICS = web.AppKey("statistics", Expiring[Statistics])

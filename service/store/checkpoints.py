@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -35,6 +36,7 @@ class SignedCheckpoint:
     size: int
     root: bytes
     note: str
+    signed_at: datetime
 
 
 def load_signers(config: Config) -> tuple[list[note.Signer], bool]:
@@ -73,10 +75,11 @@ class CheckpointLog:
 
     async def latest(self) -> SignedCheckpoint:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT tree_size, root, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1")
+            row = await conn.fetchrow(
+                "SELECT tree_size, root, note, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1")
         if row is None:
             return await self.sign()
-        return SignedCheckpoint(row["tree_size"], bytes(row["root"]), row["note"])
+        return SignedCheckpoint(row["tree_size"], bytes(row["root"]), row["note"], row["signed_at"])
 
     async def sign(self) -> SignedCheckpoint:
         """Sign the current head if it is new; return the latest checkpoint."""
@@ -85,14 +88,14 @@ class CheckpointLog:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
                 size = await conn.fetchval("SELECT position FROM ledger_head")
                 last = await conn.fetchrow(
-                    "SELECT tree_size, root, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+                    "SELECT tree_size, root, note, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
                 )
                 if last is not None and size <= last["tree_size"]:
                     if size < last["tree_size"]:
                         raise CheckpointRefused(
                             f"the ledger head ({size}) is behind the last checkpoint ({last['tree_size']})"
                         )
-                    return SignedCheckpoint(last["tree_size"], bytes(last["root"]), last["note"])
+                    return SignedCheckpoint(last["tree_size"], bytes(last["root"]), last["note"], last["signed_at"])
                 try:
                     root = await self.reader.root(conn, size)
                     if last is not None and last["tree_size"] > 0:
@@ -104,11 +107,11 @@ class CheckpointLog:
                 except LookupError as exc:  # hashes missing: the tree (or the log under it) was damaged
                     raise CheckpointRefused(f"the stored tree is incomplete: {exc}") from None
                 text = note.sign(note.Checkpoint(self.origin, size, root).body(), self.signers)
-                await conn.execute(
-                    "INSERT INTO checkpoints (tree_size, root, note) VALUES ($1, $2, $3)", size, root, text
-                )
+                signed_at = await conn.fetchval(
+                    "INSERT INTO checkpoints (tree_size, root, note) VALUES ($1, $2, $3) RETURNING signed_at",
+                    size, root, text)
         log.info("checkpoint signed", tree_size=size)
-        return SignedCheckpoint(size, root, text)
+        return SignedCheckpoint(size, root, text, signed_at)
 
     async def run(self, beat: Callable[[], None]) -> None:
         """Sign a checkpoint every interval while the log grows (run under the

@@ -1,0 +1,53 @@
+"""Checking a receipt a patient holds, with nothing but the log's public key.
+
+The same steps the browser runs in /static/receipt-check.js (for readers
+without JavaScript, or whose browser lacks Ed25519): the entry's bytes hash
+to its leaf, the inclusion proof leads from that leaf to a root, and a
+checkpoint signed by the log's key commits to that root at that size."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+from contracts import bodies, merkle, note
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def check_receipt(text: str, verifiers: list[note.Verifier], origin: str) -> list[Check]:
+    """Every check on a pasted receipt (GET /v1/patients/{nhs}/receipts/{position}), in order;
+    the first that fails ends the list (later checks would only repeat it)."""
+    checks: list[Check] = []
+    try:
+        receipt = msgspec.json.decode(text.encode(), type=bodies.ReceiptProof)
+    except msgspec.DecodeError as exc:
+        return [Check("receipt", False, f"this is not a receipt as the ledger gives them: {exc}")]
+    leaf = hashlib.sha256(b"\x00" + receipt.entry.encode()).digest()
+    if leaf.hex() != receipt.leaf_hash.lower():
+        return [Check("leaf", False, "the entry's bytes do not hash to the receipt's leaf hash: the entry was changed")]
+    checks.append(Check("leaf", True, f"the entry hashes to leaf {leaf.hex()[:16]}…"))
+    proof = receipt.proof
+    try:
+        root = merkle.root_from_inclusion(proof.leaf_index, proof.tree_size, leaf,
+                                          [bytes.fromhex(h) for h in proof.hashes])
+    except (ValueError, merkle.ProofError) as exc:
+        return [*checks, Check("proof", False, f"the inclusion proof is malformed: {exc}")]
+    checks.append(Check("proof", True, f"the proof leads from entry {proof.leaf_index + 1} to a root of a "
+                                      f"{proof.tree_size:,}-entry log"))
+    try:
+        checkpoint = note.open_checkpoint(receipt.checkpoint, verifiers, origin)
+    except note.NoteError as exc:
+        return [*checks, Check("signature", False, f"the checkpoint is not signed by this log's key: {exc}")]
+    checks.append(Check("signature", True, f"the checkpoint is signed by {origin}'s key"))
+    if checkpoint.size != proof.tree_size or checkpoint.root != root:
+        return [*checks, Check("root", False, "the signed checkpoint commits to another log than the proof leads to")]
+    checks.append(Check("root", True, f"the signed checkpoint commits to that root at size {checkpoint.size:,}"))
+    return checks

@@ -1,0 +1,1 @@
+"""Pages for people: templates, stylesheets, scripts and the charts drawn on the server."""
