@@ -13,7 +13,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from contracts import bodies, merkle, note
+from contracts import api, bodies, merkle, note
 from contracts.codes import LABELS, OptOutScope, Purpose, values
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from projections import reads as projection_reads
@@ -28,7 +28,6 @@ from service.pages.patient_api import ApiRefused, PatientApi
 from service.pages.rendering import asset, render
 
 FORM = "application/x-www-form-urlencoded"
-FORM_LIMIT = 64 * 1024
 HISTORY_WAITS = 30  # tenths of a second
 STATUSES = ("active", "revoked", "expired", "not-yet-valid")
 
@@ -156,11 +155,11 @@ async def _transparency(request: web.Request, *, receipt: str = "", checks: list
                   receipt=receipt, checks=checks)
 
 
-async def _form(request: web.Request) -> dict[str, str]:
+async def _form(request: web.Request, op_id: str) -> dict[str, str]:
     if request.content_type != FORM:
         raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
                            f"send the page's form ({FORM})")
-    raw = await read_body(request, FORM_LIMIT)
+    raw = await read_body(request, api.BY_ID[op_id].body_limit)
     try:
         fields = parse_qs(bytes(raw).decode(), keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=20)
     except (UnicodeDecodeError, ValueError):
@@ -171,7 +170,7 @@ async def _form(request: web.Request) -> dict[str, str]:
 
 
 async def check_receipt_page(request: web.Request, caller: Caller | None) -> web.Response:
-    pasted = (await _form(request)).get("receipt", "").strip()
+    pasted = (await _form(request, "page_check_receipt")).get("receipt", "").strip()
     if not pasted:
         raise invalid("paste a receipt (the JSON a patient app shows) into the box", "form.receipt", status=400)
     checkpoints = request.app[CHECKPOINTS]
@@ -211,6 +210,8 @@ def _patient_form(fields: dict[str, str]) -> PatientForm:
     scope = fields.get("scope", "")
     if action in ("opt-out", "opt-in") and scope not in values(OptOutScope):
         raise invalid("choose which opt-out: national or type-1", "form.scope", status=400)
+    if action == "withdraw" and not fields.get("grant_id"):
+        raise invalid("say which consent to withdraw (its grant)", "form.grant_id", status=400)
     position = fields.get("position", "0")
     if action == "receipt" and not (position.isdigit() and 0 < int(position) < 2**62):
         raise invalid("a receipt is asked for by its ledger position", "form.position", status=400)
@@ -235,7 +236,7 @@ def _scopes() -> list[tuple[str, str]]:
 
 
 async def patient_act(request: web.Request, caller: Caller | None) -> web.Response:
-    form = _patient_form(await _form(request))
+    form = _patient_form(await _form(request, "page_patient_act"))
     written = confirm = receipt = refused = choices = history = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         api = PatientApi(session, _loopback(request), form.token)
