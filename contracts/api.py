@@ -161,8 +161,7 @@ OPERATIONS: tuple[Operation, ...] = (
               description=(
               'Only auditors may read members: the answer lists NHS numbers, so the read is recorded first (Ledger-'
               "Read-Recorded) and appears in each member's history as a read by someone else. Hashing the body with"
-              ' SHA-256 gives the cohort id back.'),
-              ),
+              ' SHA-256 gives the cohort id back.')),
     Operation("opt_out_filter", "POST", "/v1/opt-out-filter",
               "The NHS numbers that may be used under a grant of the caller's organisation (or with opt-outs "
               "alone), in input order (JSON, text/plain or MESH .dat, answered in kind); every call is recorded",
@@ -179,8 +178,7 @@ OPERATIONS: tuple[Operation, ...] = (
               'alone apply. `as_of` is the position the decision reflects and `removed` how many were left out; '
               '`min_position` waits (bounded) until the filter reflects that position, for read-your-writes. Every '
               'call is recorded as an OptOutFilterApplied entry whose position comes back in Ledger-Read-Recorded, '
-              'and `consent-ledger verify --decisions` re-derives each decision from the log.'),
-              ),
+              'and `consent-ledger verify --decisions` re-derives each decision from the log.')),
     Operation("get_history", "GET", "/v1/patients/{nhs}/history",
               "Who used my data: choice changes and data uses that included the patient, newest first",
               PATIENT_APP, None, bodies.HistoryPage,
@@ -190,8 +188,7 @@ OPERATIONS: tuple[Operation, ...] = (
               'consent given or withdrawn, a data use that included the patient (organisation, purpose, legal '
               'basis, datasets, access method, whether an opt-out was set aside and why) and a recorded read of the'
               " patient's data by someone else. Pages of up to `limit` items; follow `next_cursor` for older ones. "
-              'The read is recorded.'),
-              ),
+              'The read is recorded.')),
     Operation("get_register", "GET", "/v1/register",
               "The public data uses register: one row per grant, no personal data (JSON, or CSV)",
               PUBLIC, None, bodies.Register,
@@ -230,16 +227,26 @@ OPERATIONS: tuple[Operation, ...] = (
               "For an entry about the caller's own patient (a choice or consent): the entry, its exact bytes "
               '(`entry`), leaf hash, RFC 9162 inclusion proof and the signed checkpoint the proof leads to. Anyone '
               "holding the log's public key can check it offline; the /transparency page does it in the browser. "
-              "Another patient's entry answers exactly like a missing one (404)."),
-              ),
+              "Another patient's entry answers exactly like a missing one (404).")),
     Operation("get_checkpoint", "GET", "/checkpoint",
               "The latest signed checkpoint (C2SP tlog-checkpoint, text/plain)", PUBLIC,
               media_type="text/plain",
               description=(
               "A C2SP signed note: origin, tree size and base64 root hash, signed with the log's Ed25519 key(s) "
-              '(see /v1/log-key). Signed at most every few seconds as the log grows; clients keep the last one they'
-              ' verified to detect a rollback or fork.'),
-              ),
+              "(see /v1/log-key), followed by any witness cosignatures collected for it (usually none for the "
+              "newest: see /checkpoint/witnessed). Signed at most every few seconds as the log grows; clients "
+              "keep the last one they verified to detect a rollback or fork.")),
+    Operation("get_witnessed_checkpoint", "GET", "/checkpoint/witnessed",
+              "The latest checkpoint cosigned by a quorum of the log's witnesses, with their cosignature lines",
+              PUBLIC, media_type="text/plain", may_be_missing=True,
+              description=(
+              "The log submits its checkpoints to the witnesses it is configured with (C2SP tlog-witness, at "
+              "most every CONSENT_LEDGER_WITNESS_INTERVAL seconds); each cosigns only a checkpoint consistent "
+              "with every one it cosigned before. This is the largest checkpoint that at least "
+              "CONSENT_LEDGER_WITNESS_QUORUM of them cosigned, as a signed note: the log's signature, then one "
+              "C2SP tlog-cosignature line per witness. It lags /checkpoint by up to the interval. 404 when no "
+              "witness is configured or no checkpoint has a quorum yet. `consent-ledger verify --witness VKEY` "
+              "verifies the log against it.")),
     Operation("get_entry_bundle", "GET", "/tile/entries/{tile_path:.+}",
               "Entry bundle (C2SP tlog-tiles): big-endian uint16 length-prefixed entries", AUDITOR,
               media_type="application/octet-stream", session_pages=True,
@@ -317,8 +324,7 @@ OPERATIONS: tuple[Operation, ...] = (
               'a token before using it; 401 says why a token is refused.')),
     Operation("healthz", "GET", "/healthz", "Liveness", PUBLIC, None, bodies.Health,
               description=(
-              '200 while the process runs and answers HTTP; says nothing about the database (see /readyz).'),
-              ),
+              '200 while the process runs and answers HTTP; says nothing about the database (see /readyz).')),
     Operation("readyz", "GET", "/readyz", "Readiness: database reachable, writer running, no background task stalled",
               PUBLIC, None, bodies.Health,
               description=(

@@ -31,6 +31,7 @@ from service.store.database import Database
 from service.store.event_store import EventStore
 from service.store.migrations import migrate
 from service.store.tiles import TileReader
+from service.witness.submitter import Submitter
 
 log = structlog.get_logger("consent_ledger.composition")
 
@@ -100,6 +101,10 @@ async def running(
     try:
         supervisor.start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
         started.append("checkpoint-signer")
+        if config.witnesses:
+            submitter = Submitter(checkpoints, tiles, pool, list(config.witnesses), config.witness_interval)
+            supervisor.start("witness-submitter", submitter.run, every=config.witness_interval)
+            started.append("witness-submitter")
         optouts: OptOutFilter | None = None
         ledger = Ledger(store)
         if decisions:

@@ -11,7 +11,7 @@ from typing import Any
 class ConfigError(RuntimeError):
     """Settings that cannot work together; the message says what to set."""
 
-from contracts import nhs_number
+from contracts import cosignature, nhs_number, note
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class Config:
     nhs_number_ranges: tuple[str, ...] = ()
     task_stall_seconds: float = 30.0
     progress_seconds: float = 10.0
+    # Witnesses the log submits its checkpoints to: (add-checkpoint URL, cosigner vkey).
+    witnesses: tuple[tuple[str, str], ...] = ()
+    witness_quorum: int = 0
+    witness_interval: float = 10.0
 
     @property
     def production(self) -> bool:
@@ -90,7 +94,33 @@ def load(env: dict[str, str] | None = None) -> Config:
         task_stall_seconds=_number(env, "CONSENT_LEDGER_TASK_STALL_SECONDS", "30", float),
         # Long commands print a progress line this often when stderr is not a terminal.
         progress_seconds=_number(env, "CONSENT_LEDGER_PROGRESS_SECONDS", "10", float),
+        **_witnessing(env),
     )
+
+
+def _witnessing(env: dict[str, str]) -> dict[str, Any]:
+    """CONSENT_LEDGER_WITNESSES: comma-separated "<add-checkpoint URL> <witness vkey>" pairs;
+    CONSENT_LEDGER_WITNESS_QUORUM: how many of them make a checkpoint witnessed (default: a majority)."""
+    witnesses = []
+    for item in env.get("CONSENT_LEDGER_WITNESSES", "").split(","):
+        if not item.strip():
+            continue
+        parts = item.split()
+        if len(parts) != 2 or not parts[0].startswith(("http://", "https://")):
+            raise ConfigError(f"CONSENT_LEDGER_WITNESSES: {item.strip()!r} is not '<add-checkpoint URL> <vkey>' "
+                              "(e.g. 'https://witness.example/add-checkpoint witness.example/w+1a2b3c4d+BASE64')")
+        try:
+            cosignature.parse_vkey(parts[1])
+        except note.NoteError as exc:
+            raise ConfigError(f"CONSENT_LEDGER_WITNESSES: {parts[1]!r} is not a witness vkey: {exc}") from None
+        witnesses.append((parts[0], parts[1]))
+    quorum = _number(env, "CONSENT_LEDGER_WITNESS_QUORUM", str(len(witnesses) // 2 + 1 if witnesses else 0), int)
+    if witnesses and not 1 <= quorum <= len(witnesses):
+        raise ConfigError(f"CONSENT_LEDGER_WITNESS_QUORUM={quorum} must be between 1 and the "
+                          f"{len(witnesses)} witness(es) in CONSENT_LEDGER_WITNESSES")
+    return {"witnesses": tuple(witnesses), "witness_quorum": quorum,
+            # Witnesses are asked at most this often (each checkpoint in between is covered by the next).
+            "witness_interval": _number(env, "CONSENT_LEDGER_WITNESS_INTERVAL", "10", float)}
 
 
 def _number(env: dict[str, str], name: str, default: str, kind: type[int] | type[float]) -> Any:

@@ -27,7 +27,7 @@ ROOMS = {
     "app": {"domain", "store", "runtime"},
     "audit": {"store", "console"},
     "witness": {"store", "runtime", "console"},
-    "composition": {"app", "store", "runtime"},  # the root that builds a running ledger
+    "composition": {"app", "store", "runtime", "witness"},  # the root that builds a running ledger
     "fhir": {"domain"},  # the ledger's records as FHIR resources, and imported ones as domain values
     "pages": set(),  # templates, static files, charts and the patient page's API client
     "http": {"app", "audit", "auth", "composition", "domain", "fhir", "pages", "store", "runtime"},

@@ -249,7 +249,10 @@ async def test_tiles_and_checkpoints_are_append_only_and_never_shrink(database, 
                 await conn.execute(sql)
     owner = await database.connect_owner()
     try:
-        for sql in ("UPDATE checkpoints SET note = ''", "DELETE FROM merkle_tiles", "TRUNCATE checkpoints"):
+        await owner.execute("INSERT INTO checkpoint_cosignatures (tree_size, witness, line)"
+                            " SELECT tree_size, 'w', 'line' FROM checkpoints ORDER BY tree_size DESC LIMIT 1")
+        for sql in ("UPDATE checkpoints SET note = ''", "DELETE FROM merkle_tiles", "TRUNCATE checkpoints CASCADE",
+                    "UPDATE checkpoint_cosignatures SET line = ''", "TRUNCATE checkpoint_cosignatures"):
             with pytest.raises(asyncpg.PostgresError, match="append-only"):
                 await owner.execute(sql)
         # A superuser winds the head back behind the signed checkpoint: the signer refuses.

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from contracts import bulk, merkle, note
+from contracts import bulk, cosignature, merkle, note
 from contracts import cohort as cohorts
 from contracts.merkle import TILE_WIDTH
 from service.audit.chain import ChainVerifier, Failure
@@ -76,7 +76,7 @@ class SourceError(Exception):
 
 
 class Source(Protocol):
-    def checkpoint(self) -> str: ...
+    def checkpoint(self, witnessed: bool = False) -> str: ...
     def entries(self, size: int) -> Iterator[tuple[int, bytes, bytes | None]]: ...
     def consistency(self, old: int, new: int) -> list[bytes] | None: ...
     def cohort(self, cohort_id: str) -> bytes | None: ...
@@ -140,8 +140,9 @@ class HttpSource:
         self.session = int(json.loads(answer)["session"]) if answer is not None else None
         return self.session
 
-    def checkpoint(self) -> str:
-        return self._must("/checkpoint").decode()
+    def checkpoint(self, witnessed: bool = False) -> str:
+        """The latest checkpoint, or with ``witnessed`` the latest a quorum of the log's witnesses cosigned."""
+        return self._must("/checkpoint/witnessed" if witnessed else "/checkpoint").decode()
 
     def _must(self, path: str, *, auth: bool = False) -> bytes:
         body = self.get(path, auth=auth)
@@ -202,8 +203,8 @@ class ExportSource:
         # Compactly (about a byte a member) until a data use needs them.
         self._cohorts: dict[str, tuple[str, bytes]] = {}
 
-    def checkpoint(self) -> str:
-        return self._checkpoint
+    def checkpoint(self, witnessed: bool = False) -> str:
+        return self._checkpoint  # as exported, with whatever cosignatures it carried
 
     def consistency(self, old: int, new: int) -> list[bytes] | None:
         return None  # offline: the recomputed tree is compared with the remembered root instead
@@ -331,17 +332,24 @@ class Outcome:
 
 
 def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | None = None,
-           decisions: bool = False) -> Outcome:
+           decisions: bool = False, witnesses: Sequence[cosignature.CosignatureVerifier] = (),
+           quorum: int = 0) -> Outcome:
+    """Verify every entry against the latest checkpoint; with ``witnesses``, against the latest
+    checkpoint cosigned by at least ``quorum`` of them (and refuse one that is not)."""
     started = time.perf_counter()
 
     def failed(position: int, what: str, detail: str, size: int = 0) -> Outcome:
         return Outcome(False, size, b"", time.perf_counter() - started, Failure(position, what, detail))
 
-    checkpoint_text = source.checkpoint()
+    checkpoint_text = source.checkpoint(witnessed=bool(witnesses))
     try:
         cp = note.open_checkpoint(checkpoint_text, verifiers)
     except note.NoteError as exc:
         return failed(0, "signature", f"the checkpoint does not verify with the given key: {exc}")
+    if witnesses:
+        refusal = witness_refusal(checkpoint_text, cp, witnesses, quorum)
+        if refusal is not None:
+            return failed(0, "witness", refusal)
     state = load_state(state_path)
     if state is not None:
         if cp.origin != state.origin:
@@ -392,6 +400,21 @@ def verify(source: Source, verifiers: list[note.Verifier], state_path: Path | No
     return Outcome(True, cp.size, root, time.perf_counter() - started, chain=checker.chain, decisions=replay)
 
 
+def witness_refusal(checkpoint_text: str, cp: note.Checkpoint, witnesses: Sequence[cosignature.CosignatureVerifier],
+                    quorum: int) -> str | None:
+    """Why a checkpoint does not count as witnessed, or None if at least ``quorum`` of ``witnesses`` cosigned it."""
+    try:
+        cosigned = cosignature.cosignatures(checkpoint_text, list(witnesses))
+    except note.NoteError as exc:
+        return f"a cosignature by a given witness does not verify: {exc}"
+    if len(cosigned) < quorum:
+        missing = ", ".join(w.name for w in witnesses if w.vkey not in cosigned)
+        return (f"the checkpoint of size {cp.size} is cosigned by {len(cosigned)} of the {quorum} witnesses "
+                f"required (missing: {missing}); witnesses cosign only checkpoints consistent with every one "
+                f"they cosigned before, so a forked or rolled-back log cannot get their cosignatures")
+    return None
+
+
 def read_key(value: str) -> list[note.Verifier]:
     """--key: vkey text, or a file with one vkey per line."""
     where = "the --key value"
@@ -422,3 +445,12 @@ def read_key(value: str) -> list[note.Verifier]:
     if not keys:
         raise ValueError(f"{where} holds no verifier key")
     return keys
+
+
+def read_witness_key(value: str) -> cosignature.CosignatureVerifier:
+    """--witness: a witness's cosigner vkey (type 0x04), as `consent-ledger witness keys generate` prints it."""
+    try:
+        return cosignature.parse_vkey(value.strip())
+    except note.NoteError as exc:
+        raise ValueError(f"--witness {value[:60]!r} is not a witness vkey ({exc}): expected name+keyid+base64, "
+                         "as `consent-ledger witness keys generate` prints it") from None

@@ -137,9 +137,13 @@ def _verify(args: argparse.Namespace) -> None:
 
     try:
         keys = auditor.read_key(args.key)
+        witnesses = [auditor.read_witness_key(w) for w in args.witness or []]
+        quorum = len(witnesses) if args.witnesses_required is None else args.witnesses_required
+        if witnesses and not 1 <= quorum <= len(witnesses):
+            raise ValueError(f"--witnesses-required must be between 1 and the {len(witnesses)} --witness key(s)")
         source = auditor.ExportSource(Path(args.export)) if args.export else auditor.HttpSource(args.url, _token(args))
         outcome = auditor.verify(source, keys, Path(args.state) if args.state else None,
-                                 decisions=args.decisions)
+                                 decisions=args.decisions, witnesses=witnesses, quorum=quorum)
     except (auditor.SourceError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(outcome.report())
@@ -250,6 +254,11 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--export", help="file written by `consent-ledger export`")
     verify.add_argument("--key", required=True, help="verifier key (vkey text) or a file holding vkeys")
     verify.add_argument("--state", help="file remembering the last verified checkpoint (refuses rollback/fork)")
+    verify.add_argument("--witness", action="append", metavar="VKEY",
+                        help="a witness's cosigner vkey (repeat for several): verify against the latest checkpoint "
+                             "they cosigned (/checkpoint/witnessed) and refuse one they did not")
+    verify.add_argument("--witnesses-required", type=int, metavar="K",
+                        help="how many of the --witness keys must have cosigned (default: all of them)")
     verify.add_argument("--token", help="auditor bearer token (default: CONSENT_LEDGER_TOKEN)")
     verify.add_argument("--decisions", action="store_true",
                         help="also replay every entry through the opt-out rule and re-check each data use's "

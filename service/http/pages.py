@@ -20,7 +20,7 @@ from projections import reads as projection_reads
 from projections.statistics import statistics
 from service.app.caller import Caller
 from service.audit.receipts import check_receipt
-from service.http.keys import CHECKPOINTS, OPENAPI, POOL, STATISTICS, TILES
+from service.http.keys import CHECKPOINTS, CONFIG, OPENAPI, POOL, STATISTICS, TILES
 from service.http.problems import ProblemError, invalid
 from service.http.requests import Handler, read_body
 from service.pages import charts
@@ -33,8 +33,13 @@ STATUSES = ("active", "revoked", "expired", "not-yet-valid")
 
 
 async def home(request: web.Request, caller: Caller | None) -> web.Response:
-    latest = await request.app[CHECKPOINTS].latest()
-    return render("home.html", nav="home", checkpoint=latest, root=latest.root.hex())
+    checkpoints, config = request.app[CHECKPOINTS], request.app[CONFIG]
+    latest = await checkpoints.latest()
+    witnesses = [vkey for _, vkey in config.witnesses]
+    witnessed = await checkpoints.witnessed(witnesses, config.witness_quorum) if witnesses else None
+    return render("home.html", nav="home", checkpoint=latest, root=latest.root.hex(),
+                  witnesses=[vkey.split("+", 1)[0] for vkey in witnesses], quorum=config.witness_quorum,
+                  witnessed=witnessed)
 
 
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str:
@@ -150,6 +155,8 @@ async def _transparency(request: web.Request, *, receipt: str = "", checks: list
     latest = await checkpoints.latest()
     consistency = await _consistency(request, latest.size)
     return render("transparency.html", nav="transparency", checkpoint=latest,
+                  witnesses=[vkey for _, vkey in request.app[CONFIG].witnesses],
+                  quorum=request.app[CONFIG].witness_quorum,
                   origin=checkpoints.origin, vkeys=[v.vkey for v in checkpoints.verifiers],
                   base_url=f"{request.scheme}://{request.host}", consistency=consistency,
                   receipt=receipt, checks=checks)

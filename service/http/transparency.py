@@ -19,7 +19,7 @@ from service.app.read_records import (
     session_expiry,
 )
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, POOL, READ_SESSIONS, STORE, TILES
+from service.http.keys import CHECKPOINTS, CONFIG, POOL, READ_SESSIONS, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
@@ -127,10 +127,26 @@ def _binary(data: bytes, immutable: bool) -> web.Response:
     return web.Response(body=data, content_type="application/octet-stream", headers={"Cache-Control": cache})
 
 
-async def get_checkpoint(request: web.Request, caller: Caller | None) -> web.Response:
-    latest = await request.app[CHECKPOINTS].latest()
-    return web.Response(text=latest.note, content_type="text/plain", charset="utf-8",
+def _note(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-cache, max-age=1"})
+
+
+async def get_checkpoint(request: web.Request, caller: Caller | None) -> web.Response:
+    checkpoints = request.app[CHECKPOINTS]
+    return _note(await checkpoints.with_cosignatures(await checkpoints.latest()))
+
+
+async def get_witnessed_checkpoint(request: web.Request, caller: Caller | None) -> web.Response:
+    config, checkpoints = request.app[CONFIG], request.app[CHECKPOINTS]
+    if not config.witnesses:
+        raise NotFound("this log is configured with no witnesses (CONSENT_LEDGER_WITNESSES), so no checkpoint "
+                       "is witnessed; /checkpoint has the log's own signature")
+    witnessed = await checkpoints.witnessed([vkey for _, vkey in config.witnesses], config.witness_quorum)
+    if witnessed is None:
+        raise NotFound(f"no checkpoint has been cosigned by {config.witness_quorum} of the "
+                       f"{len(config.witnesses)} witnesses yet; try again after the next submission")
+    return _note(await checkpoints.with_cosignatures(witnessed))
 
 
 async def get_tile(request: web.Request, caller: Caller | None) -> web.Response:
@@ -207,6 +223,7 @@ HANDLERS: dict[str, Handler] = {
     "list_events": list_events,
     "get_event": get_event,
     "get_checkpoint": get_checkpoint,
+    "get_witnessed_checkpoint": get_witnessed_checkpoint,
     "get_tile": get_tile,
     "get_entry_bundle": get_entry_bundle,
     "inclusion_proof": inclusion_proof,

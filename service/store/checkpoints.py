@@ -113,6 +113,39 @@ class CheckpointLog:
         log.info("checkpoint signed", tree_size=size)
         return SignedCheckpoint(size, root, text, signed_at)
 
+    # --- witness cosignatures (C2SP tlog-cosignature lines) ---------------------------------
+
+    async def cosigned_sizes(self) -> dict[str, int]:
+        """The largest checkpoint each witness (by vkey) has cosigned for this log."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT witness, max(tree_size) AS size FROM checkpoint_cosignatures"
+                                    " GROUP BY witness")
+        return {r["witness"]: r["size"] for r in rows}
+
+    async def add_cosignature(self, size: int, witness: str, line: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute("INSERT INTO checkpoint_cosignatures (tree_size, witness, line) VALUES ($1, $2, $3)"
+                               " ON CONFLICT DO NOTHING", size, witness, line)
+
+    async def with_cosignatures(self, checkpoint: SignedCheckpoint) -> str:
+        """The checkpoint's note with every cosignature collected for it appended."""
+        async with self.pool.acquire() as conn:
+            lines = await conn.fetch("SELECT line FROM checkpoint_cosignatures WHERE tree_size = $1"
+                                     " ORDER BY witness", checkpoint.size)
+        return checkpoint.note + "".join(r["line"] for r in lines)
+
+    async def witnessed(self, witnesses: list[str], quorum: int) -> SignedCheckpoint | None:
+        """The largest checkpoint cosigned by at least ``quorum`` of ``witnesses`` (vkeys), or None."""
+        async with self.pool.acquire() as conn:
+            # Walks the cosignatures' primary key backwards and stops at the first size with a quorum.
+            row = await conn.fetchrow(
+                "SELECT c.tree_size, c.root, c.note, c.signed_at FROM checkpoints c JOIN ("
+                "  SELECT tree_size FROM checkpoint_cosignatures WHERE witness = ANY($1)"
+                "  GROUP BY tree_size HAVING count(*) >= $2 ORDER BY tree_size DESC LIMIT 1"
+                ") w USING (tree_size)", witnesses, quorum)
+        return None if row is None else SignedCheckpoint(row["tree_size"], bytes(row["root"]), row["note"],
+                                                         row["signed_at"])
+
     async def run(self, beat: Callable[[], None]) -> None:
         """Sign a checkpoint every interval while the log grows (run under the
         supervisor: any failure, refused or database, ends this call and is

@@ -162,6 +162,25 @@ INSERT INTO cohort_holders
 """
 
 
+# Issue 12.  Witness cosignatures collected for the log's checkpoints
+# (C2SP tlog-cosignature lines, appended to the note when served).  One per
+# witness key and checkpoint; like the checkpoints, never changed or removed.
+_V5 = """
+CREATE TABLE checkpoint_cosignatures (
+    tree_size   bigint      NOT NULL REFERENCES checkpoints (tree_size),
+    witness     text        NOT NULL,
+    line        text        NOT NULL,
+    cosigned_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tree_size, witness)
+);
+CREATE INDEX checkpoint_cosignatures_witness ON checkpoint_cosignatures (witness, tree_size);
+CREATE TRIGGER checkpoint_cosignatures_append_only BEFORE UPDATE OR DELETE ON checkpoint_cosignatures
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER checkpoint_cosignatures_no_truncate BEFORE TRUNCATE ON checkpoint_cosignatures
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+"""
+
+
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
 -- Checked first so that an owner without CREATEROLE can migrate once an
@@ -188,8 +207,8 @@ REVOKE ALL ON {COHORT_HOLDERS} FROM PUBLIC;
 GRANT SELECT, INSERT ON {COHORT_HOLDERS} TO {APP_ROLE};
 GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
 GRANT SELECT ON schema_migrations TO {APP_ROLE};
-REVOKE ALL ON merkle_tiles, checkpoints FROM PUBLIC;
-GRANT SELECT, INSERT ON merkle_tiles, checkpoints TO {APP_ROLE};
+REVOKE ALL ON merkle_tiles, checkpoints, checkpoint_cosignatures FROM PUBLIC;
+GRANT SELECT, INSERT ON merkle_tiles, checkpoints, checkpoint_cosignatures TO {APP_ROLE};
 -- Projection tables are the service's to rewrite (they are rebuildable views).
 REVOKE ALL ON {", ".join(PROJECTION_TABLES)} FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_ROLE};
@@ -198,7 +217,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_R
 # Versions 3 and 4 create and change the projections' tables, which the
 # projections define (projections/schema.py).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4),
+    (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4), (5, _V5),
 )
 
 
