@@ -205,6 +205,19 @@ OPERATIONS: tuple[Operation, ...] = (
               'Entries after position `after` (default 0), up to `limit` per page, each with its payload, leaf hash'
               ' and chain hash; follow `next_after` for the next page. Each page is recorded as a read unless a '
               'read session (`Ledger-Read-Session`) covers it.')),
+    Operation("list_public_entries", "GET", "/v1/public-entries",
+              "Entries without personal data (grants, revocations, data uses), each with its exact bytes and "
+              "inclusion proof, so anyone can check the register against the log",
+              PUBLIC, None, bodies.PublicEntries,
+              query=(_after, _limit, ("tree_size", {"type": "integer", "minimum": 1}, False)), may_be_missing=True,
+              description=(
+              "AccessGranted, AccessRevoked and DataUseRecorded entries after position `after`, in position order, "
+              "up to `limit` of them scanned per page; each with `entry` (its exact bytes: SHA-256(0x00 || entry) "
+              "is `leaf_hash`) and an RFC 9162 inclusion proof against the tree of `tree_size` entries (default: "
+              "the latest signed checkpoint; pass that checkpoint's size to keep every page provable against it). "
+              "A data use of fewer than 10 patients is withheld (counted in `withheld`): its cohort id could "
+              "identify them. `consent-ledger verify-register` rebuilds the register from these entries. 404 while "
+              "the log is smaller than `tree_size`.")),
     Operation("get_event", "GET", "/v1/events/{position}", "One ledger entry",
               AUDITOR, None, bodies.EventView, session_pages=True,
               description=(

@@ -433,3 +433,25 @@ class Statistics(Struct, frozen=True, kw_only=True):
     opted_out_now: dict[str, int | None]
     uses_by_purpose: list[PurposeCount]
     commercial: CommercialShare
+
+
+class PublicEntry(Struct, frozen=True, kw_only=True):
+    """An entry with no personal data, its exact bytes and its inclusion proof."""
+
+    position: int
+    event_type: str
+    entry: str
+    leaf_hash: str
+    proof: list[str]
+
+
+class PublicEntries(Struct, frozen=True, kw_only=True):
+    """Public entries after ``after`` (position order), each proved against the tree of ``tree_size``.
+
+    ``withheld``: entries of public types in the same range left out because they record a use of
+    fewer than 10 patients; ``next_after``: ask again from there (null at the end)."""
+
+    tree_size: int
+    entries: list[PublicEntry]
+    withheld: int
+    next_after: int | None

@@ -27,3 +27,17 @@ def suppressed(count: int) -> int | None:
 def shown(count: int | None) -> str:
     """How a suppressed figure reads on a page or in a table."""
     return "fewer than 10" if count is None else f"{count:,}"
+
+
+# Entries anyone may read with their proofs (GET /v1/public-entries): grants,
+# revocations and data uses. A data use names its cohort by the SHA-256 of the
+# member list, which for a cohort of one or two could be found by trying every
+# NHS number, so a use of fewer than THRESHOLD patients stays unpublished.
+PUBLIC_EVENT_TYPES = ("AccessGranted", "AccessRevoked", "DataUseRecorded")
+
+
+def publishable(event_type: str, cohort_size: int | None) -> bool:
+    """Whether an entry of ``event_type`` (a data use: of ``cohort_size`` patients) may be published."""
+    if event_type not in PUBLIC_EVENT_TYPES:
+        return False
+    return event_type != "DataUseRecorded" or (cohort_size or 0) >= THRESHOLD

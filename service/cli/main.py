@@ -151,6 +151,19 @@ def _verify(args: argparse.Namespace) -> None:
         raise SystemExit(failures.NOT_VERIFIED)
 
 
+def _verify_register(args: argparse.Namespace) -> None:
+    from service.audit import client as auditor
+    from service.audit.register import verify_register
+
+    try:
+        outcome = verify_register(auditor.HttpSource(args.url, None), auditor.read_key(args.key))
+    except (auditor.SourceError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    print(outcome.report())
+    if not outcome.ok:
+        raise SystemExit(failures.NOT_VERIFIED)
+
+
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -264,6 +277,13 @@ def parser() -> argparse.ArgumentParser:
                         help="also replay every entry through the opt-out rule and re-check each data use's "
                              "statements (reads each cohort; exits 1 naming the first false claim)")
     verify.set_defaults(run=_verify)
+
+    register = sub.add_parser("verify-register", help="rebuild the public register from the log's public "
+                              "entries (each proved against the signed checkpoint) and report every row it does "
+                              "not support")
+    register.add_argument("--url", required=True, help="base URL of a running service")
+    register.add_argument("--key", required=True, help="verifier key (vkey text) or a file holding vkeys")
+    register.set_defaults(run=_verify_register)
 
     exp = sub.add_parser("export", help="write the checkpoint and every entry to a gzip file")
     exp.add_argument("--url", required=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
+import msgspec
 from aiohttp import web
 
-from contracts import api, bodies, merkle
+from contracts import api, bodies, disclosure, merkle
 from contracts.codes import ReadKind
 from contracts.entry import format_recorded_at
 from service.app.caller import Caller
@@ -101,6 +102,38 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
         raise NotFound(f"no ledger entry at position {position}")
     recorded = await _entries_read(request, caller, "entries", position, position)
     return json_response(event_view(found[0]), headers={READ_HEADER: recorded})
+
+
+async def list_public_entries(request: web.Request, caller: Caller | None) -> web.Response:
+    after = int_query(request, "after", 0, 0, 2**62)
+    limit = int_query(request, "limit", 100, 1, 1000)
+    pool = request.app[POOL]
+    if "tree_size" in request.query:
+        size = _required_int(request, "tree_size")
+        if size > await _head(request, pool, size):
+            raise NotFound(f"the log is not yet {size} entries long")
+    else:
+        size = (await request.app[CHECKPOINTS].latest()).size
+    found = await request.app[STORE].entries_of_types(disclosure.PUBLIC_EVENT_TYPES, after, size, limit)
+    entries, withheld = [], 0
+    for position, event_type, entry, leaf in found:
+        cohort_size = msgspec.json.decode(entry, type=_Sized).payload.cohort_size
+        if not disclosure.publishable(event_type, cohort_size):
+            withheld += 1
+            continue
+        proof = await request.app[TILES].inclusion(pool, position - 1, size)
+        entries.append(bodies.PublicEntry(position=position, event_type=event_type, entry=entry.decode(),
+                                          leaf_hash=leaf.hex(), proof=[h.hex() for h in proof]))
+    return json_response(bodies.PublicEntries(tree_size=size, entries=entries, withheld=withheld,
+                                              next_after=found[-1][0] if len(found) == limit else None))
+
+
+class _Payload(msgspec.Struct):
+    cohort_size: int | None = None
+
+
+class _Sized(msgspec.Struct):
+    payload: _Payload
 
 
 _MAX_TILE_INDEX = 2**62 // merkle.TILE_WIDTH
@@ -222,6 +255,7 @@ HANDLERS: dict[str, Handler] = {
     "open_read_session": open_read_session,
     "list_events": list_events,
     "get_event": get_event,
+    "list_public_entries": list_public_entries,
     "get_checkpoint": get_checkpoint,
     "get_witnessed_checkpoint": get_witnessed_checkpoint,
     "get_tile": get_tile,

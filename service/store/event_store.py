@@ -284,6 +284,15 @@ class EventStore(EventLog):
                                     " ORDER BY position", after, through)
         return [bytes(r["entry"]) for r in rows]
 
+    async def entries_of_types(self, types: Sequence[str], after: int, through: int,
+                               limit: int) -> list[tuple[int, str, bytes, bytes]]:
+        """(position, event type, entry bytes, leaf hash) of entries of ``types`` in (after, through]."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT position, event_type, entry, leaf_hash FROM ledger_events WHERE event_type = ANY($1)"
+                " AND position > $2 AND position <= $3 ORDER BY position LIMIT $4", list(types), after, through, limit)
+        return [(r["position"], r["event_type"], bytes(r["entry"]), bytes(r["leaf_hash"])) for r in rows]
+
     async def cohort_members(self, cohort_id: str, holder: str | None = None) -> tuple[str, bytes] | None:
         return await cohorts.members(self._pool, cohort_id, holder)
 
