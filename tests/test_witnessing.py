@@ -11,6 +11,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -180,10 +181,11 @@ async def test_a_forked_log_gets_no_cosignature_and_an_old_receipt_detects_the_f
     snapshot_size = _size(await _witnessed_at_least(a, await _opt_out(a, app_token, patients[:3])))
     await a.close()
     # The operator keeps a copy of the database as it was at this point...
-    old = f"cl_fork_{database.owner_dsn.rsplit('/', 1)[1][-12:]}"
+    name = urlsplit(database.owner_dsn).path.lstrip("/")
+    old = f"cl_fork_{name[-12:]}"
     admin = await asyncpg.connect(admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{old}" TEMPLATE "{database.owner_dsn.rsplit("/", 1)[1]}"')
+        await admin.execute(f'CREATE DATABASE "{old}" TEMPLATE "{name}"')
     finally:
         await admin.close()
 
