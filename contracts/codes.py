@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-OptOutScope = Literal["national", "type-1"]
+# The national data opt-out and the type 1 opt-out keep their meaning (no use
+# of confidential patient information beyond direct care, unless an exemption
+# or the patient's consent applies). The finer choices sit on top: each opts
+# out of a kind of use only, and is recorded, withdrawn and honoured the same way
+# (contracts/decision.py; contracts/LEDGER-FORMAT.md §1.1).
+OptOutScope = Literal["national", "type-1", "commercial", "non-research", "non-planning"]
+NATIONAL_SCOPES = ("national", "type-1")
+FINER_SCOPES = ("commercial", "non-research", "non-planning")
+# Who receives data: a grant to an organisation of a category the policy never allows is refused.
+RecipientCategory = Literal["nhs", "public-body", "academic", "charity", "commercial", "insurance", "marketing"]
+NEVER_ALLOWED_RECIPIENTS = ("insurance", "marketing")
 Channel = Literal["app", "online", "phone", "post", "gp-practice"]
 # What an entry may say: a request's channel, or an import from an earlier register (never a request's).
 RecordedChannel = Literal["app", "online", "phone", "post", "gp-practice", "import"]
@@ -45,6 +55,9 @@ ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "e
 LABELS: dict[str, str] = {
     "national": "national data opt-out",
     "type-1": "type 1 opt-out (GP record)",
+    "commercial": "no commercial use",
+    "non-research": "research only (no other use)",
+    "non-planning": "planning only (no other use)",
     "research": "research",
     "planning": "planning health and care services",
     "commissioning": "commissioning services",

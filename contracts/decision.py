@@ -20,25 +20,32 @@ Precedence (first match wins; ``contracts/LEDGER-FORMAT.md`` §1.1):
 2. the grant's legal basis is ``explicit-consent``: included only with the
    patient's consent to it                -> CONSENTED / OPTED_OUT_CONSENTED
                                                         / CONSENT_MISSING
-3. no opt-out in force                                  -> NO_OPT_OUT
-4. opted out, but consented to this grant               -> OPTED_OUT_CONSENTED
-5. opted out, but the grant records an exemption        -> OPTED_OUT_EXEMPT
-6. otherwise                                            -> OPTED_OUT_EXCLUDED
+3. no opt-out in force, and no finer choice that covers this grant
+   (no commercial use: a commercial grant; research only: a purpose other
+   than research; planning only: a purpose other than planning)
+                                                        -> NO_OPT_OUT
+4. opted out, or a finer choice covers the grant, but consented to this grant
+                                                        -> OPTED_OUT_CONSENTED
+5. ... but the grant records an exemption               -> OPTED_OUT_EXEMPT
+6. otherwise: the national or type 1 opt-out            -> OPTED_OUT_EXCLUDED
+              only a finer choice                       -> CHOICE_EXCLUDED
 
-New kinds of choice (say, "no commercial use") are new fields of
-``Choices`` with a default and new steps here; callers build ``Choices``
-by keyword and read reasons, so they do not change.
+A finer choice is honoured exactly as an opt-out is (consent to the grant
+and a recorded exemption set both aside); without a grant (opt-outs alone)
+it covers nothing, since there is no use to judge.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 from typing import Literal
 
 import numpy as np
 
+from .codes import FINER_SCOPES, NATIONAL_SCOPES
 from .events import AccessGranted
 from .values import Exemption
 
@@ -55,6 +62,7 @@ class Reason(IntEnum):
     OPTED_OUT_EXCLUDED = 4
     CONSENT_MISSING = 5
     CONSENTED = 6
+    CHOICE_EXCLUDED = 7
 
 
 INCLUDED = frozenset({Reason.NO_OPT_OUT, Reason.OPTED_OUT_CONSENTED, Reason.OPTED_OUT_EXEMPT, Reason.CONSENTED})
@@ -67,17 +75,33 @@ _U8 = {r: np.uint8(r) for r in Reason}  # numpy scalars keep `decide`'s arrays u
 class Choices:
     """A patient's choices at one position, one element per patient."""
 
-    opted_out: np.ndarray  # bool: an opt-out of either scope is in force
+    opted_out: np.ndarray  # bool: the national or the type 1 opt-out is in force
     consented: np.ndarray  # bool: a consent to this grant is in force
+    finer: Mapping[str, np.ndarray] = field(default_factory=dict)  # bool per finer scope in force
 
     @classmethod
-    def of(cls, scopes: list[np.ndarray], consented: np.ndarray) -> "Choices":
-        """From one opted-out mask per scope: an opt-out of *either* scope
-        keeps the patient out (type 1 opt-outs are honoured for every dataset)."""
+    def of(cls, scopes: Mapping[str, np.ndarray], consented: np.ndarray) -> "Choices":
+        """From one opted-out mask per scope: an opt-out of *either* national
+        scope keeps the patient out (type 1 opt-outs are honoured for every
+        dataset); the finer scopes are kept apart, for the grants they cover."""
         opted_out = np.zeros(len(consented), dtype=bool)
-        for mask in scopes:
-            opted_out |= mask
-        return cls(opted_out=opted_out, consented=np.asarray(consented, dtype=bool))
+        for scope in NATIONAL_SCOPES:
+            if scope in scopes:
+                opted_out |= scopes[scope]
+        finer = {scope: np.asarray(mask, dtype=bool) for scope, mask in scopes.items()
+                 if scope in FINER_SCOPES and mask.any()}
+        return cls(opted_out=opted_out, consented=np.asarray(consented, dtype=bool), finer=finer)
+
+
+def covers(scope: str, terms: "Terms") -> bool:
+    """Whether a finer choice of ``scope`` keeps the patient out of a use under these terms."""
+    if scope == "commercial":
+        return terms.commercial
+    if scope == "non-research":
+        return terms.purpose is not None and terms.purpose != "research"
+    if scope == "non-planning":
+        return terms.purpose is not None and terms.purpose != "planning"
+    return False
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,8 @@ class Terms:
     status: GrantStatus
     legal_basis: str | None = None
     exemption: Exemption | None = None
+    commercial: bool = False
+    purpose: str | None = None  # None: no grant (opt-outs alone), which no finer choice covers
 
     @property
     def needs_consent(self) -> bool:
@@ -105,7 +131,8 @@ class Terms:
             return cls(status="not-recorded")
         revoked = revoked_position is not None and revoked_position <= position
         status = grant_status(granted.valid_from, granted.valid_until, revoked, instant)
-        return cls(status=status, legal_basis=granted.legal_basis, exemption=granted.opt_out_exemption)
+        return cls(status=status, legal_basis=granted.legal_basis, exemption=granted.opt_out_exemption,
+                   commercial=granted.commercial, purpose=granted.purpose.code)
 
 
 def grant_status(valid_from: datetime, valid_until: datetime, revoked: bool, instant: datetime) -> GrantStatus:
@@ -125,18 +152,29 @@ def decide(choices: Choices, terms: Terms) -> np.ndarray:
     if terms.status != "active":
         return np.full(n, Reason.GRANT_NOT_ACTIVE, dtype=np.uint8)
     out, consented = choices.opted_out, choices.consented
+    covered = [mask for scope, mask in choices.finer.items() if covers(scope, terms)]
+    if covered:
+        chose = np.logical_or.reduce(covered)
+        out = out | chose
     if terms.needs_consent:
         return np.where(consented, np.where(out, _U8[Reason.OPTED_OUT_CONSENTED], _U8[Reason.CONSENTED]),
                         _U8[Reason.CONSENT_MISSING])
-    otherwise = _U8[Reason.OPTED_OUT_EXEMPT if terms.exemption is not None else Reason.OPTED_OUT_EXCLUDED]
+    if terms.exemption is not None:
+        otherwise = _U8[Reason.OPTED_OUT_EXEMPT]
+    elif covered:
+        otherwise = np.where(choices.opted_out, _U8[Reason.OPTED_OUT_EXCLUDED], _U8[Reason.CHOICE_EXCLUDED])
+    else:
+        otherwise = _U8[Reason.OPTED_OUT_EXCLUDED]
     if consented.any():
         otherwise = np.where(consented, _U8[Reason.OPTED_OUT_CONSENTED], otherwise)
     return np.where(out, otherwise, _U8[Reason.NO_OPT_OUT])
 
 
-def decide_one(opted_out: bool, consented: bool, terms: Terms) -> Reason:
-    """``decide`` for one patient."""
-    return Reason(int(decide(Choices(opted_out=np.array([opted_out]), consented=np.array([consented])), terms)[0]))
+def decide_one(opted_out: bool, consented: bool, terms: Terms, finer: Iterable[str] = ()) -> Reason:
+    """``decide`` for one patient; ``finer``: the finer scopes they have in force."""
+    choices = Choices(opted_out=np.array([opted_out]), consented=np.array([consented]),
+                      finer={scope: np.array([True]) for scope in finer})
+    return Reason(int(decide(choices, terms)[0]))
 
 
 def included(reasons: np.ndarray) -> np.ndarray:
@@ -174,4 +212,6 @@ WORDS: dict[Reason, str] = {
     Reason.OPTED_OUT_EXCLUDED: "You had opted out, so your data should not have been included.",
     Reason.CONSENT_MISSING: "This project needs your consent, which you had not given at that time.",
     Reason.CONSENTED: "You consented to this project, so your data was included.",
+    Reason.CHOICE_EXCLUDED: "You had asked that your data not be used this way ({choice}), so it should not have "
+                            "been included.",
 }

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose
+from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose, RecipientCategory
 
 # Patterns end in `(?!\n)$`, not `$`: msgspec matches with Python's `re`,
 # whose `$` also matches before a final newline, so "G1\n" would pass as an
@@ -55,6 +55,8 @@ class Actor(Frozen):
 class Organisation(Frozen):
     code: Identifier
     name: ShortText
+    # What kind of organisation receives the data (absent on grants recorded before it existed).
+    category: RecipientCategory | None = None
 
 
 class PurposeStatement(Frozen):

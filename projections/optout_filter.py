@@ -41,6 +41,7 @@ from .runner import Follower
 _COMPACT_AT = 50_000
 _EMPTY = np.empty(0, dtype=np.uint32)
 SCOPES: tuple[str, ...] = values(OptOutScope)
+assert SCOPES == ("national", "type-1", "commercial", "non-research", "non-planning")  # _CLASSIFY's codes
 
 
 def _member(sorted_set: np.ndarray, stems: np.ndarray) -> np.ndarray:
@@ -224,9 +225,13 @@ _CLASSIFY = """
 SELECT position, kind,
        CASE WHEN kind >= 0 THEN substring(entry FROM s + position('"nhs_number":"'::bytea IN substring(entry FROM s))
                                           + 13 FOR 9) ELSE '000000000'::bytea END AS digits,
-       position('"scope":"type-1"}'::bytea IN substring(entry FROM length(entry) - 90)) > 0 AS type1
+       -- The scope is the payload's last member, near the end: told apart by its fifth letter
+       -- (natiOnal, type-1, commErcial, non-Research, non-Planning); anything else is -1.
+       CASE get_byte(tail, position('"scope":"'::bytea IN tail) + 12)
+            WHEN 111 THEN 0 WHEN 45 THEN 1 WHEN 101 THEN 2 WHEN 114 THEN 3 WHEN 112 THEN 4
+            ELSE -1 END::int2 AS scope
 FROM (
-    SELECT position, entry, s,
+    SELECT position, entry, s, substring(entry FROM length(entry) - 120) AS tail,
         CASE WHEN substring(entry FROM s - 14 FOR 14) <> '"event_type":"'::bytea THEN -2
              WHEN substring(entry FROM s FOR 18) = 'OptOutRegistered",'::bytea THEN 1
              WHEN substring(entry FROM s FOR 17) = 'OptOutWithdrawn",'::bytea THEN 0
@@ -237,7 +242,7 @@ FROM (
 ) classified WHERE kind <> -3
 """
 _ROW = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("position", ">i8"), ("l2", ">i4"), ("kind", ">i2"),
-                 ("l3", ">i4"), ("digits", "S9"), ("l4", ">i4"), ("type1", "u1")])
+                 ("l3", ">i4"), ("digits", "S9"), ("l4", ">i4"), ("scope", ">i2")])
 _DIGITS = _ROW.fields["digits"][1]
 _OTHER, _MALFORMED = -1, -2
 
@@ -250,7 +255,7 @@ class _Classified:
     positions: list[np.ndarray]
     kinds: list[np.ndarray]
     stems: list[np.ndarray]
-    type1: list[np.ndarray]
+    scopes: list[np.ndarray]
     rest: bytes = b""
     header: bool = True
 
@@ -277,13 +282,13 @@ class _Classified:
         self.positions.append(rows["position"].astype(np.int64))
         self.kinds.append(kinds)
         self.stems.append(stems)
-        self.type1.append(rows["type1"].astype(bool))
+        self.scopes.append(rows["scope"].astype(np.int8))
 
 
 async def _classified(pool: asyncpg.Pool, after: int, upto: int) -> _Classified:
     """Every entry in (after, upto] that decisions depend on, via binary COPY
     parsed by numpy: millions of rows without a Python object each."""
-    found = _Classified([], [], [], [])
+    found = _Classified([], [], [], [])  # positions, kinds, stems, scopes
     async with pool.acquire() as conn:
         async with conn.transaction(readonly=True):
             # JIT-compiling these expressions costs seconds and saves nothing.
@@ -314,10 +319,10 @@ class OptOutFilter(Follower):
             head = await conn.fetchval("SELECT position FROM ledger_head")
         bounds = [head * i // parts for i in range(parts + 1)]
         parts_found = await asyncio.gather(*(_classified(pool, lo, hi) for lo, hi in zip(bounds, bounds[1:])))
-        positions, kinds, stems, type1 = (np.concatenate([a for part in parts_found for a in getattr(part, name)] or
-                                                         [np.empty(0, dtype)])
-                                          for name, dtype in (("positions", np.int64), ("kinds", np.int8),
-                                                              ("stems", np.uint32), ("type1", bool)))
+        positions, kinds, stems, scopes = (np.concatenate([a for part in parts_found for a in getattr(part, name)] or
+                                                          [np.empty(0, dtype)])
+                                           for name, dtype in (("positions", np.int64), ("kinds", np.int8),
+                                                               ("stems", np.uint32), ("scopes", np.int8)))
         del parts_found  # peak memory: the chunks go as soon as they are joined
         bad = positions[kinds == _MALFORMED]
         if len(bad):
@@ -326,13 +331,17 @@ class OptOutFilter(Follower):
         other = positions[kinds == _OTHER]
         choice = kinds >= 0
         if not choice.all():
-            positions, stems, kinds, type1 = positions[choice], stems[choice], kinds[choice], type1[choice]
+            positions, stems, kinds, scopes = positions[choice], stems[choice], kinds[choice], scopes[choice]
+        if (scopes < 0).any():
+            raise LedgerStateError(f"the opt-out entry at position {int(positions[scopes < 0].min())} names a scope "
+                                   "this version does not know")
         opted_out = kinds == 1
         del kinds, choice
         if len(positions) > 1 and not (positions[1:] > positions[:-1]).all():  # the heap is nearly always in order
             order = np.argsort(positions, kind="stable")
-            positions, stems, opted_out, type1 = positions[order], stems[order], opted_out[order], type1[order]
-        for scope, mine in (("national", ~type1), ("type-1", type1)):
+            positions, stems, opted_out, scopes = positions[order], stems[order], opted_out[order], scopes[order]
+        for code, scope in enumerate(SCOPES):
+            mine = scopes == code
             f.scopes[scope] = (Timeline(positions, stems, opted_out) if mine.all()
                                else Timeline(positions[mine], stems[mine], opted_out[mine]))
         other = np.sort(other)
@@ -402,7 +411,7 @@ class OptOutFilter(Follower):
         """Each stem's choices as of ``position`` (default: now)."""
         consents = self.consents.get(grant_id) if grant_id else None
         return Choices.of(
-            [s.contains(stems, position) for s in self.scopes.values()],
+            {scope: s.contains(stems, position) for scope, s in self.scopes.items()},
             consents.contains(stems, position) if consents is not None else np.zeros(len(stems), dtype=bool),
         )
 

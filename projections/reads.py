@@ -65,8 +65,8 @@ class _Choices:
     def __init__(self, rows: list[asyncpg.Record]):
         self.rows = sorted(rows, key=lambda r: r["position"])
 
-    def at(self, position: int, grant_id: str) -> tuple[bool, bool]:
-        """(an opt-out of some scope in force, consented to the grant) once ``position`` was applied."""
+    def at(self, position: int, grant_id: str) -> decision.Choices:
+        """The patient's choices, as the rule reads them, once ``position`` was applied."""
         scopes: dict[str, bool] = {}
         consented = False
         for r in self.rows:
@@ -77,8 +77,7 @@ class _Choices:
                 scopes[r["scope"]] = t == "OptOutRegistered"
             elif r["grant_id"] == grant_id:
                 consented = t == "StudyConsentGiven"
-        choices = decision.Choices.of([np.array([v]) for v in scopes.values()], np.array([consented]))
-        return bool(choices.opted_out[0]), consented
+        return decision.Choices.of({scope: np.array([v]) for scope, v in scopes.items()}, np.array([consented]))
 
 
 _READ_WORDS = {"choices": "record of choices", "history": "history", "receipt": "ledger receipt"}
@@ -130,16 +129,19 @@ def _use_terms(r: asyncpg.Record) -> Terms:
     exemption = (Exemption(basis=r["grant_exemption_basis"], reference=r["grant_exemption_reference"])
                  if r["grant_exemption_basis"] else None)
     return Terms(status=grant_status(r["valid_from"], r["valid_until"], revoked, r["occurred_at"]),
-                 legal_basis=r["legal_basis"], exemption=exemption)
+                 legal_basis=r["legal_basis"], exemption=exemption, commercial=r["commercial"],
+                 purpose=r["grant_purpose"])
 
 
 def _use_item(r: asyncpg.Record, choices: _Choices) -> HistoryItem:
-    opted_out, consented = choices.at(r["opt_out_state_position"], r["grant_id"])
+    held = choices.at(r["opt_out_state_position"], r["grant_id"])
     terms = _use_terms(r)
-    reason = decision.decide_one(opted_out, consented, terms)
+    reason = Reason(int(decision.decide(held, terms)[0]))
     exemption = _label(terms.exemption.basis) if reason == Reason.OPTED_OUT_EXEMPT and terms.exemption else None
+    finer = [LABELS[scope] for scope in held.finer if decision.covers(scope, terms)]
     words = decision.WORDS[reason].format(exemption=exemption.label if exemption else "",
-                                          reference=terms.exemption.reference if terms.exemption else "")
+                                          reference=terms.exemption.reference if terms.exemption else "",
+                                          choice=", ".join(finer))
     applied = {Reason.OPTED_OUT_CONSENTED: True, Reason.CONSENTED: True, Reason.OPTED_OUT_EXEMPT: False}.get(reason)
     purpose = _label(r["purpose"])
     assert purpose is not None
@@ -178,7 +180,7 @@ async def history(
         cohort_ids = await cohorts_containing(conn, stem)
         use_rows = await conn.fetch(
             "SELECT d.*, g.organisation_name, g.purpose_description, g.legal_basis, g.valid_from, g.valid_until,"
-            " g.revoked_position, g.exemption_basis AS grant_exemption_basis,"
+            " g.revoked_position, g.commercial, g.purpose AS grant_purpose, g.exemption_basis AS grant_exemption_basis,"
             " g.exemption_reference AS grant_exemption_reference"
             " FROM data_uses_view d JOIN grants_view g USING (grant_id)"
             " WHERE d.cohort_id = ANY($1::bytea[]) AND d.position < $2 AND d.position <= $4"

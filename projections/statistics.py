@@ -13,7 +13,7 @@ from contracts.bodies import (
     PurposeCount,
     Statistics,
 )
-from contracts.codes import LABELS
+from contracts.codes import LABELS, OptOutScope, values
 from contracts.disclosure import suppressed
 
 from .reads import projection_position
@@ -53,7 +53,7 @@ async def statistics(conn: asyncpg.Connection) -> Statistics:
         choices_over_time=[_choice_count(r) for r in choices if r["period"] is not None],
         choices_by_channel=[_choice_count(r) for r in choices if r["channel"] is not None],
         opted_out_now={scope: suppressed(next((r["patients"] for r in opted_out if r["scope"] == scope), 0))
-                       for scope in ("national", "type-1")},
+                       for scope in values(OptOutScope)},
         uses_by_purpose=[PurposeCount(purpose=Labelled(code=r["purpose"], label=LABELS.get(r["purpose"], r["purpose"])),
                                       uses=r["uses"], grants=r["grants"]) for r in purposes],
         commercial=CommercialShare(grants=share["grants"], commercial_grants=share["commercial_grants"],

@@ -46,11 +46,13 @@ def at(second: int) -> datetime:
 
 
 operation = st.one_of(
-    st.tuples(st.sampled_from(["opt-out", "opt-in"]), st.integers(0, 3), st.sampled_from(["national", "type-1"])),
+    st.tuples(st.sampled_from(["opt-out", "opt-in"]), st.integers(0, 3),
+              st.sampled_from(["national", "type-1", "commercial", "non-research", "non-planning"])),
     st.tuples(st.sampled_from(["consent", "withdraw"]), st.integers(0, 3), st.sampled_from(GRANTS)),
     st.tuples(st.just("grant"), st.sampled_from(GRANTS), st.tuples(
         st.sampled_from(["public-task-research", "explicit-consent"]), st.booleans(),
-        st.integers(-5, 25), st.integers(1, 30))),
+        st.integers(-5, 25), st.integers(1, 30), st.booleans(), st.sampled_from(["research", "planning",
+                                                                                  "public-health"]))),
     st.tuples(st.just("revoke"), st.sampled_from(GRANTS)),
     st.tuples(st.just("use"), st.sampled_from(GRANTS), st.sets(st.integers(0, 3), min_size=1)),
 )
@@ -78,12 +80,17 @@ class Reference:
             self.revoked.add(p.grant_id)
 
     def reason(self, stem: int, grant_id: str | None, instant: datetime) -> Reason:
-        opted_out = any(v for (s, _), v in self.scopes.items() if s == stem)
+        held = {scope for (s, scope), v in self.scopes.items() if s == stem and v}
+        national = bool(held & {"national", "type-1"})
         if grant_id is None:
-            return Reason.OPTED_OUT_EXCLUDED if opted_out else Reason.NO_OPT_OUT
+            return Reason.OPTED_OUT_EXCLUDED if national else Reason.NO_OPT_OUT
         g = self.grants.get(grant_id)
         if g is None or grant_id in self.revoked or not g.valid_from <= instant < g.valid_until:
             return Reason.GRANT_NOT_ACTIVE
+        # No commercial use: commercial grants; research only / planning only: grants for anything else.
+        covered = (("commercial" in held and g.commercial) or ("non-research" in held and g.purpose.code != "research")
+                   or ("non-planning" in held and g.purpose.code != "planning"))
+        opted_out = national or covered
         consented = (stem, grant_id) in self.consents
         if g.legal_basis == "explicit-consent":
             if not consented:
@@ -93,7 +100,9 @@ class Reference:
             return Reason.NO_OPT_OUT
         if consented:
             return Reason.OPTED_OUT_CONSENTED
-        return Reason.OPTED_OUT_EXEMPT if g.opt_out_exemption else Reason.OPTED_OUT_EXCLUDED
+        if g.opt_out_exemption:
+            return Reason.OPTED_OUT_EXEMPT
+        return Reason.OPTED_OUT_EXCLUDED if national else Reason.CHOICE_EXCLUDED
 
 
 def build(ops) -> tuple[list[bytes], list[Reference], dict[str, bytes], set[int]]:
@@ -124,11 +133,11 @@ def build(ops) -> tuple[list[bytes], list[Reference], dict[str, bytes], set[int]
             cls = StudyConsentGiven if op[0] == "consent" else StudyConsentWithdrawn
             add(cls.__name__, str(op[1]), cls(nhs_number=PATIENTS[op[1]], grant_id=op[2], actor=ACTOR, recorded_by="t"))
         elif op[0] == "grant" and op[1] not in ref.grants:
-            basis, exempt, start, length = op[2]
+            basis, exempt, start, length, commercial, purpose = op[2]
             add("AccessGranted", op[1], AccessGranted(
                 grant_id=op[1], organisation=Organisation(code="ORG", name="Org"),
-                purpose=PurposeStatement(code="research", description="d", patient_benefit="b"), legal_basis=basis,
-                datasets=["hes-apc"], commercial=False, exclusive=False, valid_from=at(start),
+                purpose=PurposeStatement(code=purpose, description="d", patient_benefit="b"), legal_basis=basis,
+                datasets=["hes-apc"], commercial=commercial, exclusive=False, valid_from=at(start),
                 valid_until=at(start + length), approved_by="dac", recorded_by="t",
                 opt_out_exemption=Exemption(basis="s251-cag", reference="CAG 1") if exempt else None))
         elif op[0] == "revoke" and op[1] in ref.grants:
@@ -146,7 +155,7 @@ def build(ops) -> tuple[list[bytes], list[Reference], dict[str, bytes], set[int]
             if any(r not in decision.INCLUDED for r in reasons):
                 wrong.add(len(entries) + 1)
             add("DataUseRecorded", op[1], DataUseRecorded(
-                use_id=f"U{len(entries)}", grant_id=op[1], organisation_code="ORG", purpose="research",
+                use_id=f"U{len(entries)}", grant_id=op[1], organisation_code="ORG", purpose=g.purpose.code,
                 legal_basis=g.legal_basis, datasets=["hes-apc"], cohort_id=cohort_id, cohort_size=len(stems),
                 occurred_at=instant, access_method="sde", opt_out_state_position=len(entries),
                 opted_out_included=claim.opted_out_included, consented_included=claim.consented_included,
@@ -192,8 +201,8 @@ def test_filter_assessor_history_and_verify_agree_with_the_events(ops):
             # The history: the patient's own rows, through the rule.
             if grant_id is not None:
                 for stem, want in zip(STEMS, expected):
-                    opted_out, consented = histories[int(stem)].at(position, grant_id)
-                    assert decision.decide_one(opted_out, consented, terms) == want
+                    held = histories[int(stem)].at(position, grant_id)
+                    assert decision.decide(held, terms)[0] == want
     # verify --decisions names exactly the uses that let someone in whom the rule keeps out.
     audit = DecisionAudit(cohort_bytes.get)
     for position, raw in enumerate(entries, 1):

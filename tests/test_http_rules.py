@@ -558,7 +558,7 @@ def test_the_openapi_document_says_how_repeats_are_answered():
 
 
 @pytest.mark.parametrize(("path", "body", "allowed"), [
-    (f"/v1/patients/{NHS}/opt-out", choice(scope="type1"), "allowed: national, type-1"),
+    (f"/v1/patients/{NHS}/opt-out", choice(scope="type1"), "allowed: commercial, national, non-planning, non-research, type-1"),
     (f"/v1/patients/{NHS}/opt-out", choice(actor={"kind": "proxy", "proxy_role": "aunt"}),
      "allowed: court-deputy, lasting-power-of-attorney, parent"),
     ("/v1/grants", grant(purpose={"code": "marketing", "description": "d", "patient_benefit": "b"}),

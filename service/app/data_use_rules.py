@@ -44,10 +44,17 @@ def excluded(assessment: Assessment, grant_id: str, path: str) -> RuleBroken:
         return RuleBroken(f"{missing} patient(s) in the cohort had not consented to this project when the use "
                           f"occurred (position {assessment.position}), and its legal basis is explicit consent; "
                           + fix, code="consent-missing", path=path)
+    opted_out, chose = assessment.found[Reason.OPTED_OUT_EXCLUDED], assessment.found[Reason.CHOICE_EXCLUDED]
+    if opted_out:
+        also = f" (and {chose} more chose no use of this kind)" if chose else ""
+        return RuleBroken(
+            f"{opted_out} patient(s) in the cohort have an opt-out in force at position {assessment.position} (when "
+            f"the use occurred){also} and the grant records no opt-out exemption; " + fix,
+            code="opted-out-patients-in-cohort", path=path)
     return RuleBroken(
-        f"{assessment.found[Reason.OPTED_OUT_EXCLUDED]} patient(s) in the cohort have an opt-out in force at "
-        f"position {assessment.position} (when the use occurred) and the grant records no opt-out exemption; "
-        + fix, code="opted-out-patients-in-cohort", path=path)
+        f"{chose} patient(s) in the cohort chose, at position {assessment.position} (when the use occurred), that "
+        "their data not be used for this kind of use (no commercial use, research only or planning only), and the "
+        "grant records no opt-out exemption; " + fix, code="finer-choice-in-cohort", path=path)
 
 
 def in_cohort(stems: np.ndarray, nhs_number: str) -> bool:

@@ -18,6 +18,7 @@ from eventsourcing.domain import Aggregate
 
 from contracts import events as ev
 from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
+from contracts.codes import NEVER_ALLOWED_RECIPIENTS
 from contracts.decision import GrantStatus, Terms, grant_status
 from contracts.values import Actor, Imported, utc
 from service.domain.errors import AlreadyExists, NotFound, NotPermitted, RuleBroken
@@ -235,6 +236,12 @@ class Grant(LedgerAggregate):
             raise RuleBroken(
                 "exclusive access to patient data is not allowed: set `exclusive` to false",
                 code="exclusive-grant", path="$.exclusive",
+            )
+        if request.organisation.category in NEVER_ALLOWED_RECIPIENTS:
+            raise RuleBroken(
+                f"this service's policy never allows access for {request.organisation.category} organisations "
+                f"(never: {', '.join(NEVER_ALLOWED_RECIPIENTS)})",
+                code="recipient-not-allowed", path="$.organisation.category",
             )
         if not request.purpose.patient_benefit.strip():
             raise RuleBroken(

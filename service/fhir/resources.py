@@ -17,6 +17,7 @@ from fhir.resources.R4B.consent import Consent
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from contracts.bodies import Choices, HistoryItem, HistoryPage
+from contracts.codes import FINER_SCOPES
 
 MEDIA_TYPE = "application/fhir+json"
 FHIR_VERSION = "4.0.1"
@@ -48,7 +49,8 @@ PURPOSE_OF_USE: dict[str, tuple[str, str]] = {
     "service-evaluation": ("HQUALIMP", "health quality improvement"),
     "clinical-audit": ("HQUALIMP", "health quality improvement"),
 }
-_SCOPE_POLICY = {"national": NATIONAL_OPT_OUT_POLICY, "type-1": TYPE_1_OPT_OUT_POLICY}
+_SCOPE_POLICY = {"national": NATIONAL_OPT_OUT_POLICY, "type-1": TYPE_1_OPT_OUT_POLICY,
+                 **{scope: f"urn:consent-ledger:choice:{scope}" for scope in FINER_SCOPES}}
 
 
 def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
