@@ -72,6 +72,7 @@ _REPEATS = (
     "its existing receipt, whether or not an Idempotency-Key was sent. "
 )
 _after = ("after", {"type": "integer", "minimum": 0}, False)
+STATISTICS_TABLES = ("choices", "uses-by-grant", "uses-by-purpose", "datasets")
 FHIR_JSON = "application/fhir+json"
 HTML = "text/html"
 _fhir_patient = ("patient", {"type": "string", "minLength": 1, "maxLength": 64,
@@ -198,6 +199,22 @@ OPERATIONS: tuple[Operation, ...] = (
               'datasets, commercial or not, validity, status, number of uses, patients covered, whether opt-outs '
               'apply and any exemption. `format=csv` (or `Accept: text/csv`) gives the same rows as CSV with a '
               'Ledger-As-Of header. No token needed.')),
+    Operation("get_statistics", "GET", "/v1/statistics",
+              "Public statistics: choices per scope, channel and month, uses per grant and purpose, the commercial "
+              "share and how concentrated access to each dataset is; counts of patients suppressed",
+              PUBLIC, None, bodies.Statistics,
+              query=(("format", {"type": "string", "enum": ["json", "csv"]}, False),
+                     ("table", {"type": "string", "enum": list(STATISTICS_TABLES)}, False)),
+              also_as=("text/csv",),
+              description=(
+              "Every count of patients follows contracts/disclosure.py: a count from 1 to 9 is never published "
+              "(null in JSON, `<10` in CSV) and any other is rounded to the nearest 5, each cell on its own count "
+              "(never derived from other suppressed cells). So no published figure is an exact count of patients, "
+              "and two queries either side of one patient's choice differ in a cell by 0 or 5, never by 1. Counts "
+              "of grants and uses are exact. `datasets` gives, per dataset, how many organisations and grants may "
+              "use it and how many of its uses the organisation with the most took (a check for exclusivity in "
+              "practice). Figures are computed at most once a minute. CSV (`format=csv` or Accept: text/csv) "
+              "gives one `table` (default `choices`: per month, scope and channel).")),
     Operation("list_events", "GET", "/v1/events",
               "Ledger entries in position order", AUDITOR, None, bodies.EventsPage,
               query=(_after, _limit), session_pages=True,

@@ -243,10 +243,11 @@ class RegisterEntry(Struct, frozen=True, kw_only=True):
     status: str
     revoked_at: str | None
     uses: int
-    patients_covered: int
+    # Counts of patients, suppressed (contracts/disclosure.py): null means fewer than 10.
+    patients_covered: int | None
     opt_outs_applied: bool
     opt_out_exemption: Labelled | None
-    opted_out_included: int
+    opted_out_included: int | None
     # The entries the row rests on: the grant and, once revoked, its revocation.
     position: int = 0
     revoked_position: int | None = None
@@ -410,6 +411,35 @@ class ChoiceCount(Struct, frozen=True, kw_only=True, omit_defaults=True):
     channel: str | None = None
 
 
+class MonthlyChoices(Struct, frozen=True, kw_only=True):
+    """Opt-outs and opt-ins of one scope through one channel in one calendar month (UTC); suppressed."""
+
+    month: str
+    scope: OptOutScope
+    channel: str
+    opt_outs: int | None
+    opt_ins: int | None
+
+
+class GrantUses(Struct, frozen=True, kw_only=True):
+    grant_id: str
+    organisation: Organisation
+    purpose: Labelled
+    commercial: bool
+    uses: int
+
+
+class DatasetAccess(Struct, frozen=True, kw_only=True):
+    """How concentrated access to one dataset is: a check for exclusivity in practice."""
+
+    dataset: str
+    organisations: int
+    grants: int
+    uses: int
+    largest_organisation: str | None  # the organisation with the most uses of it
+    largest_organisation_uses: int
+
+
 class PurposeCount(Struct, frozen=True, kw_only=True):
     purpose: Labelled
     uses: int
@@ -430,8 +460,11 @@ class Statistics(Struct, frozen=True, kw_only=True):
     period: Literal["day", "month"]
     choices_over_time: list[ChoiceCount]
     choices_by_channel: list[ChoiceCount]
+    choices_by_month: list[MonthlyChoices]
     opted_out_now: dict[str, int | None]
     uses_by_purpose: list[PurposeCount]
+    uses_by_grant: list[GrantUses]
+    datasets: list[DatasetAccess]
     commercial: CommercialShare
 
 

@@ -229,12 +229,12 @@ async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Reg
             status=grant_status(r["valid_from"], r["valid_until"], r["revoked_position"] is not None, now),
             revoked_at=_ts(r["revoked_at"]) if r["revoked_at"] else None,
             uses=r["uses"],
-            patients_covered=r["patients"],
+            patients_covered=suppressed(r["patients"]),
             opt_outs_applied=Terms(status="active", legal_basis=r["legal_basis"],
                                    exemption=Exemption(basis=r["exemption_basis"], reference=r["exemption_reference"])
                                    if r["exemption_basis"] else None).opt_outs_apply,
             opt_out_exemption=_label(r["exemption_basis"]),
-            opted_out_included=r["opted_out_included"],
+            opted_out_included=suppressed(r["opted_out_included"]),
             position=r["position"],
             revoked_position=r["revoked_position"],
         ))
@@ -271,8 +271,13 @@ def register_rows(reg: Register) -> list[list[str]]:
         out.append([
             g.grant_id, g.organisation.code, g.organisation.name, g.purpose.code, g.purpose_description,
             g.patient_benefit, g.legal_basis.code, ";".join(g.datasets), str(g.commercial).lower(),
-            g.valid_from, g.valid_until, g.status, g.revoked_at or "", str(g.uses), str(g.patients_covered),
+            g.valid_from, g.valid_until, g.status, g.revoked_at or "", str(g.uses), _csv_count(g.patients_covered),
             str(g.opt_outs_applied).lower(), g.opt_out_exemption.code if g.opt_out_exemption else "",
-            str(g.opted_out_included),
+            _csv_count(g.opted_out_included),
         ])
     return out
+
+
+def _csv_count(count: int | None) -> str:
+    """A suppressed count in CSV: the number, or "<10"."""
+    return "<10" if count is None else str(count)

@@ -9,12 +9,16 @@ import asyncpg
 from contracts.bodies import (
     ChoiceCount,
     CommercialShare,
+    DatasetAccess,
+    GrantUses,
     Labelled,
+    MonthlyChoices,
     PurposeCount,
     Statistics,
 )
 from contracts.codes import LABELS, OptOutScope, values
 from contracts.disclosure import suppressed
+from contracts.values import Organisation
 
 from .reads import projection_position
 
@@ -38,6 +42,26 @@ async def statistics(conn: asyncpg.Connection) -> Statistics:
             " count(*) FILTER (WHERE event_type = 'OptOutWithdrawn') AS opt_ins"
             " FROM patient_choice_history WHERE event_type IN ('OptOutRegistered', 'OptOutWithdrawn')"
             " GROUP BY GROUPING SETS ((1, scope), (scope, channel)) ORDER BY 1, 2, 3")
+        monthly = await conn.fetch(
+            "SELECT to_char(date_trunc('month', recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM') AS month, scope, channel,"
+            " count(*) FILTER (WHERE event_type = 'OptOutRegistered') AS opt_outs,"
+            " count(*) FILTER (WHERE event_type = 'OptOutWithdrawn') AS opt_ins"
+            " FROM patient_choice_history WHERE event_type IN ('OptOutRegistered', 'OptOutWithdrawn')"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+        per_grant = await conn.fetch(
+            "SELECT grant_id, organisation_code, organisation_name, purpose, commercial, uses FROM grants_view"
+            " ORDER BY position")
+        datasets = await conn.fetch(
+            "WITH access AS (SELECT unnest(datasets) AS dataset, grant_id, organisation_code FROM grants_view),"
+            " used AS (SELECT unnest(d.datasets) AS dataset, g.organisation_code FROM data_uses_view d"
+            "          JOIN grants_view g USING (grant_id)),"
+            " top AS (SELECT DISTINCT ON (dataset) dataset, organisation_code, count(*) AS n,"
+            "         sum(count(*)) OVER (PARTITION BY dataset) AS total"
+            "         FROM used GROUP BY dataset, organisation_code ORDER BY dataset, count(*) DESC, organisation_code)"
+            " SELECT a.dataset, count(DISTINCT a.organisation_code) AS organisations,"
+            " count(DISTINCT a.grant_id) AS grants, coalesce(max(t.total), 0) AS uses,"
+            " max(t.n) AS top_uses, max(t.organisation_code) AS top_organisation"
+            " FROM access a LEFT JOIN top t USING (dataset) GROUP BY a.dataset ORDER BY a.dataset")
         opted_out = await conn.fetch(
             "SELECT scope, count(*) AS patients FROM patient_choices WHERE opted_out GROUP BY scope")
         purposes = await conn.fetch(
@@ -54,6 +78,16 @@ async def statistics(conn: asyncpg.Connection) -> Statistics:
         choices_by_channel=[_choice_count(r) for r in choices if r["channel"] is not None],
         opted_out_now={scope: suppressed(next((r["patients"] for r in opted_out if r["scope"] == scope), 0))
                        for scope in values(OptOutScope)},
+        choices_by_month=[MonthlyChoices(month=r["month"], scope=r["scope"], channel=r["channel"],
+                                         opt_outs=suppressed(r["opt_outs"]), opt_ins=suppressed(r["opt_ins"]))
+                          for r in monthly],
+        uses_by_grant=[GrantUses(grant_id=r["grant_id"],
+                                 organisation=Organisation(code=r["organisation_code"], name=r["organisation_name"]),
+                                 purpose=Labelled(code=r["purpose"], label=LABELS.get(r["purpose"], r["purpose"])),
+                                 commercial=r["commercial"], uses=r["uses"]) for r in per_grant],
+        datasets=[DatasetAccess(dataset=r["dataset"], organisations=r["organisations"], grants=r["grants"],
+                                uses=int(r["uses"]), largest_organisation=r["top_organisation"],
+                                largest_organisation_uses=int(r["top_uses"] or 0)) for r in datasets],
         uses_by_purpose=[PurposeCount(purpose=Labelled(code=r["purpose"], label=LABELS.get(r["purpose"], r["purpose"])),
                                       uses=r["uses"], grants=r["grants"]) for r in purposes],
         commercial=CommercialShare(grants=share["grants"], commercial_grants=share["commercial_grants"],

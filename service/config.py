@@ -41,6 +41,7 @@ class Config:
     nhs_number_ranges: tuple[str, ...] = ()
     task_stall_seconds: float = 30.0
     progress_seconds: float = 10.0
+    statistics_seconds: float = 60.0
     # Witnesses the log submits its checkpoints to: (add-checkpoint URL, cosigner vkey).
     witnesses: tuple[tuple[str, str], ...] = ()
     witness_quorum: int = 0
@@ -94,6 +95,8 @@ def load(env: dict[str, str] | None = None) -> Config:
         task_stall_seconds=_number(env, "CONSENT_LEDGER_TASK_STALL_SECONDS", "30", float),
         # Long commands print a progress line this often when stderr is not a terminal.
         progress_seconds=_number(env, "CONSENT_LEDGER_PROGRESS_SECONDS", "10", float),
+        # Public statistics scan whole projection tables: computed at most this often.
+        statistics_seconds=_number(env, "CONSENT_LEDGER_STATISTICS_SECONDS", "60", float),
         **_witnessing(env),
     )
 

@@ -18,6 +18,7 @@ import msgspec
 
 from contracts import bodies, merkle, note
 from contracts.decision import Terms, grant_status
+from contracts.disclosure import shown, suppressed
 from contracts.entry import decode_entry, leaf_hash
 from contracts.events import AccessGranted
 from service.audit.client import HttpSource, SourceError
@@ -138,9 +139,9 @@ def _instant(text: str | datetime) -> datetime:
 def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[Finding]:
     """Every way a register row differs from what the entries say it must be."""
     findings: list[Finding] = []
-    shown = set()
+    listed = set()
     for row in register.grants:
-        shown.add(row.grant_id)
+        listed.add(row.grant_id)
         recorded = rebuilt.granted.get(row.grant_id)
         if recorded is None:
             findings.append(Finding(row.grant_id, "no public entry in the log records this grant"))
@@ -186,15 +187,15 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
             if actual[name] != want:
                 findings.append(Finding(row.grant_id, f"{name}: the register says {actual[name]!r}, "
                                                       f"the log says {want!r}"))
-        uses, included = rebuilt.uses[row.grant_id], rebuilt.opted_out_included[row.grant_id]
+        uses, included = rebuilt.uses[row.grant_id], suppressed(rebuilt.opted_out_included[row.grant_id])
         if rebuilt.withheld == 0 and (row.uses, row.opted_out_included) != (uses, included):
             findings.append(Finding(row.grant_id, f"uses: the register says {row.uses} (opted-out patients "
-                                                  f"included: {row.opted_out_included}), the log says {uses} "
-                                                  f"({included})"))
-        elif rebuilt.withheld and (row.uses < uses or row.opted_out_included < included):
+                                                  f"included: {shown(row.opted_out_included)}), the log says {uses} "
+                                                  f"({shown(included)})"))
+        elif rebuilt.withheld and row.uses < uses:
             findings.append(Finding(row.grant_id, f"uses: the register says {row.uses}, fewer than the "
                                                   f"{uses} public data-use entries under this grant"))
-    for grant_id in sorted(rebuilt.granted.keys() - shown):
+    for grant_id in sorted(rebuilt.granted.keys() - listed):
         findings.append(Finding(grant_id, f"the log records this grant (position {rebuilt.granted[grant_id][0]}) "
                                           "but the register does not show it"))
     return findings

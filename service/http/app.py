@@ -216,8 +216,7 @@ def create_app(
     app[METRICS] = Metrics()
     app[SUPERVISOR] = Supervisor(stall_after=config.task_stall_seconds)
     app[OPENAPI] = msgspec.json.encode(api.openapi(__version__))
-    # The statistics scan whole projection tables: one computation serves every visitor for a minute.
-    app[STATISTICS] = Expiring(60.0)
+    app[STATISTICS] = Expiring(config.statistics_seconds)
     missing = {op.id for op in api.OPERATIONS} - HANDLERS.keys()
     if missing:
         raise RuntimeError(f"operations without a handler: {sorted(missing)}")

@@ -7,11 +7,12 @@ import io
 
 from aiohttp import web
 
-from contracts import api
+from contracts import api, bodies
 from projections import reads as projection_reads
+from projections.statistics import statistics
 from service.app.caller import Caller
 from service.auth.tokens import Forbidden
-from service.http.keys import LEDGER, POOL
+from service.http.keys import LEDGER, POOL, STATISTICS
 from service.http.problems import invalid
 from service.http.requests import (
     Handler,
@@ -63,7 +64,51 @@ async def get_register(request: web.Request, caller: Caller | None) -> web.Respo
     return web.Response(text=out.getvalue(), content_type="text/csv", headers={"Ledger-As-Of": str(reg.as_of)})
 
 
+async def published_statistics(request: web.Request) -> bodies.Statistics:
+    """The statistics, computed at most once a minute (they scan whole projection tables)."""
+    async def compute() -> bodies.Statistics:
+        async with request.app[POOL].acquire() as conn:
+            return await statistics(conn)
+
+    return await request.app[STATISTICS].get(compute)
+
+
+def _count(value: int | None) -> str:
+    return "<10" if value is None else str(value)
+
+
+def _statistics_rows(stats: bodies.Statistics, table: str) -> list[list[str]]:
+    if table == "uses-by-grant":
+        return [["grant_id", "organisation_code", "organisation_name", "purpose", "commercial", "uses"]] + [
+            [g.grant_id, g.organisation.code, g.organisation.name, g.purpose.code, str(g.commercial).lower(),
+             str(g.uses)] for g in stats.uses_by_grant]
+    if table == "uses-by-purpose":
+        return [["purpose", "grants", "uses"]] + [[p.purpose.code, str(p.grants), str(p.uses)]
+                                                   for p in stats.uses_by_purpose]
+    if table == "datasets":
+        return [["dataset", "organisations", "grants", "uses", "largest_organisation", "largest_organisation_uses"]] + [
+            [d.dataset, str(d.organisations), str(d.grants), str(d.uses), d.largest_organisation or "",
+             str(d.largest_organisation_uses)] for d in stats.datasets]
+    return [["month", "scope", "channel", "opt_outs", "opt_ins"]] + [
+        [c.month, c.scope, c.channel, _count(c.opt_outs), _count(c.opt_ins)] for c in stats.choices_by_month]
+
+
+async def get_statistics(request: web.Request, caller: Caller | None) -> web.Response:
+    fmt, table = request.query.get("format"), request.query.get("table", "choices")
+    if fmt is not None and fmt not in ("json", "csv"):
+        raise invalid("`format` must be json or csv", "query.format", status=400)
+    if table not in api.STATISTICS_TABLES:
+        raise invalid(f"`table` must be one of {', '.join(api.STATISTICS_TABLES)}", "query.table", status=400)
+    stats = await published_statistics(request)
+    if not (fmt == "csv" or ("format" not in request.query and "text/csv" in request.headers.get("Accept", ""))):
+        return json_response(stats)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(_statistics_rows(stats, table))
+    return web.Response(text=out.getvalue(), content_type="text/csv", headers={"Ledger-As-Of": str(stats.as_of)})
+
+
 HANDLERS: dict[str, Handler] = {
+    "get_statistics": get_statistics,
     "create_grant": create_grant,
     "revoke_grant": revoke_grant,
     "get_grant": get_grant,

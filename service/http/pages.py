@@ -17,10 +17,10 @@ from contracts import api, bodies, merkle, note
 from contracts.codes import LABELS, OptOutScope, Purpose, values
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from projections import reads as projection_reads
-from projections.statistics import statistics
 from service.app.caller import Caller
 from service.audit.receipts import check_receipt
-from service.http.keys import CHECKPOINTS, CONFIG, OPENAPI, POOL, STATISTICS, TILES
+from service.http.grants import published_statistics
+from service.http.keys import CHECKPOINTS, CONFIG, OPENAPI, POOL, TILES
 from service.http.problems import ProblemError, invalid
 from service.http.requests import Handler, read_body
 from service.pages import charts
@@ -83,11 +83,7 @@ async def grant(request: web.Request, caller: Caller | None) -> web.Response:
 
 
 async def statistics_page(request: web.Request, caller: Caller | None) -> web.Response:
-    async def compute() -> bodies.Statistics:
-        async with request.app[POOL].acquire() as conn:
-            return await statistics(conn)
-
-    stats = await request.app[STATISTICS].get(compute)
+    stats = await published_statistics(request)
     scopes = {scope: LABELS[scope] for scope in values(OptOutScope)}
     over_time = charts.horizontal(
         "Opt-outs and opt-ins recorded, by " + stats.period,
@@ -223,8 +219,9 @@ def _patient_form(fields: dict[str, str]) -> PatientForm:
     if action == "receipt" and not (position.isdigit() and 0 < int(position) < 2**62):
         raise invalid("a receipt is asked for by its ledger position", "form.position", status=400)
     key = fields.get("key", "")
-    return PatientForm(token, nhs, action, scope, fields.get("grant_id", ""), int(position) if position.isdigit() else 0,
-                       fields.get("confirmed") == "yes", key if key.isalnum() and len(key) <= 64 else "")
+    return PatientForm(token, nhs, action, scope, fields.get("grant_id", ""),
+                       int(position) if position.isdigit() else 0, fields.get("confirmed") == "yes",
+                       key if key.isalnum() and len(key) <= 64 else "")
 
 
 def _loopback(request: web.Request) -> str:
