@@ -24,7 +24,9 @@ PATIENT_APP = frozenset({"patient-app"})
 DAC = frozenset({"dac"})
 SDE = frozenset({"sde"})
 AUDITOR = frozenset({"auditor"})
-ROLES = ("patient-app", "dac", "sde", "auditor")
+ROLES = ("patient-app", "dac", "sde", "auditor", "cag", "ethics-committee", "lay-panel", "board")
+# Who records approvals of a proposed grant (contracts/codes.py APPROVER_ROLES says which kind each records).
+APPROVERS = frozenset({"dac", "cag", "ethics-committee", "lay-panel", "board"})
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -123,6 +125,18 @@ OPERATIONS: tuple[Operation, ...] = (
               ' validity window and any opt-out exemption with its reference. It is in force from `valid_from` to '
               '`valid_until` unless revoked. A `grant_id` is used once: a different grant under the same id is 409.'
               ' The grant appears in the public register at once.')),
+    Operation("approve_grant", "POST", "/v1/grants/{grant_id}/approvals",
+              "Record one party's approval of a proposed grant (201), or return the receipt of the same approval (200)",
+              APPROVERS, bodies.ApprovalRequest, bodies.Receipt, 201, org_scoped=True,
+              description=(
+              "A grant whose policy requires approvals (CONSENT_LEDGER_APPROVALS; the approvals it needs are "
+              "written into its AccessGranted entry as `requires`) is `proposed` until each is recorded: then "
+              "it is in force (within its validity) from the position of the last one. Each approval kind is "
+              "recorded by one role: `dac-decision` by `dac`, `cag` by `cag`, `ethics` by `ethics-committee`, "
+              "`lay-panel` by `lay-panel`, `board-fairness` by `board` (else 403), by an organisation (the "
+              "token's `org` claim) that neither proposed the grant nor recorded another of its approvals (403). "
+              "An approval the grant does not need, or of a revoked grant, is 422; the same kind again by another "
+              "party is 409; the same approval sent again is 200 with its receipt.")),
     Operation("revoke_grant", "POST", "/v1/grants/{grant_id}/revoke",
               "Revoke a grant; data uses under it are refused from this position on",
               DAC, bodies.RevokeRequest, bodies.Receipt, 201,
@@ -378,7 +392,7 @@ OPERATIONS: tuple[Operation, ...] = (
               PUBLIC, media_type=HTML, page=True,
               query=(("q", {"type": "string", "maxLength": 200}, False),
                      ("purpose", {"type": "string", "enum": list(values(Purpose))}, False),
-                     ("status", {"type": "string", "enum": ["active", "revoked", "expired", "not-yet-valid"]}, False),
+                     ("status", {"type": "string", "enum": ["active", "proposed", "revoked", "expired", "not-yet-valid"]}, False),
                      ("commercial", {"type": "string", "enum": ["yes", "no"]}, False))),
     Operation("page_grant", "GET", "/register/{grant_id}", "One grant: its terms, the uses under it, its entries",
               PUBLIC, media_type=HTML, page=True),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, field
 
-from .codes import AccessMethod, Channel, LegalBasis, OptOutScope, Purpose
+from .codes import AccessMethod, ApprovalKind, Channel, LegalBasis, OptOutScope, Purpose
 from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
@@ -85,6 +85,25 @@ class GrantRequest(Frozen):
         require_utc_range(self.valid_until, "valid_until")
 
 
+class ApprovalRequest(Frozen):
+    """One party's approval of a proposed grant; the organisation is the token's `org` claim."""
+
+    approval: ApprovalKind
+    reference: ShortText  # the committee's own reference, e.g. "21/CAG/0042" or "REC 22/NE/0123"
+    organisation_name: ShortText  # the approving organisation's name, as the register shows it
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.reference, "reference")
+        require_plain_text(self.organisation_name, "organisation_name")
+
+
+class GrantApproval(Struct, frozen=True, kw_only=True):
+    approval: ApprovalKind
+    organisation: Organisation
+    reference: str
+    position: int
+
+
 class RevokeRequest(Frozen):
     reason: Text
 
@@ -159,7 +178,9 @@ class Choices(Struct, frozen=True, kw_only=True):
 
 class GrantView(Struct, frozen=True, kw_only=True):
     grant: AccessGranted
-    status: Literal["active", "revoked", "expired", "not-yet-valid"]
+    status: Literal["active", "proposed", "revoked", "expired", "not-yet-valid"]
+    approvals: list[GrantApproval] = field(default_factory=list)
+    pending: list[ApprovalKind] = field(default_factory=list)  # required approvals not yet recorded
     position: int
     revoked_at: str | None = None
     revoke_reason: str | None = None
@@ -251,6 +272,8 @@ class RegisterEntry(Struct, frozen=True, kw_only=True):
     # The entries the row rests on: the grant and, once revoked, its revocation.
     position: int = 0
     revoked_position: int | None = None
+    approvals: list[GrantApproval] = field(default_factory=list)
+    pending: list[ApprovalKind] = field(default_factory=list)
 
 
 class RegisteredUse(Struct, frozen=True, kw_only=True):

@@ -47,7 +47,11 @@ ExemptionBasis = Literal[
     "overriding-public-interest",
 ]
 AccessMethod = Literal["sde", "extract"]
-Role = Literal["patient-app", "dac", "sde", "auditor"]
+Role = Literal["patient-app", "dac", "sde", "auditor", "cag", "ethics-committee", "lay-panel", "board"]
+# The approvals a grant may need before it is in force, and the role that records each.
+ApprovalKind = Literal["dac-decision", "cag", "ethics", "lay-panel", "board-fairness"]
+APPROVER_ROLES: dict[str, str] = {"dac-decision": "dac", "cag": "cag", "ethics": "ethics-committee",
+                                  "lay-panel": "lay-panel", "board-fairness": "board"}
 # What a recorded read of personal data looked at (PersonalDataRead.what).
 # "audit-session": an auditor's whole run over a range of entries (one read, not one per page).
 ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort", "audit-session"]
@@ -86,6 +90,11 @@ LABELS: dict[str, str] = {
     "entry-tiles": "ledger entries",
     "export": "an export of the ledger",
     "cohort": "the members of a cohort",
+    "dac-decision": "the data access committee's decision",
+    "cag": "Confidentiality Advisory Group (section 251)",
+    "ethics": "research ethics committee",
+    "lay-panel": "lay / citizens' panel",
+    "board-fairness": "board sign-off that the terms are fair",
 }
 
 

@@ -49,7 +49,7 @@ from .codes import FINER_SCOPES, NATIONAL_SCOPES
 from .events import AccessGranted
 from .values import Exemption
 
-GrantStatus = Literal["active", "revoked", "expired", "not-yet-valid", "not-recorded"]
+GrantStatus = Literal["active", "proposed", "revoked", "expired", "not-yet-valid", "not-recorded"]
 
 
 class Reason(IntEnum):
@@ -125,20 +125,31 @@ class Terms:
 
     @classmethod
     def at(cls, granted: AccessGranted | None, granted_position: int | None, revoked_position: int | None,
-           position: int, instant: datetime) -> "Terms":
-        """The grant as the ledger stood at ``position``, for a use at ``instant``."""
+           position: int, instant: datetime, approved: Mapping[str, int] | None = None) -> "Terms":
+        """The grant as the ledger stood at ``position``, for a use at ``instant``;
+        ``approved``: the position of each approval recorded for it."""
         if granted is None or granted_position is None or granted_position > position:
             return cls(status="not-recorded")
         revoked = revoked_position is not None and revoked_position <= position
-        status = grant_status(granted.valid_from, granted.valid_until, revoked, instant)
+        status = grant_status(granted.valid_from, granted.valid_until, revoked, instant,
+                              pending=bool(pending_approvals(granted, approved or {}, position)))
         return cls(status=status, legal_basis=granted.legal_basis, exemption=granted.opt_out_exemption,
                    commercial=granted.commercial, purpose=granted.purpose.code)
 
 
-def grant_status(valid_from: datetime, valid_until: datetime, revoked: bool, instant: datetime) -> GrantStatus:
-    """A recorded grant's status at ``instant``; valid from ``valid_from`` up to, not including, ``valid_until``."""
+def pending_approvals(granted: AccessGranted, approved: Mapping[str, int], position: int) -> list[str]:
+    """The approvals ``granted`` requires that were not recorded by ``position``."""
+    return [k for k in granted.requires or () if approved.get(k, position + 1) > position]
+
+
+def grant_status(valid_from: datetime, valid_until: datetime, revoked: bool, instant: datetime,
+                 pending: bool = False) -> GrantStatus:
+    """A recorded grant's status at ``instant``; valid from ``valid_from`` up to, not including,
+    ``valid_until``, once no required approval is ``pending``."""
     if revoked:
         return "revoked"
+    if pending:
+        return "proposed"
     if instant < valid_from:
         return "not-yet-valid"
     if instant >= valid_until:

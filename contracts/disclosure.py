@@ -30,10 +30,10 @@ def shown(count: int | None) -> str:
 
 
 # Entries anyone may read with their proofs (GET /v1/public-entries): grants,
-# revocations and data uses. A data use names its cohort by the SHA-256 of the
+# revocations, approvals and data uses. A data use names its cohort by the SHA-256 of the
 # member list, which for a cohort of one or two could be found by trying every
 # NHS number, so a use of fewer than THRESHOLD patients stays unpublished.
-PUBLIC_EVENT_TYPES = ("AccessGranted", "AccessRevoked", "DataUseRecorded")
+PUBLIC_EVENT_TYPES = ("AccessGranted", "AccessRevoked", "GrantApproved", "DataUseRecorded")
 
 
 def publishable(event_type: str, cohort_size: int | None) -> bool:

@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from .codes import (
     AccessMethod,
+    ApprovalKind,
     LegalBasis,
     OptOutScope,
     Purpose,
@@ -86,6 +87,21 @@ class AccessGranted(Frozen):
     approved_by: ShortText
     recorded_by: ShortText
     opt_out_exemption: Exemption | None = None
+    # Approvals the policy required when the grant was proposed: it is in force only once each
+    # is recorded (GrantApproved). Absent: none (grants recorded before approvals existed).
+    requires: list[ApprovalKind] | None = None
+    # The proposing organisation, which may not approve its own proposal.
+    proposed_by: Identifier | None = None
+
+
+class GrantApproved(Frozen):
+    """One party's approval of a proposed grant: which approval, by which organisation, under which reference."""
+
+    grant_id: Identifier
+    approval: ApprovalKind
+    organisation: Organisation
+    reference: ShortText
+    recorded_by: ShortText
 
 
 class AccessRevoked(Frozen):
@@ -201,6 +217,7 @@ Event = (
     | StudyConsentWithdrawn
     | AccessGranted
     | AccessRevoked
+    | GrantApproved
     | DataUseRecorded
     | PersonalDataRead
     | CohortStored
@@ -217,6 +234,7 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         StudyConsentWithdrawn,
         AccessGranted,
         AccessRevoked,
+        GrantApproved,
         DataUseRecorded,
         PersonalDataRead,
         CohortStored,

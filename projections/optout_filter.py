@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import asyncpg
@@ -199,9 +199,10 @@ class GrantRecord:
     position: int
     recorded_at: str
     revoked_position: int | None = None
+    approved: dict[str, int] = field(default_factory=dict)  # approval -> its position
 
     def terms(self, position: int, instant: datetime) -> Terms:
-        return Terms.at(self.granted, self.position, self.revoked_position, position, instant)
+        return Terms.at(self.granted, self.position, self.revoked_position, position, instant, self.approved)
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,8 @@ FROM (
         CASE WHEN substring(entry FROM s - 14 FOR 14) <> '"event_type":"'::bytea THEN -2
              WHEN substring(entry FROM s FOR 18) = 'OptOutRegistered",'::bytea THEN 1
              WHEN substring(entry FROM s FOR 17) = 'OptOutWithdrawn",'::bytea THEN 0
-             WHEN substring(entry FROM s FOR 8) IN ('StudyCon'::bytea, 'AccessGr'::bytea, 'AccessRe'::bytea) THEN -1
+             WHEN substring(entry FROM s FOR 8) IN ('StudyCon'::bytea, 'AccessGr'::bytea, 'AccessRe'::bytea,
+                                                    'GrantApp'::bytea) THEN -1
              ELSE -3 END::int2 AS kind
     FROM (SELECT position, entry, 140 + position(','::bytea IN substring(entry FROM 76 FOR 12)) AS s
           FROM ledger_events WHERE position > $1 AND position <= $2) located
@@ -369,6 +371,8 @@ class OptOutFilter(Follower):
             record = self.grants[e.payload.grant_id]
             if record.revoked_position is None:
                 record.revoked_position = e.position
+        elif e.event_type == "GrantApproved" and e.payload.grant_id in self.grants:
+            self.grants[e.payload.grant_id].approved.setdefault(e.payload.approval, e.position)
 
     def follow(self, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -380,7 +384,7 @@ class OptOutFilter(Follower):
             elif t == "StudyConsentGiven" or t == "StudyConsentWithdrawn":
                 self.consents.setdefault(p.grant_id, Timeline()).set(
                     e.position, stem_of(p.nhs_number), t == "StudyConsentGiven")
-            elif t in ("AccessGranted", "AccessRevoked"):
+            elif t in ("AccessGranted", "AccessRevoked", "GrantApproved"):
                 self._grant(e)
             self.position = e.position
 
@@ -393,7 +397,7 @@ class OptOutFilter(Follower):
         copy.position = self.position
         copy.scopes = {scope: s.snapshot() for scope, s in self.scopes.items()}
         copy.consents = {grant: s.snapshot() for grant, s in self.consents.items()}
-        copy.grants = {grant: replace(record) for grant, record in self.grants.items()}
+        copy.grants = {grant: replace(record, approved=dict(record.approved)) for grant, record in self.grants.items()}
         return copy
 
     # --- questions: all answered by the one rule ------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 
 from contracts import decision
 from contracts.bodies import (
+    GrantApproval,
     HistoryItem,
     HistoryPage,
     Labelled,
@@ -211,10 +212,19 @@ async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Reg
             " LEFT JOIN grant_coverage c USING (grant_id) WHERE $1::text IS NULL OR g.grant_id = $1"
             " ORDER BY g.position", grant_id
         )
+        approval_rows = await conn.fetch(
+            "SELECT * FROM grant_approvals WHERE $1::text IS NULL OR grant_id = $1 ORDER BY position", grant_id)
+    approvals: dict[str, list[GrantApproval]] = {}
+    for a in approval_rows:
+        approvals.setdefault(a["grant_id"], []).append(GrantApproval(
+            approval=a["approval"], organisation=Organisation(code=a["organisation_code"], name=a["organisation_name"]),
+            reference=a["reference"], position=a["position"]))
     grants = []
     for r in rows:
         purpose, basis = _label(r["purpose"]), _label(r["legal_basis"])
         assert purpose is not None and basis is not None
+        recorded = approvals.get(r["grant_id"], [])
+        pending = [k for k in r["requires"] if k not in {a.approval for a in recorded}]
         grants.append(RegisterEntry(
             grant_id=r["grant_id"],
             organisation=Organisation(code=r["organisation_code"], name=r["organisation_name"]),
@@ -226,7 +236,10 @@ async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Reg
             commercial=r["commercial"],
             valid_from=_ts(r["valid_from"]),
             valid_until=_ts(r["valid_until"]),
-            status=grant_status(r["valid_from"], r["valid_until"], r["revoked_position"] is not None, now),
+            status=grant_status(r["valid_from"], r["valid_until"], r["revoked_position"] is not None, now,
+                                pending=bool(pending)),
+            approvals=recorded,
+            pending=pending,
             revoked_at=_ts(r["revoked_at"]) if r["revoked_at"] else None,
             uses=r["uses"],
             patients_covered=suppressed(r["patients"]),

@@ -106,3 +106,18 @@ ALTER TABLE data_uses_view ALTER COLUMN organisation_code SET NOT NULL;
 ALTER TABLE data_uses_view DROP CONSTRAINT data_uses_view_use_id_key;
 ALTER TABLE data_uses_view ADD CONSTRAINT data_uses_view_use_id_key UNIQUE (organisation_code, use_id);
 """
+
+# Version 6 (issue 14): the approvals a grant needs and those recorded.
+V6 = """
+ALTER TABLE grants_view ADD COLUMN requires text[] NOT NULL DEFAULT '{}';
+CREATE TABLE grant_approvals (
+    grant_id          text        NOT NULL,
+    approval          text        NOT NULL,
+    organisation_code text        NOT NULL,
+    organisation_name text        NOT NULL,
+    reference         text        NOT NULL,
+    position          bigint      NOT NULL,
+    recorded_at       timestamptz NOT NULL,
+    PRIMARY KEY (grant_id, approval)
+);
+"""

@@ -38,7 +38,7 @@ def _coverage(previous: asyncpg.Record | None, stems: np.ndarray) -> tuple[int, 
 
 class UsesProjection(Projection):
     name = "uses"
-    tables = ("grants_view", "data_uses_view", "cohort_blocks", "grant_coverage")
+    tables = ("grants_view", "data_uses_view", "cohort_blocks", "grant_coverage", "grant_approvals")
 
     async def apply(self, conn: asyncpg.Connection, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -48,12 +48,20 @@ class UsesProjection(Projection):
                 await conn.execute(
                     f"INSERT INTO {self.t('grants_view')} (grant_id, position, organisation_code,"
                     " organisation_name, purpose, purpose_description, patient_benefit, legal_basis, datasets,"
-                    " commercial, valid_from, valid_until, exemption_basis, exemption_reference)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    " commercial, valid_from, valid_until, exemption_basis, exemption_reference, requires)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                     p.grant_id, e.position, p.organisation.code, p.organisation.name, p.purpose.code,
                     p.purpose.description, p.purpose.patient_benefit, p.legal_basis, list(p.datasets),
                     p.commercial, p.valid_from, p.valid_until,
-                    x.basis if x else None, x.reference if x else None,
+                    x.basis if x else None, x.reference if x else None, list(p.requires or ()),
+                )
+            elif e.event_type == "GrantApproved":
+                await conn.execute(
+                    f"INSERT INTO {self.t('grant_approvals')} (grant_id, approval, organisation_code,"
+                    " organisation_name, reference, position, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                    " ON CONFLICT DO NOTHING",
+                    p.grant_id, p.approval, p.organisation.code, p.organisation.name, p.reference, e.position,
+                    moment(e.recorded_at),
                 )
             elif e.event_type == "AccessRevoked":
                 await conn.execute(

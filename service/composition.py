@@ -106,7 +106,7 @@ async def running(
             supervisor.start("witness-submitter", submitter.run, every=config.witness_interval)
             started.append("witness-submitter")
         optouts: OptOutFilter | None = None
-        ledger = Ledger(store)
+        ledger = Ledger(store, approvals=config.approvals)
         if decisions:
             began = time.perf_counter()
             optouts = await OptOutFilter.load(pool)
@@ -123,7 +123,7 @@ async def running(
             await runner.prepare()
             supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
             started.append("projection-runner")
-            ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner))
+            ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner), approvals=config.approvals)
         yield Components(
             config=config,
             database=database,

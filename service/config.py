@@ -11,7 +11,7 @@ from typing import Any
 class ConfigError(RuntimeError):
     """Settings that cannot work together; the message says what to set."""
 
-from contracts import cosignature, nhs_number, note
+from contracts import approvals, cosignature, nhs_number, note
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Config:
     task_stall_seconds: float = 30.0
     progress_seconds: float = 10.0
     statistics_seconds: float = 60.0
+    # Which approvals a new grant needs before it is in force (contracts/approvals.py).
+    approvals: tuple[tuple[str, str], ...] = ()
     # Witnesses the log submits its checkpoints to: (add-checkpoint URL, cosigner vkey).
     witnesses: tuple[tuple[str, str], ...] = ()
     witness_quorum: int = 0
@@ -97,8 +99,20 @@ def load(env: dict[str, str] | None = None) -> Config:
         progress_seconds=_number(env, "CONSENT_LEDGER_PROGRESS_SECONDS", "10", float),
         # Public statistics scan whole projection tables: computed at most this often.
         statistics_seconds=_number(env, "CONSENT_LEDGER_STATISTICS_SECONDS", "60", float),
+        approvals=_approvals(env, environment),
         **_witnessing(env),
     )
+
+
+def _approvals(env: dict[str, str], environment: str) -> tuple[tuple[str, str], ...]:
+    """CONSENT_LEDGER_APPROVALS: "approval:condition,..."; in production the NHS default
+    (contracts/approvals.py), elsewhere none, so a development grant is in force at once."""
+    if "CONSENT_LEDGER_APPROVALS" not in env:
+        return approvals.PRODUCTION_POLICY if environment == "production" else ()
+    try:
+        return approvals.parse(env["CONSENT_LEDGER_APPROVALS"])
+    except ValueError as exc:
+        raise ConfigError(f"CONSENT_LEDGER_APPROVALS: {exc}") from None
 
 
 def _witnessing(env: dict[str, str]) -> dict[str, Any]:

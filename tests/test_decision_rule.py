@@ -23,6 +23,7 @@ from contracts.events import (
     AccessGranted,
     AccessRevoked,
     DataUseRecorded,
+    GrantApproved,
     OptOutRegistered,
     OptOutWithdrawn,
     StudyConsentGiven,
@@ -52,8 +53,10 @@ operation = st.one_of(
     st.tuples(st.just("grant"), st.sampled_from(GRANTS), st.tuples(
         st.sampled_from(["public-task-research", "explicit-consent"]), st.booleans(),
         st.integers(-5, 25), st.integers(1, 30), st.booleans(), st.sampled_from(["research", "planning",
-                                                                                  "public-health"]))),
+                                                                                  "public-health"]),
+        st.sampled_from([(), ("dac-decision",), ("dac-decision", "ethics")]))),
     st.tuples(st.just("revoke"), st.sampled_from(GRANTS)),
+    st.tuples(st.just("approve"), st.sampled_from(GRANTS), st.sampled_from(["dac-decision", "ethics"])),
     st.tuples(st.just("use"), st.sampled_from(GRANTS), st.sets(st.integers(0, 3), min_size=1)),
 )
 
@@ -66,6 +69,7 @@ class Reference:
     consents: set[tuple[int, str]] = field(default_factory=set)
     grants: dict[str, AccessGranted] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
+    approved: set[tuple[str, str]] = field(default_factory=set)
 
     def apply(self, event_type: str, p) -> None:
         if event_type in ("OptOutRegistered", "OptOutWithdrawn"):
@@ -78,6 +82,8 @@ class Reference:
             self.grants[p.grant_id] = p
         elif event_type == "AccessRevoked":
             self.revoked.add(p.grant_id)
+        elif event_type == "GrantApproved":
+            self.approved.add((p.grant_id, p.approval))
 
     def reason(self, stem: int, grant_id: str | None, instant: datetime) -> Reason:
         held = {scope for (s, scope), v in self.scopes.items() if s == stem and v}
@@ -85,7 +91,8 @@ class Reference:
         if grant_id is None:
             return Reason.OPTED_OUT_EXCLUDED if national else Reason.NO_OPT_OUT
         g = self.grants.get(grant_id)
-        if g is None or grant_id in self.revoked or not g.valid_from <= instant < g.valid_until:
+        proposed = g is not None and any((grant_id, kind) not in self.approved for kind in g.requires or ())
+        if g is None or grant_id in self.revoked or proposed or not g.valid_from <= instant < g.valid_until:
             return Reason.GRANT_NOT_ACTIVE
         # No commercial use: commercial grants; research only / planning only: grants for anything else.
         covered = (("commercial" in held and g.commercial) or ("non-research" in held and g.purpose.code != "research")
@@ -119,7 +126,7 @@ def build(ops) -> tuple[list[bytes], list[Reference], dict[str, bytes], set[int]
                                     aggregate_id=uuid4(), aggregate_version=1,
                                     recorded_at=format_recorded_at(at(position)), payload=payload))
         ref = Reference(dict(states[-1].scopes), set(states[-1].consents), dict(states[-1].grants),
-                        set(states[-1].revoked))
+                        set(states[-1].revoked), set(states[-1].approved))
         ref.apply(event_type, payload)
         states.append(ref)
 
@@ -133,13 +140,18 @@ def build(ops) -> tuple[list[bytes], list[Reference], dict[str, bytes], set[int]
             cls = StudyConsentGiven if op[0] == "consent" else StudyConsentWithdrawn
             add(cls.__name__, str(op[1]), cls(nhs_number=PATIENTS[op[1]], grant_id=op[2], actor=ACTOR, recorded_by="t"))
         elif op[0] == "grant" and op[1] not in ref.grants:
-            basis, exempt, start, length, commercial, purpose = op[2]
+            basis, exempt, start, length, commercial, purpose, requires = op[2]
             add("AccessGranted", op[1], AccessGranted(
                 grant_id=op[1], organisation=Organisation(code="ORG", name="Org"),
                 purpose=PurposeStatement(code=purpose, description="d", patient_benefit="b"), legal_basis=basis,
                 datasets=["hes-apc"], commercial=commercial, exclusive=False, valid_from=at(start),
                 valid_until=at(start + length), approved_by="dac", recorded_by="t",
-                opt_out_exemption=Exemption(basis="s251-cag", reference="CAG 1") if exempt else None))
+                opt_out_exemption=Exemption(basis="s251-cag", reference="CAG 1") if exempt else None,
+                requires=list(requires) or None, proposed_by="DAC" if requires else None))
+        elif (op[0] == "approve" and op[1] in ref.grants and op[2] in (ref.grants[op[1]].requires or ())
+              and (op[1], op[2]) not in ref.approved and op[1] not in ref.revoked):
+            add("GrantApproved", op[1], GrantApproved(grant_id=op[1], approval=op[2], organisation=Organisation(
+                code=f"APPROVER-{op[2]}", name="Approver"), reference="R", recorded_by="t"))
         elif op[0] == "revoke" and op[1] in ref.grants:
             add("AccessRevoked", op[1], AccessRevoked(grant_id=op[1], reason="r", recorded_by="t"))
         elif op[0] == "use" and op[1] in ref.grants:
@@ -175,7 +187,7 @@ def history_rows(entries: list[bytes], stem: int) -> list[dict]:
     return rows
 
 
-@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(operation, min_size=1, max_size=30))
 def test_filter_assessor_history_and_verify_agree_with_the_events(ops):
     entries, states, cohort_bytes, wrong = build(ops)

@@ -31,6 +31,8 @@ def not_in_force(grant: Grant, terms: Terms, grant_id: str) -> RuleBroken:
         "not-yet-valid": f"the grant is not yet valid at `occurred_at`: it starts {format_recorded_at(g.valid_from)}",
         "expired": f"the grant had expired at `occurred_at`: it ended {format_recorded_at(g.valid_until)}",
         "revoked": f"the grant was revoked (position {grant.revoked_position}) before `occurred_at`",
+        "proposed": f"the grant was only proposed at `occurred_at`: it still needed {', '.join(grant.pending)} "
+                    "approval (POST /v1/grants/{grant_id}/approvals by each party)".replace("{grant_id}", grant_id),
     }[terms.status]
     return RuleBroken(f"{detail}; data uses need a grant in force when they occur",
                       code=f"grant-{terms.status}", path="$.grant_id")

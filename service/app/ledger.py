@@ -18,24 +18,27 @@ from uuid import UUID, uuid4
 import asyncpg
 import numpy as np
 
+from contracts import approvals as approval_policy
 from contracts import cohort as cohorts
 from contracts import events as ev
 from contracts.bodies import (
+    ApprovalRequest,
     ChoiceRequest,
     Choices,
     ConsentRequest,
     ConsentState,
     DataUseRequest,
+    GrantApproval,
     GrantRequest,
     GrantView,
     Receipt,
     ScopeChoice,
 )
-from contracts.codes import OptOutScope, values
+from contracts.codes import APPROVER_ROLES, OptOutScope, values
 from contracts.decision import Claim
 from contracts.entry import format_recorded_at
 from contracts.nhs_number import NhsNumber
-from contracts.values import Actor, utc
+from contracts.values import Actor, Organisation, utc
 from service.app.assessors import LedgerOptOutAssessor, OptOutAssessor
 from service.app.caller import Caller
 from service.app.data_use_rules import (
@@ -112,10 +115,12 @@ def _new_events(agg: LedgerAggregate) -> list[NewEvent]:
 
 
 class Ledger:
-    def __init__(self, store: EventStore, assessor: OptOutAssessor | None = None, recent: RecentHistories | None = None):
+    def __init__(self, store: EventStore, assessor: OptOutAssessor | None = None, recent: RecentHistories | None = None,
+                 approvals: tuple[tuple[str, str], ...] = ()):
         self.store = store
         self.assessor = assessor or LedgerOptOutAssessor(store)
         self.recent = recent if recent is not None else RecentHistories()
+        self.approvals = approvals  # the policy (contracts/approvals.py): which approvals a new grant needs
 
     # --- loading --------------------------------------------------------------
 
@@ -294,10 +299,25 @@ class Ledger:
     async def create_grant(self, caller: Caller, request: GrantRequest, idem: IdempotencyKey | None) -> Outcome:
         now = datetime.now(timezone.utc)
 
+        requires = approval_policy.required(self.approvals, request.legal_basis, request.purpose.code,
+                                            request.commercial)
+
         def decide(g: Grant) -> None:
-            g.grant(request, caller.subject, now)
+            g.grant(request, caller.subject, now, requires, caller.org)
 
         return await self._execute(Grant, grant_aggregate_id(request.grant_id), decide, idem)
+
+    async def approve_grant(self, caller: Caller, grant_id: str, request: ApprovalRequest,
+                            idem: IdempotencyKey | None) -> Outcome:
+        role = APPROVER_ROLES[request.approval]
+        if role not in caller.roles:
+            raise NotPermitted(f"a {request.approval!r} approval is recorded by the {role!r} role, which this token "
+                               "does not have")
+        assert caller.org is not None  # the operation is organisation-scoped
+        organisation = Organisation(code=caller.org, name=request.organisation_name)
+        return await self._execute(
+            Grant, grant_aggregate_id(grant_id),
+            lambda g: g.approve(grant_id, request.approval, organisation, request.reference, caller.subject), idem)
 
     async def revoke_grant(self, caller: Caller, grant_id: str, reason: str, idem: IdempotencyKey | None) -> Outcome:
         return await self._execute(
@@ -314,6 +334,9 @@ class Ledger:
         return GrantView(
             grant=grant.granted,
             status=grant.status(datetime.now(timezone.utc)),
+            approvals=[GrantApproval(approval=kind, organisation=a.organisation, reference=a.reference, position=at)
+                       for kind, (at, a) in grant.approvals.items()],
+            pending=grant.pending,
             position=grant.granted_position,
             revoked_at=format_recorded_at(grant.revoked_at) if grant.revoked_at else None,
             revoke_reason=grant.revoked.reason if grant.revoked else None,

@@ -38,6 +38,7 @@ class Rebuilt:
 
     granted: dict[str, tuple[int, AccessGranted]] = field(default_factory=dict)
     revoked: dict[str, tuple[int, str]] = field(default_factory=dict)
+    approvals: dict[str, dict[str, tuple[str, str, int]]] = field(default_factory=dict)  # kind -> (org, ref, pos)
     uses: Counter[str] = field(default_factory=Counter)
     opted_out_included: Counter[str] = field(default_factory=Counter)
     entries: int = 0
@@ -121,6 +122,9 @@ def _rebuild(source: HttpSource, cp: note.Checkpoint, as_of: int, findings: list
             p: Any = entry.payload
             if entry.event_type == "AccessGranted":
                 rebuilt.granted[p.grant_id] = (entry.position, p)
+            elif entry.event_type == "GrantApproved":
+                rebuilt.approvals.setdefault(p.grant_id, {}).setdefault(
+                    p.approval, (p.organisation.code, p.reference, entry.position))
             elif entry.event_type == "AccessRevoked":
                 rebuilt.revoked.setdefault(p.grant_id, (entry.position, entry.recorded_at))
             elif entry.event_type == "DataUseRecorded":
@@ -149,6 +153,8 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
         position, g = recorded
         revoked = rebuilt.revoked.get(row.grant_id)
         exemption = g.opt_out_exemption
+        approved = rebuilt.approvals.get(row.grant_id, {})
+        pending = [k for k in g.requires or () if k not in approved]
         expected: dict[str, object] = {
             "position": position,
             "organisation": (g.organisation.code, g.organisation.name),
@@ -160,7 +166,10 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
             "commercial": g.commercial,
             "valid_from": _instant(g.valid_from),
             "valid_until": _instant(g.valid_until),
-            "status": grant_status(_instant(g.valid_from), _instant(g.valid_until), revoked is not None, now),
+            "status": grant_status(_instant(g.valid_from), _instant(g.valid_until), revoked is not None, now,
+                                   pending=bool(pending)),
+            "approvals": sorted((k, *v) for k, v in approved.items()),
+            "pending": pending,
             "revoked_position": revoked[0] if revoked else None,
             "revoked_at": _instant(revoked[1]) if revoked else None,
             "opt_out_exemption": exemption.basis if exemption else None,
@@ -178,6 +187,8 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
             "valid_from": _instant(row.valid_from),
             "valid_until": _instant(row.valid_until),
             "status": row.status,
+            "approvals": sorted((a.approval, a.organisation.code, a.reference, a.position) for a in row.approvals),
+            "pending": list(row.pending),
             "revoked_position": row.revoked_position,
             "revoked_at": _instant(row.revoked_at) if row.revoked_at else None,
             "opt_out_exemption": row.opt_out_exemption.code if row.opt_out_exemption else None,

@@ -196,6 +196,7 @@ class Grant(LedgerAggregate):
     revoked: ev.AccessRevoked | None
     revoked_position: int | None
     revoked_at: datetime | None
+    approvals: dict[str, tuple[int, ev.GrantApproved]]
 
     def _init_state(self) -> None:
         self.granted = None
@@ -204,6 +205,7 @@ class Grant(LedgerAggregate):
         self.revoked = None
         self.revoked_position = None
         self.revoked_at = None
+        self.approvals = {}
 
     class AccessGranted(LedgerEvent):
         def apply(self, grant: Grant) -> None:
@@ -217,21 +219,38 @@ class Grant(LedgerAggregate):
             grant.revoked_position = self.position
             grant.revoked_at = self.timestamp
 
+    class GrantApproved(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.approvals[self.data.approval] = (self.position, self.data)
+
     @property
     def exists(self) -> bool:
         return self.granted is not None
 
+    @property
+    def pending(self) -> list[str]:
+        """The approvals the grant still needs."""
+        assert self.granted is not None
+        return [k for k in self.granted.requires or () if k not in self.approvals]
+
     def status(self, now: datetime) -> GrantStatus:
         assert self.granted is not None
-        return grant_status(self.granted.valid_from, self.granted.valid_until, self.revoked is not None, now)
+        return grant_status(self.granted.valid_from, self.granted.valid_until, self.revoked is not None, now,
+                            pending=bool(self.pending))
 
     def terms(self, position: int, instant: datetime) -> Terms:
         """The grant as the ledger stood at ``position``, for a use at ``instant``."""
-        return Terms.at(self.granted, self.granted_position, self.revoked_position, position, instant)
+        return Terms.at(self.granted, self.granted_position, self.revoked_position, position, instant,
+                        {kind: at for kind, (at, _) in self.approvals.items()})
 
-    def grant(self, request: GrantRequest, recorded_by: str, now: datetime) -> None:
+    def grant(self, request: GrantRequest, recorded_by: str, now: datetime, requires: list[str] | None = None,
+              proposer: str | None = None) -> None:
+        """Record the grant; with ``requires``, as proposed by organisation ``proposer`` until each is approved."""
         if self.exists:
             raise AlreadyExists(f"grant {request.grant_id!r} already exists")
+        if requires and proposer is None:
+            raise NotPermitted(f"this grant needs approvals ({', '.join(requires)}) and a party may not approve its "
+                               "own proposal: propose it with a token that has an `org` claim")
         if request.exclusive:
             raise RuleBroken(
                 "exclusive access to patient data is not allowed: set `exclusive` to false",
@@ -272,7 +291,39 @@ class Grant(LedgerAggregate):
             approved_by=request.approved_by,
             recorded_by=recorded_by,
             opt_out_exemption=request.opt_out_exemption,
+            requires=list(requires) if requires else None,
+            proposed_by=proposer if requires else None,
         ))
+
+    def approve(self, grant_id: str, approval: str, organisation: ev.Organisation, reference: str,
+                recorded_by: str) -> int | None:
+        """Record one party's approval; the earlier position if that party already recorded this one."""
+        if not self.exists:
+            raise NotFound(f"no grant {grant_id!r}")
+        g = self.granted
+        assert g is not None
+        if self.revoked is not None:
+            raise RuleBroken(f"grant {grant_id!r} was revoked (position {self.revoked_position}): it cannot be "
+                             "approved", code="grant-revoked", path="$.approval")
+        if approval not in (g.requires or ()):
+            needs = ", ".join(g.requires or ()) or "no approval"
+            raise RuleBroken(f"grant {grant_id!r} does not need a {approval!r} approval (it needs: {needs})",
+                             code="approval-not-required", path="$.approval")
+        if approval in self.approvals:
+            at, earlier = self.approvals[approval]
+            if earlier.organisation.code == organisation.code and earlier.reference == reference:
+                return at
+            raise AlreadyExists(f"the {approval!r} approval of grant {grant_id!r} was already recorded by "
+                                f"{earlier.organisation.code} (position {at})")
+        if organisation.code == g.proposed_by:
+            raise NotPermitted(f"{organisation.code} proposed grant {grant_id!r} and may not approve its own proposal")
+        for kind, (at, earlier) in self.approvals.items():
+            if earlier.organisation.code == organisation.code:
+                raise NotPermitted(f"{organisation.code} already approved grant {grant_id!r} ({kind}, position {at}); "
+                                   "each approval must come from a distinct organisation")
+        self._trigger(ev.GrantApproved(grant_id=grant_id, approval=approval, organisation=organisation,
+                                       reference=reference, recorded_by=recorded_by))
+        return None
 
     def revoke(self, grant_id: str, reason: str, recorded_by: str) -> int | None:
         if not self.exists:

@@ -38,6 +38,13 @@ async def revoke_grant(request: web.Request, caller: Caller | None) -> web.Respo
     return receipt_response(outcome)
 
 
+async def approve_grant(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    body = await body_of(request, caller, api.BY_ID["approve_grant"])
+    return receipt_response(await request.app[LEDGER].approve_grant(
+        caller, request.match_info["grant_id"], body.value, body.idempotency))
+
+
 async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
     caller = required_caller(caller)
     view = await request.app[LEDGER].grant_view(request.match_info["grant_id"])
@@ -111,6 +118,7 @@ HANDLERS: dict[str, Handler] = {
     "get_statistics": get_statistics,
     "create_grant": create_grant,
     "revoke_grant": revoke_grant,
+    "approve_grant": approve_grant,
     "get_grant": get_grant,
     "get_register": get_register,
 }

@@ -29,7 +29,7 @@ from service.pages.rendering import asset, render
 
 FORM = "application/x-www-form-urlencoded"
 HISTORY_WAITS = 30  # tenths of a second
-STATUSES = ("active", "revoked", "expired", "not-yet-valid")
+STATUSES = ("active", "proposed", "revoked", "expired", "not-yet-valid")
 
 
 async def home(request: web.Request, caller: Caller | None) -> web.Response:

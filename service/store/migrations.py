@@ -135,6 +135,7 @@ PROJECTION_TABLES = (
     "data_uses_view",
     "cohort_blocks",
     "grant_coverage",
+    "grant_approvals",
 )
 
 
@@ -218,6 +219,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_R
 # projections define (projections/schema.py).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4), (5, _V5),
+    (6, projection_tables.V6),
 )
 
 
