@@ -74,7 +74,7 @@ _REPEATS = (
     "its existing receipt, whether or not an Idempotency-Key was sent. "
 )
 _after = ("after", {"type": "integer", "minimum": 0}, False)
-STATISTICS_TABLES = ("choices", "uses-by-grant", "uses-by-purpose", "datasets")
+STATISTICS_TABLES = ("choices", "uses-by-grant", "uses-by-purpose", "datasets", "value")
 FHIR_JSON = "application/fhir+json"
 HTML = "text/html"
 _fhir_patient = ("patient", {"type": "string", "minLength": 1, "maxLength": 64,
@@ -144,6 +144,25 @@ OPERATIONS: tuple[Operation, ...] = (
               'Records AccessRevoked with the reason. From that position on, the filter refuses the grant (422) and'
               ' data uses under it are refused; uses recorded earlier stay in the ledger. Revoking a revoked grant '
               'is 200 with the earlier receipt.')),
+    Operation("record_output", "POST", "/v1/grants/{grant_id}/outputs",
+              "Record something a grant produced (a publication, a product, a trial registration, ...)",
+              DAC, bodies.OutputRequest, bodies.Receipt, 201,
+              description=(
+              "`benefit` names (by index, from 0) the promised benefit the output delivers: the register then "
+              "shows that benefit as delivered, and a promised benefit past its due date with no output is "
+              "flagged overdue. The same output (kind and identifier) twice is 409; an unknown benefit index 422.")),
+    Operation("receive_value", "POST", "/v1/grants/{grant_id}/value",
+              "Record value the NHS received under a grant for a period (amount in the currency's minor unit)",
+              DAC, bodies.ValueRequest, bodies.Receipt, 201,
+              description=(
+              "Amounts are whole minor units (pence for GBP) so that totals are exact. The register and "
+              "/v1/statistics show what each grant returned, against what its commercial terms promised.")),
+    Operation("allocate_value", "POST", "/v1/grants/{grant_id}/allocations",
+              "Direct received value to a named NHS care service",
+              DAC, bodies.AllocationRequest, bodies.Receipt, 201,
+              description=(
+              "Never more than was received under the grant in that currency (422 "
+              "`allocation-exceeds-value`, saying how much is left).")),
     Operation("get_grant", "GET", "/v1/grants/{grant_id}",
               "A grant and its status (SDE callers see only their own organisation's grants)",
               DAC | SDE | AUDITOR, None, bodies.GrantView,

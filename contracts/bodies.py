@@ -6,13 +6,17 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct, field
 
-from .codes import AccessMethod, ApprovalKind, Channel, LegalBasis, OptOutScope, Purpose
+from .codes import AccessMethod, ApprovalKind, Channel, LegalBasis, OutputKind, OptOutScope, Purpose
 from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
 from .values import (
     MAX_COHORT_SIZE,
     Actor,
+    Benefit,
+    CommercialTerms,
+    Currency,
+    MinorUnits,
     Exemption,
     Frozen,
     Identifier,
@@ -74,9 +78,13 @@ class GrantRequest(Frozen):
     valid_until: UtcTime
     approved_by: ShortText
     opt_out_exemption: Exemption | None = None
+    benefits: Annotated[list[Benefit], Meta(max_length=10)] | None = None
+    commercial_terms: CommercialTerms | None = None
 
     def __post_init__(self) -> None:
         require_unique(self.datasets, "datasets")
+        require_plain_text(self.benefits, "benefits")
+        require_plain_text(self.commercial_terms, "commercial_terms")
         require_plain_text(self.organisation, "organisation")
         require_plain_text(self.purpose, "purpose")
         require_plain_text(self.approved_by, "approved_by")
@@ -102,6 +110,78 @@ class GrantApproval(Struct, frozen=True, kw_only=True):
     organisation: Organisation
     reference: str
     position: int
+
+
+class OutputRequest(Frozen):
+    """Something the grant produced; ``benefit``: the index (from 0) of the promised benefit it delivers."""
+
+    kind: OutputKind
+    identifier: ShortText  # a DOI, product name, trial registration number, ...
+    title: ShortText
+    benefit: Annotated[int, Meta(ge=0, le=99)] | None = None
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.identifier, "identifier")
+        require_plain_text(self.title, "title")
+
+
+class ValueRequest(Frozen):
+    """Value received under a grant for one period, in the currency's minor unit (pence for GBP)."""
+
+    amount: MinorUnits
+    currency: Currency
+    period_from: UtcTime
+    period_until: UtcTime
+
+    def __post_init__(self) -> None:
+        require_utc_range(self.period_from, "period_from")
+        require_utc_range(self.period_until, "period_until")
+
+
+class AllocationRequest(Frozen):
+    """Received value directed to a named NHS care service."""
+
+    amount: MinorUnits
+    currency: Currency
+    care_service: ShortText
+
+    def __post_init__(self) -> None:
+        require_plain_text(self.care_service, "care_service")
+
+
+class BenefitStatus(Struct, frozen=True, kw_only=True):
+    """A promised benefit against what was delivered: ``delivered_by`` lists the outputs that deliver it;
+    ``overdue``: due, and nothing delivers it."""
+
+    description: str
+    measure: str
+    target: str
+    due: str
+    delivered_by: list[str]
+    overdue: bool
+
+
+class OutputView(Struct, frozen=True, kw_only=True):
+    kind: OutputKind
+    identifier: str
+    title: str
+    benefit: int | None
+    position: int
+
+
+class Allocation(Struct, frozen=True, kw_only=True):
+    care_service: str
+    amount: int
+    position: int
+
+
+class ValueView(Struct, frozen=True, kw_only=True):
+    """Value received under a grant and where it went, in one currency (minor units)."""
+
+    currency: str
+    received: int
+    allocated: int
+    allocations: list[Allocation]
 
 
 class RevokeRequest(Frozen):
@@ -274,6 +354,11 @@ class RegisterEntry(Struct, frozen=True, kw_only=True):
     revoked_position: int | None = None
     approvals: list[GrantApproval] = field(default_factory=list)
     pending: list[ApprovalKind] = field(default_factory=list)
+    # Promised against delivered.
+    benefits: list[BenefitStatus] = field(default_factory=list)
+    commercial_terms: CommercialTerms | None = None
+    outputs: list[OutputView] = field(default_factory=list)
+    value: list[ValueView] = field(default_factory=list)
 
 
 class RegisteredUse(Struct, frozen=True, kw_only=True):
@@ -463,6 +548,14 @@ class DatasetAccess(Struct, frozen=True, kw_only=True):
     largest_organisation_uses: int
 
 
+class ValueTotal(Struct, frozen=True, kw_only=True):
+    """Value received under all grants, and how much of it was allocated to care services (minor units)."""
+
+    currency: str
+    received: int
+    allocated: int
+
+
 class PurposeCount(Struct, frozen=True, kw_only=True):
     purpose: Labelled
     uses: int
@@ -489,6 +582,7 @@ class Statistics(Struct, frozen=True, kw_only=True):
     uses_by_grant: list[GrantUses]
     datasets: list[DatasetAccess]
     commercial: CommercialShare
+    value: list[ValueTotal]
 
 
 class PublicEntry(Struct, frozen=True, kw_only=True):

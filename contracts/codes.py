@@ -16,6 +16,11 @@ from typing import Literal, get_args
 OptOutScope = Literal["national", "type-1", "commercial", "non-research", "non-planning"]
 NATIONAL_SCOPES = ("national", "type-1")
 FINER_SCOPES = ("commercial", "non-research", "non-planning")
+# How value returns to the NHS from a commercial grant (the models DHSC's principles list).
+ValueModel = Literal["fee", "royalty", "equity", "in-kind", "free-access-to-products"]
+# The recipient's Data Security and Protection Toolkit status.
+ToolkitStatus = Literal["standards-exceeded", "standards-met", "approaching-standards", "standards-not-met"]
+OutputKind = Literal["publication", "product", "trial-registration", "dataset", "service-change", "other"]
 # Who receives data: a grant to an organisation of a category the policy never allows is refused.
 RecipientCategory = Literal["nhs", "public-body", "academic", "charity", "commercial", "insurance", "marketing"]
 NEVER_ALLOWED_RECIPIENTS = ("insurance", "marketing")
@@ -95,6 +100,8 @@ LABELS: dict[str, str] = {
     "ethics": "research ethics committee",
     "lay-panel": "lay / citizens' panel",
     "board-fairness": "board sign-off that the terms are fair",
+    "fee": "a fee", "royalty": "a royalty", "equity": "equity", "in-kind": "value in kind",
+    "free-access-to-products": "free access to the resulting products",
 }
 
 

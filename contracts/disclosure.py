@@ -30,10 +30,12 @@ def shown(count: int | None) -> str:
 
 
 # Entries anyone may read with their proofs (GET /v1/public-entries): grants,
-# revocations, approvals and data uses. A data use names its cohort by the SHA-256 of the
-# member list, which for a cohort of one or two could be found by trying every
-# NHS number, so a use of fewer than THRESHOLD patients stays unpublished.
-PUBLIC_EVENT_TYPES = ("AccessGranted", "AccessRevoked", "GrantApproved", "DataUseRecorded")
+# revocations, approvals, outputs, value received and allocated, and data
+# uses. A data use names its cohort by the SHA-256 of the member list, which
+# for a cohort of one or two could be found by trying every NHS number, so a
+# use of fewer than THRESHOLD patients stays unpublished.
+PUBLIC_EVENT_TYPES = ("AccessGranted", "AccessRevoked", "GrantApproved", "OutputRecorded", "ValueReceived",
+                      "ValueAllocated", "DataUseRecorded")
 
 
 def publishable(event_type: str, cohort_size: int | None) -> bool:

@@ -14,6 +14,7 @@ from msgspec import Meta
 from .codes import (
     AccessMethod,
     ApprovalKind,
+    OutputKind,
     LegalBasis,
     OptOutScope,
     Purpose,
@@ -23,6 +24,10 @@ from .codes import (
 )
 from .values import (
     END,
+    Benefit,
+    CommercialTerms,
+    Currency,
+    MinorUnits,
     Actor,
     Exemption,
     Frozen,
@@ -92,6 +97,10 @@ class AccessGranted(Frozen):
     requires: list[ApprovalKind] | None = None
     # The proposing organisation, which may not approve its own proposal.
     proposed_by: Identifier | None = None
+    # What the grant promises: benefits with measures, targets and due dates; for a commercial
+    # grant, the terms on which value returns to the NHS.
+    benefits: list[Benefit] | None = None
+    commercial_terms: CommercialTerms | None = None
 
 
 class GrantApproved(Frozen):
@@ -101,6 +110,39 @@ class GrantApproved(Frozen):
     approval: ApprovalKind
     organisation: Organisation
     reference: ShortText
+    recorded_by: ShortText
+
+
+class OutputRecorded(Frozen):
+    """Something a grant produced: a publication (DOI), a product, a trial registration, ...;
+    ``benefit``: the index of the promised benefit it delivers, if any."""
+
+    grant_id: Identifier
+    kind: OutputKind
+    identifier: ShortText
+    title: ShortText
+    recorded_by: ShortText
+    benefit: Annotated[int, Meta(ge=0, le=99)] | None = None
+
+
+class ValueReceived(Frozen):
+    """Value the NHS received under a grant, for one period."""
+
+    grant_id: Identifier
+    amount: MinorUnits
+    currency: Currency
+    period_from: UtcTime
+    period_until: UtcTime
+    recorded_by: ShortText
+
+
+class ValueAllocated(Frozen):
+    """Received value directed to a named NHS care service (never more than was received)."""
+
+    grant_id: Identifier
+    amount: MinorUnits
+    currency: Currency
+    care_service: ShortText
     recorded_by: ShortText
 
 
@@ -218,6 +260,9 @@ Event = (
     | AccessGranted
     | AccessRevoked
     | GrantApproved
+    | OutputRecorded
+    | ValueReceived
+    | ValueAllocated
     | DataUseRecorded
     | PersonalDataRead
     | CohortStored
@@ -235,6 +280,9 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         AccessGranted,
         AccessRevoked,
         GrantApproved,
+        OutputRecorded,
+        ValueReceived,
+        ValueAllocated,
         DataUseRecorded,
         PersonalDataRead,
         CohortStored,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose, RecipientCategory
+from .codes import ActorKind, ExemptionBasis, ProxyRole, Purpose, RecipientCategory, ToolkitStatus, ValueModel
 
 # Patterns end in `(?!\n)$`, not `$`: msgspec matches with Python's `re`,
 # whose `$` also matches before a final newline, so "G1\n" would pass as an
@@ -138,3 +138,27 @@ class Imported(Frozen):
     source: ShortText
     resource_id: ShortText
     dated: UtcTime | None = None
+
+
+class Benefit(Frozen):
+    """A benefit a grant promises: what will be measured, the target, and when it is due."""
+
+    description: Text
+    measure: ShortText
+    target: ShortText
+    due: UtcTime
+
+
+class CommercialTerms(Frozen):
+    """The terms of a commercial grant: how value returns to the NHS, whether they limit the national
+    benefit, and the recipient's assurance."""
+
+    value_model: ValueModel
+    limits_national_benefit: bool
+    accreditation: ShortText
+    security_toolkit: ToolkitStatus
+
+
+Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$", description="ISO 4217 code, e.g. GBP")]
+# Money in the currency's minor unit (pence for GBP), so sums are exact.
+MinorUnits = Annotated[int, Meta(ge=1, le=10**15)]

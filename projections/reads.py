@@ -5,23 +5,28 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import asyncpg
+import msgspec
 import numpy as np
 
 from contracts import decision
 from contracts.bodies import (
+    Allocation,
+    BenefitStatus,
     GrantApproval,
     HistoryItem,
     HistoryPage,
     Labelled,
+    OutputView,
     Register,
     RegisteredUse,
     RegisterEntry,
+    ValueView,
 )
 from contracts.codes import LABELS
 from contracts.decision import Reason, Terms, grant_status
 from contracts.disclosure import suppressed
 from contracts.entry import format_recorded_at
-from contracts.values import Exemption, Organisation
+from contracts.values import Benefit, CommercialTerms, Exemption, Organisation
 
 from . import blocks
 from .choices import READ_EVENT
@@ -214,6 +219,17 @@ async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Reg
         )
         approval_rows = await conn.fetch(
             "SELECT * FROM grant_approvals WHERE $1::text IS NULL OR grant_id = $1 ORDER BY position", grant_id)
+        output_rows = await conn.fetch(
+            "SELECT * FROM grant_outputs WHERE $1::text IS NULL OR grant_id = $1 ORDER BY position", grant_id)
+        value_rows = await conn.fetch(
+            "SELECT * FROM grant_value WHERE $1::text IS NULL OR grant_id = $1 ORDER BY position", grant_id)
+    outputs: dict[str, list[OutputView]] = {}
+    for o in output_rows:
+        outputs.setdefault(o["grant_id"], []).append(OutputView(
+            kind=o["kind"], identifier=o["identifier"], title=o["title"], benefit=o["benefit"], position=o["position"]))
+    values_by_grant: dict[str, list[asyncpg.Record]] = {}
+    for v in value_rows:
+        values_by_grant.setdefault(v["grant_id"], []).append(v)
     approvals: dict[str, list[GrantApproval]] = {}
     for a in approval_rows:
         approvals.setdefault(a["grant_id"], []).append(GrantApproval(
@@ -240,6 +256,11 @@ async def register(conn: asyncpg.Connection, grant_id: str | None = None) -> Reg
                                 pending=bool(pending)),
             approvals=recorded,
             pending=pending,
+            benefits=_benefits(r["benefits"], outputs.get(r["grant_id"], []), now),
+            commercial_terms=msgspec.json.decode(r["commercial_terms"], type=CommercialTerms)
+            if r["commercial_terms"] else None,
+            outputs=outputs.get(r["grant_id"], []),
+            value=_value(values_by_grant.get(r["grant_id"], [])),
             revoked_at=_ts(r["revoked_at"]) if r["revoked_at"] else None,
             uses=r["uses"],
             patients_covered=suppressed(r["patients"]),
@@ -294,3 +315,26 @@ def register_rows(reg: Register) -> list[list[str]]:
 def _csv_count(count: int | None) -> str:
     """A suppressed count in CSV: the number, or "<10"."""
     return "<10" if count is None else str(count)
+
+
+def _benefits(stored: str | None, outputs: list[OutputView], now: datetime) -> list[BenefitStatus]:
+    """Each promised benefit with the outputs that deliver it; overdue once due with none."""
+    promised = msgspec.json.decode(stored, type=list[Benefit]) if stored else []
+    out = []
+    for i, b in enumerate(promised):
+        delivered = [o.identifier for o in outputs if o.benefit == i]
+        out.append(BenefitStatus(description=b.description, measure=b.measure, target=b.target, due=_ts(b.due),
+                                 delivered_by=delivered, overdue=not delivered and b.due <= now))
+    return out
+
+
+def _value(rows: list[asyncpg.Record]) -> list[ValueView]:
+    by_currency: dict[str, list[asyncpg.Record]] = {}
+    for v in rows:
+        by_currency.setdefault(v["currency"], []).append(v)
+    return [ValueView(currency=currency,
+                      received=sum(v["amount"] for v in vs if v["direction"] == "received"),
+                      allocated=sum(v["amount"] for v in vs if v["direction"] == "allocated"),
+                      allocations=[Allocation(care_service=v["care_service"], amount=v["amount"],
+                                              position=v["position"]) for v in vs if v["direction"] == "allocated"])
+            for currency, vs in sorted(by_currency.items())]

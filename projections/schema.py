@@ -121,3 +121,28 @@ CREATE TABLE grant_approvals (
     PRIMARY KEY (grant_id, approval)
 );
 """
+
+# Version 7 (issue 14): what grants promised (benefits, commercial terms) and what they delivered.
+V7 = """
+ALTER TABLE grants_view ADD COLUMN benefits jsonb, ADD COLUMN commercial_terms jsonb;
+CREATE TABLE grant_outputs (
+    grant_id    text        NOT NULL,
+    position    bigint      PRIMARY KEY,
+    kind        text        NOT NULL,
+    identifier  text        NOT NULL,
+    title       text        NOT NULL,
+    benefit     integer,
+    recorded_at timestamptz NOT NULL
+);
+CREATE INDEX grant_outputs_grant ON grant_outputs (grant_id, position);
+CREATE TABLE grant_value (
+    grant_id     text        NOT NULL,
+    position     bigint      PRIMARY KEY,
+    direction    text        NOT NULL CHECK (direction IN ('received', 'allocated')),
+    amount       bigint      NOT NULL,
+    currency     text        NOT NULL,
+    care_service text,
+    recorded_at  timestamptz NOT NULL
+);
+CREATE INDEX grant_value_grant ON grant_value (grant_id, position);
+"""

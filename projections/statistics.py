@@ -15,6 +15,7 @@ from contracts.bodies import (
     MonthlyChoices,
     PurposeCount,
     Statistics,
+    ValueTotal,
 )
 from contracts.codes import LABELS, OptOutScope, values
 from contracts.disclosure import suppressed
@@ -67,6 +68,10 @@ async def statistics(conn: asyncpg.Connection) -> Statistics:
         purposes = await conn.fetch(
             "SELECT g.purpose, count(DISTINCT g.grant_id) AS grants, count(d.position) AS uses"
             " FROM grants_view g LEFT JOIN data_uses_view d USING (grant_id) GROUP BY g.purpose ORDER BY g.purpose")
+        value = await conn.fetch(
+            "SELECT currency, coalesce(sum(amount) FILTER (WHERE direction = 'received'), 0) AS received,"
+            " coalesce(sum(amount) FILTER (WHERE direction = 'allocated'), 0) AS allocated"
+            " FROM grant_value GROUP BY currency ORDER BY currency")
         share = await conn.fetchrow(
             "SELECT count(*) AS grants, count(*) FILTER (WHERE commercial) AS commercial_grants,"
             " coalesce(sum(uses), 0) AS uses, coalesce(sum(uses) FILTER (WHERE commercial), 0) AS commercial_uses"
@@ -90,6 +95,8 @@ async def statistics(conn: asyncpg.Connection) -> Statistics:
                                 largest_organisation_uses=int(r["top_uses"] or 0)) for r in datasets],
         uses_by_purpose=[PurposeCount(purpose=Labelled(code=r["purpose"], label=LABELS.get(r["purpose"], r["purpose"])),
                                       uses=r["uses"], grants=r["grants"]) for r in purposes],
+        value=[ValueTotal(currency=r["currency"], received=int(r["received"]), allocated=int(r["allocated"]))
+               for r in value],
         commercial=CommercialShare(grants=share["grants"], commercial_grants=share["commercial_grants"],
                                    uses=int(share["uses"]), commercial_uses=int(share["commercial_uses"])),
     )

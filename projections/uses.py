@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 
 import asyncpg
+import msgspec
 import numpy as np
 
 from contracts import cohort as cohorts
@@ -38,7 +39,8 @@ def _coverage(previous: asyncpg.Record | None, stems: np.ndarray) -> tuple[int, 
 
 class UsesProjection(Projection):
     name = "uses"
-    tables = ("grants_view", "data_uses_view", "cohort_blocks", "grant_coverage", "grant_approvals")
+    tables = ("grants_view", "data_uses_view", "cohort_blocks", "grant_coverage", "grant_approvals",
+              "grant_outputs", "grant_value")
 
     async def apply(self, conn: asyncpg.Connection, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -48,13 +50,27 @@ class UsesProjection(Projection):
                 await conn.execute(
                     f"INSERT INTO {self.t('grants_view')} (grant_id, position, organisation_code,"
                     " organisation_name, purpose, purpose_description, patient_benefit, legal_basis, datasets,"
-                    " commercial, valid_from, valid_until, exemption_basis, exemption_reference, requires)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                    " commercial, valid_from, valid_until, exemption_basis, exemption_reference, requires, benefits,"
+                    " commercial_terms)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
                     p.grant_id, e.position, p.organisation.code, p.organisation.name, p.purpose.code,
                     p.purpose.description, p.purpose.patient_benefit, p.legal_basis, list(p.datasets),
                     p.commercial, p.valid_from, p.valid_until,
                     x.basis if x else None, x.reference if x else None, list(p.requires or ()),
+                    msgspec.json.encode(p.benefits).decode() if p.benefits else None,
+                    msgspec.json.encode(p.commercial_terms).decode() if p.commercial_terms else None,
                 )
+            elif e.event_type == "OutputRecorded":
+                await conn.execute(
+                    f"INSERT INTO {self.t('grant_outputs')} (grant_id, position, kind, identifier, title, benefit,"
+                    " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    p.grant_id, e.position, p.kind, p.identifier, p.title, p.benefit, moment(e.recorded_at))
+            elif e.event_type in ("ValueReceived", "ValueAllocated"):
+                await conn.execute(
+                    f"INSERT INTO {self.t('grant_value')} (grant_id, position, direction, amount, currency,"
+                    " care_service, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    p.grant_id, e.position, "received" if e.event_type == "ValueReceived" else "allocated",
+                    p.amount, p.currency, getattr(p, "care_service", None), moment(e.recorded_at))
             elif e.event_type == "GrantApproved":
                 await conn.execute(
                     f"INSERT INTO {self.t('grant_approvals')} (grant_id, approval, organisation_code,"

@@ -22,6 +22,7 @@ from contracts import approvals as approval_policy
 from contracts import cohort as cohorts
 from contracts import events as ev
 from contracts.bodies import (
+    AllocationRequest,
     ApprovalRequest,
     ChoiceRequest,
     Choices,
@@ -31,8 +32,10 @@ from contracts.bodies import (
     GrantApproval,
     GrantRequest,
     GrantView,
+    OutputRequest,
     Receipt,
     ScopeChoice,
+    ValueRequest,
 )
 from contracts.codes import APPROVER_ROLES, OptOutScope, values
 from contracts.decision import Claim
@@ -323,6 +326,21 @@ class Ledger:
         return await self._execute(
             Grant, grant_aggregate_id(grant_id), lambda g: g.revoke(grant_id, reason, caller.subject), idem
         )
+
+    async def record_output(self, caller: Caller, grant_id: str, request: OutputRequest,
+                            idem: IdempotencyKey | None) -> Outcome:
+        return await self._execute(Grant, grant_aggregate_id(grant_id),
+                                   lambda g: g.record_output(grant_id, request, caller.subject), idem)
+
+    async def receive_value(self, caller: Caller, grant_id: str, request: ValueRequest,
+                            idem: IdempotencyKey | None) -> Outcome:
+        return await self._execute(Grant, grant_aggregate_id(grant_id),
+                                   lambda g: g.receive_value(grant_id, request, caller.subject), idem)
+
+    async def allocate_value(self, caller: Caller, grant_id: str, request: AllocationRequest,
+                             idem: IdempotencyKey | None) -> Outcome:
+        return await self._execute(Grant, grant_aggregate_id(grant_id),
+                                   lambda g: g.allocate_value(grant_id, request, caller.subject), idem)
 
     async def grant_view(self, grant_id: str) -> GrantView:
         async with self.store.snapshot() as conn:

@@ -39,6 +39,8 @@ class Rebuilt:
     granted: dict[str, tuple[int, AccessGranted]] = field(default_factory=dict)
     revoked: dict[str, tuple[int, str]] = field(default_factory=dict)
     approvals: dict[str, dict[str, tuple[str, str, int]]] = field(default_factory=dict)  # kind -> (org, ref, pos)
+    outputs: dict[str, list[tuple[str, str, int | None, int]]] = field(default_factory=dict)
+    value: dict[str, dict[tuple[str, str], int]] = field(default_factory=dict)  # (currency, direction) -> sum
     uses: Counter[str] = field(default_factory=Counter)
     opted_out_included: Counter[str] = field(default_factory=Counter)
     entries: int = 0
@@ -125,6 +127,12 @@ def _rebuild(source: HttpSource, cp: note.Checkpoint, as_of: int, findings: list
             elif entry.event_type == "GrantApproved":
                 rebuilt.approvals.setdefault(p.grant_id, {}).setdefault(
                     p.approval, (p.organisation.code, p.reference, entry.position))
+            elif entry.event_type == "OutputRecorded":
+                rebuilt.outputs.setdefault(p.grant_id, []).append((p.kind, p.identifier, p.benefit, entry.position))
+            elif entry.event_type in ("ValueReceived", "ValueAllocated"):
+                key = (p.currency, "received" if entry.event_type == "ValueReceived" else "allocated")
+                sums = rebuilt.value.setdefault(p.grant_id, {})
+                sums[key] = sums.get(key, 0) + p.amount
             elif entry.event_type == "AccessRevoked":
                 rebuilt.revoked.setdefault(p.grant_id, (entry.position, entry.recorded_at))
             elif entry.event_type == "DataUseRecorded":
@@ -154,6 +162,8 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
         revoked = rebuilt.revoked.get(row.grant_id)
         exemption = g.opt_out_exemption
         approved = rebuilt.approvals.get(row.grant_id, {})
+        outputs = sorted(rebuilt.outputs.get(row.grant_id, []), key=lambda o: o[3])
+        value = sorted((c, d, n) for (c, d), n in rebuilt.value.get(row.grant_id, {}).items())
         pending = [k for k in g.requires or () if k not in approved]
         expected: dict[str, object] = {
             "position": position,
@@ -170,6 +180,12 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
                                    pending=bool(pending)),
             "approvals": sorted((k, *v) for k, v in approved.items()),
             "pending": pending,
+            "outputs": outputs,
+            "value": value,
+            "benefits": [(b.description, b.measure, b.target, _instant(b.due),
+                          sorted(o[1] for o in outputs if o[2] == i),
+                          not any(o[2] == i for o in outputs) and _instant(b.due) <= now)
+                         for i, b in enumerate(g.benefits or ())],
             "revoked_position": revoked[0] if revoked else None,
             "revoked_at": _instant(revoked[1]) if revoked else None,
             "opt_out_exemption": exemption.basis if exemption else None,
@@ -189,6 +205,11 @@ def compare(register: bodies.Register, rebuilt: Rebuilt, now: datetime) -> list[
             "status": row.status,
             "approvals": sorted((a.approval, a.organisation.code, a.reference, a.position) for a in row.approvals),
             "pending": list(row.pending),
+            "outputs": [(o.kind, o.identifier, o.benefit, o.position) for o in row.outputs],
+            "value": sorted([(v.currency, "received", v.received) for v in row.value if v.received]
+                            + [(v.currency, "allocated", v.allocated) for v in row.value if v.allocated]),
+            "benefits": [(b.description, b.measure, b.target, _instant(b.due), sorted(b.delivered_by), b.overdue)
+                         for b in row.benefits],
             "revoked_position": row.revoked_position,
             "revoked_at": _instant(row.revoked_at) if row.revoked_at else None,
             "opt_out_exemption": row.opt_out_exemption.code if row.opt_out_exemption else None,

@@ -14,10 +14,19 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Self
 from uuid import UUID, uuid5
 
+import msgspec
 from eventsourcing.domain import Aggregate
 
 from contracts import events as ev
-from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, GrantRequest
+from contracts.bodies import (
+    AllocationRequest,
+    ChoiceRequest,
+    ConsentRequest,
+    DataUseRequest,
+    GrantRequest,
+    OutputRequest,
+    ValueRequest,
+)
 from contracts.codes import NEVER_ALLOWED_RECIPIENTS
 from contracts.decision import GrantStatus, Terms, grant_status
 from contracts.values import Actor, Imported, utc
@@ -197,6 +206,9 @@ class Grant(LedgerAggregate):
     revoked_position: int | None
     revoked_at: datetime | None
     approvals: dict[str, tuple[int, ev.GrantApproved]]
+    outputs: list[ev.OutputRecorded]
+    received: dict[str, int]  # currency -> minor units
+    allocated: dict[str, int]
 
     def _init_state(self) -> None:
         self.granted = None
@@ -206,6 +218,9 @@ class Grant(LedgerAggregate):
         self.revoked_position = None
         self.revoked_at = None
         self.approvals = {}
+        self.outputs = []
+        self.received = {}
+        self.allocated = {}
 
     class AccessGranted(LedgerEvent):
         def apply(self, grant: Grant) -> None:
@@ -222,6 +237,18 @@ class Grant(LedgerAggregate):
     class GrantApproved(LedgerEvent):
         def apply(self, grant: Grant) -> None:
             grant.approvals[self.data.approval] = (self.position, self.data)
+
+    class OutputRecorded(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.outputs.append(self.data)
+
+    class ValueReceived(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.received[self.data.currency] = grant.received.get(self.data.currency, 0) + self.data.amount
+
+    class ValueAllocated(LedgerEvent):
+        def apply(self, grant: Grant) -> None:
+            grant.allocated[self.data.currency] = grant.allocated.get(self.data.currency, 0) + self.data.amount
 
     @property
     def exists(self) -> bool:
@@ -293,7 +320,44 @@ class Grant(LedgerAggregate):
             opt_out_exemption=request.opt_out_exemption,
             requires=list(requires) if requires else None,
             proposed_by=proposer if requires else None,
+            benefits=[msgspec.structs.replace(b, due=utc(b.due)) for b in request.benefits]
+            if request.benefits else None,
+            commercial_terms=request.commercial_terms,
         ))
+
+    def record_output(self, grant_id: str, request: OutputRequest, recorded_by: str) -> None:
+        g = self._recorded(grant_id)
+        if request.benefit is not None and request.benefit >= len(g.benefits or ()):
+            raise RuleBroken(f"grant {grant_id!r} promises {len(g.benefits or ())} benefit(s): `benefit` is their "
+                             "index, from 0", code="unknown-benefit", path="$.benefit")
+        if any(o.kind == request.kind and o.identifier == request.identifier for o in self.outputs):
+            raise AlreadyExists(f"output {request.identifier!r} ({request.kind}) is already recorded for {grant_id!r}")
+        self._trigger(ev.OutputRecorded(grant_id=grant_id, kind=request.kind, identifier=request.identifier,
+                                        title=request.title, benefit=request.benefit, recorded_by=recorded_by))
+
+    def receive_value(self, grant_id: str, request: ValueRequest, recorded_by: str) -> None:
+        self._recorded(grant_id)
+        start, end = utc(request.period_from), utc(request.period_until)
+        if end <= start:
+            raise RuleBroken("`period_until` must be later than `period_from`", code="invalid-dates",
+                             path="$.period_until")
+        self._trigger(ev.ValueReceived(grant_id=grant_id, amount=request.amount, currency=request.currency,
+                                       period_from=start, period_until=end, recorded_by=recorded_by))
+
+    def allocate_value(self, grant_id: str, request: AllocationRequest, recorded_by: str) -> None:
+        self._recorded(grant_id)
+        received, allocated = self.received.get(request.currency, 0), self.allocated.get(request.currency, 0)
+        if allocated + request.amount > received:
+            raise RuleBroken(f"only {received} {request.currency} (minor units) was received under {grant_id!r} and "
+                             f"{allocated} is already allocated: {request.amount} more would allocate value never "
+                             "received", code="allocation-exceeds-value", path="$.amount")
+        self._trigger(ev.ValueAllocated(grant_id=grant_id, amount=request.amount, currency=request.currency,
+                                        care_service=request.care_service, recorded_by=recorded_by))
+
+    def _recorded(self, grant_id: str) -> ev.AccessGranted:
+        if self.granted is None:
+            raise NotFound(f"no grant {grant_id!r}")
+        return self.granted
 
     def approve(self, grant_id: str, approval: str, organisation: ev.Organisation, reference: str,
                 recorded_by: str) -> int | None:

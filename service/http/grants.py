@@ -45,6 +45,27 @@ async def approve_grant(request: web.Request, caller: Caller | None) -> web.Resp
         caller, request.match_info["grant_id"], body.value, body.idempotency))
 
 
+async def record_output(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    body = await body_of(request, caller, api.BY_ID["record_output"])
+    return receipt_response(await request.app[LEDGER].record_output(
+        caller, request.match_info["grant_id"], body.value, body.idempotency))
+
+
+async def receive_value(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    body = await body_of(request, caller, api.BY_ID["receive_value"])
+    return receipt_response(await request.app[LEDGER].receive_value(
+        caller, request.match_info["grant_id"], body.value, body.idempotency))
+
+
+async def allocate_value(request: web.Request, caller: Caller | None) -> web.Response:
+    caller = required_caller(caller)
+    body = await body_of(request, caller, api.BY_ID["allocate_value"])
+    return receipt_response(await request.app[LEDGER].allocate_value(
+        caller, request.match_info["grant_id"], body.value, body.idempotency))
+
+
 async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
     caller = required_caller(caller)
     view = await request.app[LEDGER].grant_view(request.match_info["grant_id"])
@@ -96,6 +117,9 @@ def _statistics_rows(stats: bodies.Statistics, table: str) -> list[list[str]]:
         return [["dataset", "organisations", "grants", "uses", "largest_organisation", "largest_organisation_uses"]] + [
             [d.dataset, str(d.organisations), str(d.grants), str(d.uses), d.largest_organisation or "",
              str(d.largest_organisation_uses)] for d in stats.datasets]
+    if table == "value":
+        return [["currency", "received", "allocated"]] + [[v.currency, str(v.received), str(v.allocated)]
+                                                         for v in stats.value]
     return [["month", "scope", "channel", "opt_outs", "opt_ins"]] + [
         [c.month, c.scope, c.channel, _count(c.opt_outs), _count(c.opt_ins)] for c in stats.choices_by_month]
 
@@ -119,6 +143,9 @@ HANDLERS: dict[str, Handler] = {
     "create_grant": create_grant,
     "revoke_grant": revoke_grant,
     "approve_grant": approve_grant,
+    "record_output": record_output,
+    "receive_value": receive_value,
+    "allocate_value": allocate_value,
     "get_grant": get_grant,
     "get_register": get_register,
 }

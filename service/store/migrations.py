@@ -136,6 +136,8 @@ PROJECTION_TABLES = (
     "cohort_blocks",
     "grant_coverage",
     "grant_approvals",
+    "grant_outputs",
+    "grant_value",
 )
 
 
@@ -219,7 +221,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_R
 # projections define (projections/schema.py).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4), (5, _V5),
-    (6, projection_tables.V6),
+    (6, projection_tables.V6), (7, projection_tables.V7),
 )
 
 
