@@ -128,7 +128,9 @@ def _role_tokens(make_token) -> dict[str, tuple[str, frozenset[str]]]:
     return {
         "patient-app": (make_token("patient-app"), frozenset({"patient-app"})),
         "patient-app-for-patient": (make_token("patient-app", nhs_number=PATIENT), frozenset({"patient-app"})),
-        "dac": (make_token("dac"), frozenset({"dac"})),
+        # Approving a grant acts for an organisation, so the committees' tokens carry one.
+        "dac": (make_token("dac", org="DAC-ORG"), frozenset({"dac"})),
+        "cag": (make_token("cag", org="CAG-ORG"), frozenset({"cag"})),
         "sde": (make_token("sde", org=OWN_ORG), frozenset({"sde"})),
         "auditor": (make_token("auditor"), frozenset({"auditor"})),
         "no-roles": (make_token(None), frozenset()),
