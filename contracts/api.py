@@ -378,6 +378,53 @@ OPERATIONS: tuple[Operation, ...] = (
                           "consent), so a later choice is never overridden and a second import writes nothing. "
                           "The bundle is written whole or not at all: every mistake is reported with its entry "
                           "index and nothing is written."),
+    Operation("create_subscription", "POST", "/v1/subscriptions",
+              "A patient app backend subscribes an endpoint to notifications; the signing secret is shown once",
+              PATIENT_APP, bodies.SubscriptionRequest, bodies.Subscription, 201,
+              description=(
+              "For a backend's token (role `patient-app`, no `nhs_number` claim; a patient-scoped token is 403). "
+              "`events`: any of data-use.included, data-use.opt-out-overridden, choice.changed, record.read, "
+              "grant.approved. Notifications are made from the ledger position at which the subscription is "
+              "made, for the patients set with PUT .../patients (grant.approved needs none), and delivered as "
+              "Standard Webhooks signed with `secret` (whsec_...: keep it; it is never shown again). The URL "
+              "must be http(s) to a public address: private, loopback and link-local addresses are refused "
+              "(422) unless the operator allows a network (CONSENT_LEDGER_WEBHOOK_ALLOW). Registration is "
+              "recorded in the ledger (SubscriptionRegistered: owner, URL, events; never patients).")),
+    Operation("list_subscriptions", "GET", "/v1/subscriptions", "The caller's own subscriptions",
+              PATIENT_APP, None, bodies.Subscriptions,
+              description="Only the subscriptions this token's subject made; the secret is never shown again."),
+    Operation("get_subscription", "GET", "/v1/subscriptions/{subscription_id}", "One of the caller's subscriptions",
+              PATIENT_APP, None, bodies.Subscription,
+              description="Another backend's subscription answers 404, exactly like one that does not exist."),
+    Operation("delete_subscription", "DELETE", "/v1/subscriptions/{subscription_id}",
+              "Delete a subscription: nothing more is made or delivered for it", PATIENT_APP, None,
+              bodies.Subscription, description="Recorded in the ledger (SubscriptionChanged, change `deleted`)."),
+    Operation("pause_subscription", "POST", "/v1/subscriptions/{subscription_id}/pause",
+              "Pause deliveries; notifications are still made and wait", PATIENT_APP, None, bodies.Subscription,
+              description="Resume delivers the backlog in order. Recorded in the ledger."),
+    Operation("resume_subscription", "POST", "/v1/subscriptions/{subscription_id}/resume",
+              "Resume a paused or failing subscription: its backlog is delivered in order", PATIENT_APP, None,
+              bodies.Subscription,
+              description="A subscription is marked `failing` when a notification has failed for the whole retry "
+                          "window (CONSENT_LEDGER_WEBHOOK_RETRY_WINDOW, default 3 days); resuming retries at once."),
+    Operation("put_subscription_patients", "PUT", "/v1/subscriptions/{subscription_id}/patients",
+              "Replace the set of patients who asked this app for alerts (JSON array, text/plain or MESH .dat)",
+              PATIENT_APP, None, bodies.Subscription, 200, BULK_BODY, bulk=True,
+              description=(
+              "Millions of numbers are fine (stored compactly, like cohorts); the set replaces the previous one "
+              "and applies to ledger entries from the next one the notifier reads. The ledger records only that "
+              "the set was replaced and its size (SubscriptionChanged), never the NHS numbers.")),
+    Operation("list_deliveries", "GET", "/v1/subscriptions/{subscription_id}/deliveries",
+              "The delivery log of a subscription: each notification, its attempts and outcome", PATIENT_APP,
+              None, bodies.Deliveries, query=(_after, _limit),
+              description="In the order notifications are delivered (ledger order); page with `after`."),
+    Operation("subscription_events", "GET", "/v1/subscriptions/{subscription_id}/events",
+              "The same notifications as a pull feed, for backends that cannot receive webhooks", PATIENT_APP,
+              None, bodies.Feed, query=(_after, _limit), recorded=True,
+              description=(
+              "Each item carries the webhook's id, type, ledger position and body (the webhook's JSON), in "
+              "order; page with `after` (the `next_after` of the previous page). The bodies name patients, so "
+              "each page is recorded as a read (PersonalDataRead, `what` = notifications).")),
     Operation("whoami", "GET", "/v1/whoami",
               "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
               frozenset(ROLES), None, bodies.TokenInfo,
@@ -438,6 +485,7 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "nhs": NHS_NUMBER_SCHEMA,
     "grant_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}" + END},
     "cohort_id": {"type": "string", "pattern": r"^[0-9a-f]{64}" + END},
+    "subscription_id": {"type": "string", "pattern": r"^[0-9a-f]{32}" + END},
     "position": {"type": "integer", "minimum": 1},
     "level": {"type": "integer", "minimum": 0, "maximum": 63},
     "tile_path": {"type": "string", "pattern": r"^(x\d{3}/)*\d{3}(\.p/\d{1,3})?$"},

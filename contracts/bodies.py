@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct, field
 
-from .codes import AccessMethod, ApprovalKind, Channel, LegalBasis, OutputKind, OptOutScope, Purpose
+from .codes import (
+    AccessMethod,
+    ApprovalKind,
+    Channel,
+    LegalBasis,
+    NotificationType,
+    OptOutScope,
+    OutputKind,
+    Purpose,
+)
 from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
@@ -604,4 +613,71 @@ class PublicEntries(Struct, frozen=True, kw_only=True):
     tree_size: int
     entries: list[PublicEntry]
     withheld: int
+    next_after: int | None
+
+
+
+class SubscriptionRequest(Frozen):
+    """Where to send which notifications; the endpoint must be https (or http) on a public address."""
+
+    url: Annotated[str, Meta(min_length=8, max_length=2000, pattern="^https?://")]
+    events: Annotated[list[NotificationType], Meta(min_length=1, max_length=5)]
+    description: ShortText
+
+    def __post_init__(self) -> None:
+        require_unique(list(self.events), "events")
+        require_plain_text(self.description, "description")
+        require_plain_text(self.url, "url")
+
+
+class Subscription(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A subscription as its owner sees it; ``secret`` only in the answer that created it."""
+
+    id: str
+    url: str
+    events: list[NotificationType]
+    description: str
+    status: Literal["active", "paused", "failing", "deleted"]
+    patients: int
+    created_at: str
+    position: int  # the ledger position from which it is notified
+    pending: int  # notifications not yet delivered
+    secret: str | None = None
+
+
+class Subscriptions(Struct, frozen=True, kw_only=True):
+    subscriptions: list[Subscription]
+
+
+class Delivery(Struct, frozen=True, kw_only=True):
+    """One notification and what happened to it."""
+
+    seq: int
+    webhook_id: str
+    type: NotificationType
+    position: int
+    attempts: int
+    delivered_at: str | None
+    next_attempt_at: str | None
+    last_status: int | None
+    last_error: str | None
+
+
+class Deliveries(Struct, frozen=True, kw_only=True):
+    deliveries: list[Delivery]
+    next_after: int | None
+
+
+class FeedItem(Struct, frozen=True, kw_only=True):
+    seq: int
+    webhook_id: str
+    type: NotificationType
+    position: int
+    body: dict
+
+
+class Feed(Struct, frozen=True, kw_only=True):
+    """The same notifications as the webhooks, for backends that cannot receive them; page with ``next_after``."""
+
+    events: list[FeedItem]
     next_after: int | None

@@ -59,7 +59,11 @@ APPROVER_ROLES: dict[str, str] = {"dac-decision": "dac", "cag": "cag", "ethics":
                                   "lay-panel": "lay-panel", "board-fairness": "board"}
 # What a recorded read of personal data looked at (PersonalDataRead.what).
 # "audit-session": an auditor's whole run over a range of entries (one read, not one per page).
-ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort", "audit-session"]
+ReadKind = Literal["choices", "history", "receipt", "entries", "entry-tiles", "export", "cohort", "audit-session",
+                   "notifications"]
+# What a patient app backend may subscribe to (issue 13).
+NotificationType = Literal["data-use.included", "data-use.opt-out-overridden", "choice.changed", "record.read",
+                           "grant.approved"]
 
 LABELS: dict[str, str] = {
     "national": "national data opt-out",
@@ -95,6 +99,7 @@ LABELS: dict[str, str] = {
     "entry-tiles": "ledger entries",
     "export": "an export of the ledger",
     "cohort": "the members of a cohort",
+    "notifications": "notifications about your data sent to your app",
     "dac-decision": "the data access committee's decision",
     "cag": "Confidentiality Advisory Group (section 251)",
     "ethics": "research ethics committee",

@@ -7,13 +7,14 @@ write, so the ledger itself says who did what.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
 from .codes import (
     AccessMethod,
     ApprovalKind,
+    NotificationType,
     OutputKind,
     LegalBasis,
     OptOutScope,
@@ -146,6 +147,25 @@ class ValueAllocated(Frozen):
     recorded_by: ShortText
 
 
+class SubscriptionRegistered(Frozen):
+    """A patient app backend subscribed an endpoint to notifications (never which patients: only how many)."""
+
+    subscription_id: Identifier
+    owner: ShortText
+    url: Annotated[str, Meta(max_length=2000)]
+    events: list[NotificationType]
+    recorded_by: ShortText
+
+
+class SubscriptionChanged(Frozen):
+    """A subscription paused, resumed or deleted, or its set of patients replaced (``patients``: how many)."""
+
+    subscription_id: Identifier
+    change: Literal["paused", "resumed", "deleted", "patients-replaced"]
+    recorded_by: ShortText
+    patients: Count | None = None
+
+
 class AccessRevoked(Frozen):
     grant_id: Identifier
     reason: Text
@@ -268,6 +288,8 @@ Event = (
     | CohortStored
     | OptOutFilterApplied
     | TransparencySecretCommitted
+    | SubscriptionRegistered
+    | SubscriptionChanged
 )
 
 EVENT_TYPES: dict[str, type[Frozen]] = {
@@ -288,5 +310,7 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         CohortStored,
         OptOutFilterApplied,
         TransparencySecretCommitted,
+        SubscriptionRegistered,
+        SubscriptionChanged,
     )
 }

@@ -25,6 +25,10 @@ from service.app.assessors import ProjectedOptOutAssessor
 from service.app.ledger import Ledger
 from service.app.read_records import ReadSessions
 from service.config import Config
+from service.notify.addresses import networks
+from service.notify.deliverer import Deliverer
+from service.notify.notifier import Notifier
+from service.notify.outbox import Outbox
 from service.runtime.supervisor import Supervisor
 from service.store.checkpoints import CheckpointLog
 from service.store.database import Database
@@ -51,6 +55,7 @@ class Components:
     opt_out_filter: OptOutFilter | None  # None when built with decisions=False
     runner: Runner | None
     supervisor: Supervisor
+    outbox: Outbox
 
 
 async def migrated(database: Database) -> list[int]:
@@ -97,6 +102,7 @@ async def running(
     checkpoints = CheckpointLog(pool, tiles, signers or [note.Signer.generate(config.log_origin)],
                                 config.log_origin, config.checkpoint_interval)
     runner: Runner | None = None
+    outbox = Outbox(pool)
     started: list[str] = []
     try:
         supervisor.start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
@@ -123,6 +129,13 @@ async def running(
             await runner.prepare()
             supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
             started.append("projection-runner")
+            notifier = Notifier(outbox, store, optouts, runner)
+            supervisor.start("notifier", notifier.run, every=notifier.poll)
+            started.append("notifier")
+            deliverer = Deliverer(outbox, networks(config.webhook_allow), timeout=config.webhook_timeout,
+                                  retry_base=config.webhook_retry_base, retry_window=config.webhook_retry_window)
+            supervisor.start("webhook-deliverer", deliverer.run, every=deliverer.poll)
+            started.append("webhook-deliverer")
             ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner), approvals=config.approvals)
         yield Components(
             config=config,
@@ -136,6 +149,7 @@ async def running(
             opt_out_filter=optouts,
             runner=runner,
             supervisor=supervisor,
+            outbox=outbox,
         )
     finally:
         for name in reversed(started):

@@ -42,6 +42,12 @@ class Config:
     task_stall_seconds: float = 30.0
     progress_seconds: float = 10.0
     statistics_seconds: float = 60.0
+    # Webhooks: networks an endpoint may resolve to although private (tests: loopback), how long
+    # a notification is retried before the subscription is marked failing, the first retry's delay.
+    webhook_allow: tuple[str, ...] = ()
+    webhook_retry_window: float = 3 * 86_400.0
+    webhook_retry_base: float = 5.0
+    webhook_timeout: float = 10.0
     # Which approvals a new grant needs before it is in force (contracts/approvals.py).
     approvals: tuple[tuple[str, str], ...] = ()
     # Witnesses the log submits its checkpoints to: (add-checkpoint URL, cosigner vkey).
@@ -100,8 +106,27 @@ def load(env: dict[str, str] | None = None) -> Config:
         # Public statistics scan whole projection tables: computed at most this often.
         statistics_seconds=_number(env, "CONSENT_LEDGER_STATISTICS_SECONDS", "60", float),
         approvals=_approvals(env, environment),
+        # Endpoints on private, loopback or link-local addresses are refused unless a network here allows them.
+        webhook_allow=_networks(env.get("CONSENT_LEDGER_WEBHOOK_ALLOW", "")),
+        webhook_retry_window=_number(env, "CONSENT_LEDGER_WEBHOOK_RETRY_WINDOW", "259200", float),
+        webhook_retry_base=_number(env, "CONSENT_LEDGER_WEBHOOK_RETRY_BASE", "5", float),
+        webhook_timeout=_number(env, "CONSENT_LEDGER_WEBHOOK_TIMEOUT", "10", float),
         **_witnessing(env),
     )
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ConfigError(f"CONSENT_LEDGER_WEBHOOK_ALLOW: {item.strip()!r} is not a network "
+                                  "(e.g. 127.0.0.0/8 or 10.1.2.0/24)") from None
+    return tuple(out)
 
 
 def _approvals(env: dict[str, str], environment: str) -> tuple[tuple[str, str], ...]:

@@ -27,10 +27,11 @@ ROOMS = {
     "app": {"domain", "store", "runtime"},
     "audit": {"store", "console"},
     "witness": {"store", "runtime", "console"},
-    "composition": {"app", "store", "runtime", "witness"},  # the root that builds a running ledger
+    "composition": {"app", "store", "runtime", "witness", "notify"},
+    "notify": {"store"},  # subscriptions, the outbox the notifier fills from the log, webhook delivery  # the root that builds a running ledger
     "fhir": {"domain"},  # the ledger's records as FHIR resources, and imported ones as domain values
     "pages": set(),  # templates, static files, charts and the patient page's API client
-    "http": {"app", "audit", "auth", "composition", "domain", "fhir", "pages", "store", "runtime"},
+    "http": {"app", "audit", "auth", "composition", "domain", "fhir", "notify", "pages", "store", "runtime"},
     "cli": {"app", "audit", "auth", "composition", "domain", "fhir", "http", "runtime", "store", "witness", "console"},
 }
 SHARED = {"config", "__version__"}

@@ -29,6 +29,7 @@ from service.http import (
     operations,
     pages,
     patients,
+    subscriptions,
     transparency,
 )
 from service.http.keys import (
@@ -39,6 +40,7 @@ from service.http.keys import (
     METRICS,
     OPENAPI,
     OPT_OUT_FILTER,
+    OUTBOX,
     POOL,
     READ_SESSIONS,
     RUNNER,
@@ -67,7 +69,7 @@ log = structlog.get_logger('consent_ledger.http')
 # Each API area registers its own handlers; an operation without one fails at start-up.
 HANDLERS: dict[str, Handler] = {
     **patients.HANDLERS, **grants.HANDLERS, **data_uses.HANDLERS, **transparency.HANDLERS, **operations.HANDLERS,
-    **fhir.HANDLERS, **pages.HANDLERS,
+    **fhir.HANDLERS, **pages.HANDLERS, **subscriptions.HANDLERS,
 }
 
 
@@ -237,6 +239,7 @@ def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Applicat
             app[READ_SESSIONS] = parts.read_sessions
             app[TILES] = parts.tiles
             app[CHECKPOINTS] = parts.checkpoints
+            app[OUTBOX] = parts.outbox
             assert parts.runner is not None and parts.opt_out_filter is not None  # built with decisions
             app[RUNNER] = parts.runner
             app[OPT_OUT_FILTER] = parts.opt_out_filter

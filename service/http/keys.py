@@ -13,6 +13,7 @@ from service.app.read_records import ReadSessions
 from service.auth.token_cache import VerifiedTokens
 from service.auth.tokens import Verifier
 from service.config import Config
+from service.notify.outbox import Outbox
 from service.pages.cache import Expiring
 from service.runtime.metrics import Metrics
 from service.runtime.supervisor import Supervisor
@@ -40,3 +41,4 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 WORKERS = web.AppKey("worker_threads", WorkerThreads)
 READ_SESSIONS = web.AppKey("read_sessions", ReadSessions)
 STATISTICS = web.AppKey("statistics", Expiring[Statistics])
+OUTBOX = web.AppKey("outbox", Outbox)

@@ -184,6 +184,47 @@ CREATE TRIGGER checkpoint_cosignatures_no_truncate BEFORE TRUNCATE ON checkpoint
 """
 
 
+# Issue 13.  Notification subscriptions and their outbox: service state, not
+# ledger (the ledger records registrations and changes, never the patients).
+# `cursor` is the ledger position a subscription's notifications are made up to,
+# advanced in the same transaction as the notifications it made.
+_V8 = """
+CREATE TABLE subscriptions (
+    id                text        PRIMARY KEY,
+    owner             text        NOT NULL,
+    url               text        NOT NULL,
+    events            text[]      NOT NULL,
+    description       text        NOT NULL,
+    secret            text        NOT NULL,
+    status            text        NOT NULL CHECK (status IN ('active', 'paused', 'failing', 'deleted')),
+    cursor            bigint      NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    patients_count    integer     NOT NULL DEFAULT 0,
+    patients_encoding text,
+    patients          bytea,
+    patients_version  integer     NOT NULL DEFAULT 0
+);
+CREATE INDEX subscriptions_owner ON subscriptions (owner);
+CREATE TABLE notifications (
+    seq              bigserial   PRIMARY KEY,
+    subscription_id  text        NOT NULL REFERENCES subscriptions (id),
+    webhook_id       text        NOT NULL UNIQUE,
+    type             text        NOT NULL,
+    position         bigint      NOT NULL,
+    body             bytea       NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    attempts         integer     NOT NULL DEFAULT 0,
+    first_attempt_at timestamptz,
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    delivered_at     timestamptz,
+    last_status      integer,
+    last_error       text
+);
+CREATE INDEX notifications_pending ON notifications (subscription_id, seq) WHERE delivered_at IS NULL;
+CREATE INDEX notifications_feed ON notifications (subscription_id, seq);
+"""
+
+
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
 -- Checked first so that an owner without CREATEROLE can migrate once an
@@ -212,6 +253,9 @@ GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
 GRANT SELECT ON schema_migrations TO {APP_ROLE};
 REVOKE ALL ON merkle_tiles, checkpoints, checkpoint_cosignatures FROM PUBLIC;
 GRANT SELECT, INSERT ON merkle_tiles, checkpoints, checkpoint_cosignatures TO {APP_ROLE};
+REVOKE ALL ON subscriptions, notifications FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON subscriptions, notifications TO {APP_ROLE};
+GRANT USAGE ON SEQUENCE notifications_seq_seq TO {APP_ROLE};
 -- Projection tables are the service's to rewrite (they are rebuildable views).
 REVOKE ALL ON {", ".join(PROJECTION_TABLES)} FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_ROLE};
@@ -221,7 +265,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_R
 # projections define (projections/schema.py).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4), (5, _V5),
-    (6, projection_tables.V6), (7, projection_tables.V7),
+    (6, projection_tables.V6), (7, projection_tables.V7), (8, _V8),
 )
 
 
