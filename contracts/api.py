@@ -67,6 +67,8 @@ class Operation(NamedTuple):
     fhir: bool = False
     # A page for people (text/html, errors as pages too); not part of the API document.
     page: bool = False
+    # For a patient app's backend only: a token that acts for one patient (`nhs_number` claim) is 403.
+    backend_only: bool = False
 
 
 _REPEATS = (
@@ -389,42 +391,42 @@ OPERATIONS: tuple[Operation, ...] = (
               "Standard Webhooks signed with `secret` (whsec_...: keep it; it is never shown again). The URL "
               "must be http(s) to a public address: private, loopback and link-local addresses are refused "
               "(422) unless the operator allows a network (CONSENT_LEDGER_WEBHOOK_ALLOW). Registration is "
-              "recorded in the ledger (SubscriptionRegistered: owner, URL, events; never patients).")),
+              "recorded in the ledger (SubscriptionRegistered: owner, URL, events; never patients)."), backend_only=True),
     Operation("list_subscriptions", "GET", "/v1/subscriptions", "The caller's own subscriptions",
               PATIENT_APP, None, bodies.Subscriptions,
-              description="Only the subscriptions this token's subject made; the secret is never shown again."),
+              description="Only the subscriptions this token's subject made; the secret is never shown again.", backend_only=True),
     Operation("get_subscription", "GET", "/v1/subscriptions/{subscription_id}", "One of the caller's subscriptions",
               PATIENT_APP, None, bodies.Subscription,
-              description="Another backend's subscription answers 404, exactly like one that does not exist."),
+              description="Another backend's subscription answers 404, exactly like one that does not exist.", backend_only=True),
     Operation("delete_subscription", "DELETE", "/v1/subscriptions/{subscription_id}",
               "Delete a subscription: nothing more is made or delivered for it", PATIENT_APP, None,
-              bodies.Subscription, description="Recorded in the ledger (SubscriptionChanged, change `deleted`)."),
+              bodies.Subscription, description="Recorded in the ledger (SubscriptionChanged, change `deleted`).", backend_only=True),
     Operation("pause_subscription", "POST", "/v1/subscriptions/{subscription_id}/pause",
               "Pause deliveries; notifications are still made and wait", PATIENT_APP, None, bodies.Subscription,
-              description="Resume delivers the backlog in order. Recorded in the ledger."),
+              description="Resume delivers the backlog in order. Recorded in the ledger.", backend_only=True),
     Operation("resume_subscription", "POST", "/v1/subscriptions/{subscription_id}/resume",
               "Resume a paused or failing subscription: its backlog is delivered in order", PATIENT_APP, None,
               bodies.Subscription,
               description="A subscription is marked `failing` when a notification has failed for the whole retry "
-                          "window (CONSENT_LEDGER_WEBHOOK_RETRY_WINDOW, default 3 days); resuming retries at once."),
+                          "window (CONSENT_LEDGER_WEBHOOK_RETRY_WINDOW, default 3 days); resuming retries at once.", backend_only=True),
     Operation("put_subscription_patients", "PUT", "/v1/subscriptions/{subscription_id}/patients",
               "Replace the set of patients who asked this app for alerts (JSON array, text/plain or MESH .dat)",
               PATIENT_APP, None, bodies.Subscription, 200, BULK_BODY, bulk=True,
               description=(
               "Millions of numbers are fine (stored compactly, like cohorts); the set replaces the previous one "
               "and applies to ledger entries from the next one the notifier reads. The ledger records only that "
-              "the set was replaced and its size (SubscriptionChanged), never the NHS numbers.")),
+              "the set was replaced and its size (SubscriptionChanged), never the NHS numbers."), backend_only=True),
     Operation("list_deliveries", "GET", "/v1/subscriptions/{subscription_id}/deliveries",
               "The delivery log of a subscription: each notification, its attempts and outcome", PATIENT_APP,
               None, bodies.Deliveries, query=(_after, _limit),
-              description="In the order notifications are delivered (ledger order); page with `after`."),
+              description="In the order notifications are delivered (ledger order); page with `after`.", backend_only=True),
     Operation("subscription_events", "GET", "/v1/subscriptions/{subscription_id}/events",
               "The same notifications as a pull feed, for backends that cannot receive webhooks", PATIENT_APP,
               None, bodies.Feed, query=(_after, _limit), recorded=True,
               description=(
               "Each item carries the webhook's id, type, ledger position and body (the webhook's JSON), in "
               "order; page with `after` (the `next_after` of the previous page). The bodies name patients, so "
-              "each page is recorded as a read (PersonalDataRead, `what` = notifications).")),
+              "each page is recorded as a read (PersonalDataRead, `what` = notifications)."), backend_only=True),
     Operation("whoami", "GET", "/v1/whoami",
               "Who this bearer token makes the caller: subject, roles, organisation (for checking a token)",
               frozenset(ROLES), None, bodies.TokenInfo,

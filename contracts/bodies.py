@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct, field
 
@@ -25,10 +25,10 @@ from .values import (
     Benefit,
     CommercialTerms,
     Currency,
-    MinorUnits,
     Exemption,
     Frozen,
     Identifier,
+    MinorUnits,
     Organisation,
     Position,
     PurposeStatement,
@@ -620,7 +620,7 @@ class PublicEntries(Struct, frozen=True, kw_only=True):
 class SubscriptionRequest(Frozen):
     """Where to send which notifications; the endpoint must be https (or http) on a public address."""
 
-    url: Annotated[str, Meta(min_length=8, max_length=2000, pattern="^https?://")]
+    url: Annotated[str, Meta(max_length=2000, pattern="^https?://\\S+$")]
     events: Annotated[list[NotificationType], Meta(min_length=1, max_length=5)]
     description: ShortText
 
@@ -673,7 +673,7 @@ class FeedItem(Struct, frozen=True, kw_only=True):
     webhook_id: str
     type: NotificationType
     position: int
-    body: dict
+    body: dict[str, Any]
 
 
 class Feed(Struct, frozen=True, kw_only=True):

@@ -81,6 +81,8 @@ def _bind(op: api.Operation, handler: Handler) -> Callable[[web.Request], Awaita
             structlog.contextvars.bind_contextvars(caller=caller.subject)
             nhs = path_nhs(request) if "nhs" in request.match_info else None
             authorise(caller, op.roles, nhs)
+            if op.backend_only and caller.nhs_number is not None:
+                raise Forbidden("this is for a patient app's backend: use a token without an `nhs_number` claim")
             if op.org_scoped and not caller.org:
                 raise Forbidden("this acts for an organisation: the token needs an `org` claim (organisation code)")
         return await handler(request, caller)

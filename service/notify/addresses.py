@@ -44,7 +44,11 @@ def check_ip(host: str, address: str, allowed: list[Network]) -> None:
 
 async def check_url(url: str, allowed: list[Network]) -> None:
     """Refuse a URL that is not http(s) to a host whose every address is allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise AddressRefused("the URL cannot be read (its port?)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AddressRefused("the URL must be http:// or https:// with a host name")
     if parts.username or parts.password:
@@ -59,9 +63,8 @@ async def check_url(url: str, allowed: list[Network]) -> None:
         return
     try:
         found = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM),
-            RESOLVE_SECONDS)
-    except (OSError, asyncio.TimeoutError):
+            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_SECONDS)
+    except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):  # a name too long for IDNA is a ValueError
         raise AddressRefused(f"the host {host} cannot be resolved") from None
     for *_, address in found:
         check_ip(host, address[0], allowed)
