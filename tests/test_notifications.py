@@ -6,12 +6,15 @@ ledger order, de-duplicable, surviving failures."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import app_config
+from conftest import AUDIENCE, ISSUER, app_config
+from live_server import LiveServer
 from samples import auth, choice, data_use, grant, nhs_numbers
 from service.http.app import create_app
 from webhook_receiver import Receiver
@@ -168,3 +171,73 @@ async def test_a_failing_then_slow_receiver_gets_everything_once_in_order(ledger
     assert [n["data"]["nhs_number"] for n in got] == patients
     log = await (await ledger.get(f"/v1/subscriptions/{sub['id']}/deliveries", headers=auth(backend))).json()
     assert log["deliveries"][0]["attempts"] >= 4 and all(x["delivered_at"] for x in log["deliveries"])
+
+
+async def test_a_subscription_failing_for_the_retry_window_is_marked_and_keeps_its_backlog(
+        database, verifier, receiver: Receiver, make_token):
+    config = app_config(webhook_allow=("127.0.0.0/8",), webhook_retry_base=0.05, webhook_retry_window=0.5,
+                        projection_poll_interval=0.05)
+    async with TestClient(TestServer(create_app(config, database, verifier), host="127.0.0.1")) as ledger:
+        backend = make_token("patient-app", subject="backend-w")
+        patients = nhs_numbers(3, seed=67)
+        sub = await _subscribe(ledger, backend, receiver, patients, ["choice.changed"])
+        receiver.fail_next = 10_000
+        app = auth(make_token("patient-app"))
+        for nhs in patients:
+            await ledger.post(f"/v1/patients/{nhs}/opt-out", json=choice(channel="post"), headers=app)
+        for _ in range(200):
+            view = await (await ledger.get(f"/v1/subscriptions/{sub['id']}", headers=auth(backend))).json()
+            if view["status"] == "failing":
+                break
+            await asyncio.sleep(0.05)
+        assert view["status"] == "failing" and view["pending"] == 3
+        assert receiver.received == []
+        receiver.fail_next = 0
+        await asyncio.sleep(0.5)
+        assert receiver.received == []  # a failing subscription waits for its owner
+        await ledger.post(f"/v1/subscriptions/{sub['id']}/resume", headers=auth(backend))
+        got = await receiver.wait_for(3)
+        assert [n["data"]["nhs_number"] for n in got] == patients
+
+
+async def test_deliveries_resume_after_the_service_is_killed_without_losing_or_reordering_any(
+        database, signing_key, make_token, receiver: Receiver, tmp_path):
+    """`consent-ledger serve` SIGKILLed mid-delivery, then started again: every notification arrives,
+    in order, and what arrived twice carries the same webhook-id."""
+    env = {"CONSENT_LEDGER_WEBHOOK_ALLOW": "127.0.0.0/8", "CONSENT_LEDGER_PROJECTION_POLL": "0.05"}
+
+    def serve(name: str) -> LiveServer:
+        (tmp_path / name).mkdir()
+        server = LiveServer(database_url=database.owner_dsn, signing_key=signing_key, issuer=ISSUER,
+                            audience=AUDIENCE, workdir=tmp_path / name, extra_env=env)
+        server.wait_ready()
+        return server
+
+    first = serve("first")
+    backend = make_token("patient-app", subject="backend-k")
+    patients = nhs_numbers(40, seed=68)
+    try:
+        async with aiohttp.ClientSession(first.url) as session:
+            r = await session.post("/v1/subscriptions", json={"url": receiver.url, "events": ["choice.changed"],
+                                                               "description": "kill test"}, headers=auth(backend))
+            sub = await r.json()
+            receiver.secret = sub["secret"]
+            await session.put(f"/v1/subscriptions/{sub['id']}/patients", json=patients, headers=auth(backend))
+            receiver.delay = 0.05
+            app = auth(make_token("patient-app"))
+            for nhs in patients:
+                r = await session.post(f"/v1/patients/{nhs}/opt-out", json=choice(channel="phone"), headers=app)
+                assert r.status == 201
+        await receiver.wait_for(8)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+    finally:
+        first.stop()
+    assert len(receiver.unique()) < len(patients), "everything was delivered before the kill: it proved nothing"
+    second = serve("second")
+    try:
+        got = await receiver.wait_for(len(patients), seconds=60)
+    finally:
+        second.stop()
+    assert [n["data"]["nhs_number"] for n in got] == patients
+    assert receiver.refused == []

@@ -91,7 +91,11 @@ class Outbox:
 
     async def set_status(self, id: str, status: str) -> None:
         async with self.pool.acquire() as conn:
-            await conn.execute("UPDATE subscriptions SET status = $2 WHERE id = $1", id, status)
+            async with conn.transaction():
+                await conn.execute("UPDATE subscriptions SET status = $2 WHERE id = $1", id, status)
+                if status == "active":  # resumed: its backlog is due at once, whatever the backoff said
+                    await conn.execute("UPDATE notifications SET next_attempt_at = now() WHERE subscription_id = $1"
+                                       " AND delivered_at IS NULL", id)
 
     async def replace_patients(self, id: str, count: int, encoding: str, members: bytes) -> None:
         async with self.pool.acquire() as conn:
