@@ -241,3 +241,18 @@ async def test_deliveries_resume_after_the_service_is_killed_without_losing_or_r
         second.stop()
     assert [n["data"]["nhs_number"] for n in got] == patients
     assert receiver.refused == []
+
+
+async def test_the_patient_set_takes_every_bulk_format_and_refuses_bad_numbers(ledger: TestClient, receiver: Receiver,
+                                                                              make_token):
+    backend = make_token("patient-app", subject="backend-b")
+    sub = await _subscribe(ledger, backend, receiver, nhs_numbers(1, seed=69))
+    path, numbers = f"/v1/subscriptions/{sub['id']}/patients", nhs_numbers(5, seed=70)
+    for content_type, body in (("text/plain", "\n".join(numbers) + "\n"),
+                               ("application/vnd.nhs.mesh.dat", "".join(f"{n},\n" for n in numbers))):
+        r = await ledger.put(path, data=body.encode(), headers={**auth(backend), "Content-Type": content_type})
+        assert r.status == 200 and (await r.json())["patients"] == 5, await r.text()
+    r = await ledger.put(path, data=b"9434765918\n", headers={**auth(backend), "Content-Type": "text/plain"})
+    problem = await r.json()
+    assert r.status == 422 and problem["errors"][0]["path"].startswith("line 1"), problem
+    assert (await (await ledger.get(f"/v1/subscriptions/{sub['id']}", headers=auth(backend))).json())["patients"] == 5
