@@ -419,10 +419,18 @@ class Problem(Struct, frozen=True, kw_only=True, omit_defaults=True):
     errors: list[ProblemDetail] | None = None
 
 
+class ReplicaHealth(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    name: str  # host:port/database
+    in_rotation: bool
+    lag: int | None = None  # entries behind the primary at the last check
+    problem: str | None = None
+
+
 class Health(Struct, frozen=True, kw_only=True, omit_defaults=True):
     status: Literal["ok", "unavailable"]
     position: int | None = None
     detail: str | None = None
+    replicas: list[ReplicaHealth] | None = None
 
 
 __all__ = [

@@ -31,9 +31,10 @@ from service.notify.notifier import Notifier
 from service.notify.outbox import Outbox
 from service.runtime.supervisor import Supervisor
 from service.store.checkpoints import CheckpointLog
-from service.store.database import Database
+from service.store.database import Database, replica_pool
 from service.store.event_store import EventStore
 from service.store.migrations import migrate
+from service.store.replicas import ReadRouter, Replica, replica_name
 from service.store.tiles import TileReader
 from service.witness.submitter import Submitter
 
@@ -56,6 +57,7 @@ class Components:
     runner: Runner | None
     supervisor: Supervisor
     outbox: Outbox
+    reads: ReadRouter  # projections, tiles and proofs: from a replica where one may serve them
 
 
 async def migrated(database: Database) -> list[int]:
@@ -103,8 +105,15 @@ async def running(
                                 config.log_origin, config.checkpoint_interval)
     runner: Runner | None = None
     outbox = Outbox(pool)
+    reads = ReadRouter(pool, [Replica(replica_name(url), await replica_pool(url, max_size=config.pool_size))
+                              for url in config.read_database_urls],
+                       wait=config.read_wait, max_lag=config.replica_max_lag)
     started: list[str] = []
     try:
+        if reads.replicas:
+            await reads.check()  # so that the decision state below can already load from a replica
+            supervisor.start("replica-health", reads.run, every=reads.interval)
+            started.append("replica-health")
         supervisor.start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
         started.append("checkpoint-signer")
         if config.witnesses:
@@ -115,7 +124,7 @@ async def running(
         ledger = Ledger(store, approvals=config.approvals)
         if decisions:
             began = time.perf_counter()
-            optouts = await OptOutFilter.load(pool)
+            optouts = await OptOutFilter.load(reads)
             log.info("decision state loaded from the ledger's entries", position=optouts.position,
                      seconds=round(time.perf_counter() - began, 2), grants=len(optouts.grants),
                      projection_poll_interval=config.projection_poll_interval, filter_wait=config.filter_wait)
@@ -150,6 +159,7 @@ async def running(
             runner=runner,
             supervisor=supervisor,
             outbox=outbox,
+            reads=reads,
         )
     finally:
         for name in reversed(started):
@@ -157,4 +167,5 @@ async def running(
         if runner is not None:
             await runner.close()
         await store.stop()
+        await reads.close()
         await pool.close()

@@ -42,6 +42,11 @@ class Config:
     task_stall_seconds: float = 30.0
     progress_seconds: float = 10.0
     statistics_seconds: float = 60.0
+    # Streaming replicas that serve reads; how long a read naming a position waits for one to replay
+    # that far before it reads from the primary; how far (entries) a replica may trail and stay in rotation.
+    read_database_urls: tuple[str, ...] = ()
+    read_wait: float = 2.0
+    replica_max_lag: int = 10_000
     # Webhooks: networks an endpoint may resolve to although private (tests: loopback), how long
     # a notification is retried before the subscription is marked failing, the first retry's delay.
     webhook_allow: tuple[str, ...] = ()
@@ -106,6 +111,10 @@ def load(env: dict[str, str] | None = None) -> Config:
         # Public statistics scan whole projection tables: computed at most this often.
         statistics_seconds=_number(env, "CONSENT_LEDGER_STATISTICS_SECONDS", "60", float),
         approvals=_approvals(env, environment),
+        read_database_urls=tuple(u.strip() for u in env.get("CONSENT_LEDGER_READ_DATABASE_URL", "").split(",")
+                                 if u.strip()),
+        read_wait=_number(env, "CONSENT_LEDGER_READ_WAIT", "2", float),
+        replica_max_lag=_number(env, "CONSENT_LEDGER_REPLICA_MAX_LAG", "10000", int),
         # Endpoints on private, loopback or link-local addresses are refused unless a network here allows them.
         webhook_allow=_networks(env.get("CONSENT_LEDGER_WEBHOOK_ALLOW", "")),
         webhook_retry_window=_number(env, "CONSENT_LEDGER_WEBHOOK_RETRY_WINDOW", "259200", float),

@@ -235,7 +235,7 @@ def create_app(
 def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with running(app[CONFIG], app[DATABASE], supervisor=app[SUPERVISOR], signers=signers) as parts:
-            app[POOL] = parts.pool
+            app[POOL] = parts.reads
             app[STORE] = parts.store
             app[LEDGER] = parts.ledger
             app[READ_SESSIONS] = parts.read_sessions

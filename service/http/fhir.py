@@ -20,9 +20,9 @@ from service.app.caller import Caller
 from service.app.read_records import READ_HEADER, record_read
 from service.auth.tokens import authorise
 from service.fhir import importing, resources
-from service.http.keys import LEDGER, POOL, STORE, WORKERS
+from service.http.keys import LEDGER, STORE, WORKERS
 from service.http.problems import ProblemError, invalid
-from service.http.requests import Handler, int_query, read_body, required_caller
+from service.http.requests import Handler, int_query, read_body, reads, required_caller
 
 _STARTED = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -75,7 +75,7 @@ async def audit_events(request: web.Request, caller: Caller | None) -> web.Respo
     cursor = request.query.get("_cursor")
     if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
         raise invalid("`_cursor` must be taken from the Bundle's `next` link", "query._cursor", status=400)
-    async with request.app[POOL].acquire() as conn:
+    async with reads(request).acquire() as conn:
         page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, count)
     events = await asyncio.to_thread(resources.audit_events, page)
     read = await record_read(request.app[STORE], caller, "history", api.PATIENT_APP, nhs_number=nhs)

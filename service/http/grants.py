@@ -12,12 +12,13 @@ from projections import reads as projection_reads
 from projections.statistics import statistics
 from service.app.caller import Caller
 from service.auth.tokens import Forbidden
-from service.http.keys import LEDGER, POOL, STATISTICS
+from service.http.keys import LEDGER, STATISTICS
 from service.http.problems import invalid
 from service.http.requests import (
     Handler,
     body_of,
     json_response,
+    reads,
     receipt_response,
     required_caller,
 )
@@ -77,7 +78,7 @@ async def get_grant(request: web.Request, caller: Caller | None) -> web.Response
 
 
 async def get_register(request: web.Request, caller: Caller | None) -> web.Response:
-    async with request.app[POOL].acquire() as conn:
+    async with reads(request).acquire() as conn:
         reg = await projection_reads.register(conn)
     fmt = request.query.get("format")
     if fmt is not None and fmt not in ("json", "csv"):
@@ -95,7 +96,7 @@ async def get_register(request: web.Request, caller: Caller | None) -> web.Respo
 async def published_statistics(request: web.Request) -> bodies.Statistics:
     """The statistics, computed at most once a minute (they scan whole projection tables)."""
     async def compute() -> bodies.Statistics:
-        async with request.app[POOL].acquire() as conn:
+        async with reads(request).acquire() as conn:
             return await statistics(conn)
 
     return await request.app[STATISTICS].get(compute)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncpg
 from aiohttp import web
 
 from contracts.bodies import Statistics
@@ -21,12 +20,13 @@ from service.runtime.worker_threads import WorkerThreads
 from service.store.checkpoints import CheckpointLog
 from service.store.database import Database
 from service.store.event_store import EventStore
+from service.store.replicas import ReadRouter
 from service.store.tiles import TileReader
 
 DATABASE = web.AppKey("database", Database)
 STORE = web.AppKey("store", EventStore)
-# Reads of projections and tiles; ledger SQL goes through STORE.
-POOL = web.AppKey("pool", asyncpg.Pool)
+# Reads of projections and tiles (from a replica where one may serve them); ledger SQL goes through STORE.
+POOL = web.AppKey("pool", ReadRouter)
 LEDGER = web.AppKey("ledger", Ledger)
 VERIFIER = web.AppKey("verifier", Verifier)
 TOKENS = web.AppKey("tokens", VerifiedTokens)

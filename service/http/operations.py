@@ -13,6 +13,7 @@ from service.http.keys import (
     METRICS,
     OPENAPI,
     OPT_OUT_FILTER,
+    POOL,
     RUNNER,
     STORE,
     SUPERVISOR,
@@ -53,7 +54,10 @@ async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
     stalls = request.app[SUPERVISOR].stalls()
     if stalls:
         return _not_ready("; ".join(str(s) for s in stalls))
-    return json_response(bodies.Health(status="ok", position=position))
+    # Replicas out of rotation do not make this instance unready: the primary serves their reads.
+    replicas = [bodies.ReplicaHealth(name=r.name, in_rotation=r.healthy, lag=r.lag, problem=r.problem)
+                for r in request.app[POOL].replicas]
+    return json_response(bodies.Health(status="ok", position=position, replicas=replicas or None))
 
 
 async def get_metrics(request: web.Request, caller: Caller | None) -> web.Response:
@@ -74,6 +78,11 @@ async def get_metrics(request: web.Request, caller: Caller | None) -> web.Respon
     for name, position in app[RUNNER].positions.items():
         metrics.projection.labels(name).set(position)
     metrics.filter.set(app[OPT_OUT_FILTER].position)
+    for replica in app[POOL].replicas:
+        metrics.replica_lag.labels(replica.name).set(replica.lag if replica.lag is not None else -1)
+        metrics.replica_in_rotation.labels(replica.name).set(int(replica.healthy))
+    for source, count in app[POOL].served.items():
+        metrics.reads_served.labels(source).set(count)
     metrics.tasks(app[SUPERVISOR])
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 

@@ -20,9 +20,9 @@ from projections import reads as projection_reads
 from service.app.caller import Caller
 from service.audit.receipts import check_receipt
 from service.http.grants import published_statistics
-from service.http.keys import CHECKPOINTS, CONFIG, OPENAPI, POOL, TILES
+from service.http.keys import CHECKPOINTS, CONFIG, OPENAPI, TILES
 from service.http.problems import ProblemError, invalid
-from service.http.requests import Handler, read_body
+from service.http.requests import Handler, read_body, reads
 from service.pages import charts
 from service.pages.patient_api import ApiRefused, PatientApi
 from service.pages.rendering import asset, render
@@ -54,7 +54,7 @@ async def register(request: web.Request, caller: Caller | None) -> web.Response:
     purpose = _choice(request, "purpose", values(Purpose))
     status = _choice(request, "status", STATUSES)
     commercial = _choice(request, "commercial", ("yes", "no"))
-    async with request.app[POOL].acquire() as conn:
+    async with reads(request).acquire() as conn:
         reg = await projection_reads.register(conn)
     words = query.casefold().split()
 
@@ -73,7 +73,7 @@ async def register(request: web.Request, caller: Caller | None) -> web.Response:
 
 async def grant(request: web.Request, caller: Caller | None) -> web.Response:
     grant_id = request.match_info["grant_id"]
-    async with request.app[POOL].acquire() as conn:
+    async with reads(request).acquire() as conn:
         reg = await projection_reads.register(conn, grant_id)
         if not reg.grants:
             raise ProblemError(404, "not-found", "No such grant",
@@ -130,7 +130,7 @@ async def _consistency(request: web.Request, head: int) -> Consistency | None:
         raise invalid("`from` and `to` must both be whole numbers of entries", "query.from", status=400) from None
     if not 1 <= old <= new <= head:
         raise invalid(f"choose 1 ≤ from ≤ to ≤ {head:,} (the latest checkpoint's size)", "query.from", status=400)
-    pool, tiles = request.app[POOL], request.app[TILES]
+    pool, tiles = reads(request, new), request.app[TILES]
     async with pool.acquire() as conn:
         old_root, new_root = await tiles.root(conn, old), await tiles.root(conn, new)
         proof = await tiles.consistency(conn, old, new)

@@ -13,7 +13,7 @@ from service.app.read_records import (
     record_read,
 )
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, LEDGER, POOL, STORE, TILES
+from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
@@ -25,6 +25,7 @@ from service.http.requests import (
     path_nhs,
     plain_int,
     read_body,
+    reads,
     receipt_response,
     require_json,
     required_caller,
@@ -80,7 +81,7 @@ async def get_history(request: web.Request, caller: Caller | None) -> web.Respon
     if cursor is not None and not (cursor.isdigit() and 0 < len(cursor) <= 19):
         raise invalid("`cursor` must be the next_cursor of an earlier page", "query.cursor", status=400)
     limit = int_query(request, "limit", 50, 1, 1000)
-    async with request.app[POOL].acquire() as conn:
+    async with reads(request).acquire() as conn:
         page = await projection_reads.history(conn, str(nhs), int(cursor) if cursor else None, limit)
     read = await record_read(request.app[STORE], required_caller(caller), "history", api.PATIENT_APP, nhs_number=nhs)
     return json_response(page, headers={READ_HEADER: str(read.position)})
@@ -100,7 +101,7 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
     if not found or getattr(found[0].entry.payload, "nhs_number", None) != nhs:
         raise NotFound(f"no entry of this patient at position {position}")
     stored = found[0]
-    hashes = await request.app[TILES].inclusion(request.app[POOL], position - 1, latest.size)
+    hashes = await request.app[TILES].inclusion(reads(request, latest.size), position - 1, latest.size)
     read = await record_read(request.app[STORE], required_caller(caller), "receipt", api.PATIENT_APP, nhs_number=nhs)
     return json_response(bodies.ReceiptProof(
         event=event_view(stored),

@@ -12,6 +12,7 @@ from contracts import api
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber, decode_hook
 from service.app.caller import Caller, idempotency_key
 from service.app.ledger import Outcome
+from service.http.keys import POOL
 from service.http.problems import ProblemError, decode_json, invalid
 
 _encode = msgspec.json.Encoder().encode
@@ -116,3 +117,16 @@ async def body_of(request: web.Request, caller: Caller, op: api.Operation) -> Bo
 def required_caller(caller: Caller | None) -> Caller:
     assert caller is not None, "authenticated route without a caller"
     return caller
+
+
+MIN_POSITION_HEADER = "Ledger-Min-Position"
+
+
+def reads(request: web.Request, position: int = 0) -> Any:
+    """Where this request reads projections and tiles: a replica that has replayed at least ``position``
+    and the position the caller names (``Ledger-Min-Position``: its last receipt's), else the primary."""
+    named = request.headers.get(MIN_POSITION_HEADER, "")
+    if named and not (named.isdigit() and len(named) <= 19):
+        raise invalid(f"`{MIN_POSITION_HEADER}` must be a ledger position (a receipt's `position`)",
+                      f"header.{MIN_POSITION_HEADER}", status=400)
+    return request.app[POOL].at_least(max(position, int(named or 0)))

@@ -20,7 +20,7 @@ from service.app.read_records import (
     session_expiry,
 )
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, CONFIG, POOL, READ_SESSIONS, STORE, TILES
+from service.http.keys import CHECKPOINTS, CONFIG, READ_SESSIONS, STORE, TILES
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
@@ -29,6 +29,7 @@ from service.http.requests import (
     json_response,
     plain_int,
     read_body,
+    reads,
     require_json,
     required_caller,
 )
@@ -107,13 +108,13 @@ async def get_event(request: web.Request, caller: Caller | None) -> web.Response
 async def list_public_entries(request: web.Request, caller: Caller | None) -> web.Response:
     after = int_query(request, "after", 0, 0, 2**62)
     limit = int_query(request, "limit", 100, 1, 1000)
-    pool = request.app[POOL]
     if "tree_size" in request.query:
         size = _required_int(request, "tree_size")
-        if size > await _head(request, pool, size):
+        if size > await _head(request, reads(request, size), size):
             raise NotFound(f"the log is not yet {size} entries long")
     else:
         size = (await request.app[CHECKPOINTS].latest()).size
+    pool = reads(request, size)
     found = await request.app[STORE].entries_of_types(disclosure.PUBLIC_EVENT_TYPES, after, size, limit)
     entries, withheld = [], 0
     for position, event_type, entry, leaf in found:
@@ -188,7 +189,8 @@ async def get_tile(request: web.Request, caller: Caller | None) -> web.Response:
     if level > 63 or str(level) != level_text:
         raise NotFound("tile level must be 0..63 without leading zeroes")
     n, width = _tile_request(request)
-    async with request.app[POOL].acquire() as conn:
+    # A replica serves it only once it holds every leaf the tile covers.
+    async with reads(request, (n * merkle.TILE_WIDTH + width) * merkle.TILE_WIDTH ** level).acquire() as conn:
         data = await request.app[TILES].tile(conn, level, n, width)
     if data is None:
         raise NotFound(f"the tree has no tile {merkle.tile_path(level, n, width)} (yet)")
@@ -228,7 +230,7 @@ async def inclusion_proof(request: web.Request, caller: Caller | None) -> web.Re
         size = (await request.app[CHECKPOINTS].latest()).size
     if position > size:
         raise invalid(f"position {position} is not in a tree of size {size}", "query.position", status=400)
-    pool = request.app[POOL]  # the reader takes a connection only for what it has not cached
+    pool = reads(request, size)  # the reader takes a connection only for what it has not cached
     if size > await _head(request, pool, size):
         raise NotFound(f"the log is not yet {size} entries long")
     hashes = await request.app[TILES].inclusion(pool, position - 1, size)
@@ -239,7 +241,7 @@ async def consistency_proof(request: web.Request, caller: Caller | None) -> web.
     old, new = _required_int(request, "from"), _required_int(request, "to")
     if old > new:
         raise invalid("`from` must not exceed `to`", "query.from", status=400)
-    pool = request.app[POOL]
+    pool = reads(request, new)
     if new > await _head(request, pool, new):
         raise NotFound(f"the log is not yet {new} entries long")
     hashes = await request.app[TILES].consistency(pool, old, new)

@@ -52,6 +52,16 @@ class Metrics:
                                   "1 while a background task has made no progress for too long (/readyz is 503)",
                                   ["task"], registry=self.registry)
 
+        self.replica_lag = Gauge("consent_ledger_replica_lag_entries",
+                                 "Entries a read replica trails the primary by, at its last check",
+                                 ["replica"], registry=self.registry)
+        self.replica_in_rotation = Gauge("consent_ledger_replica_in_rotation",
+                                         "1 while a read replica serves reads, 0 while it is out of rotation",
+                                         ["replica"], registry=self.registry)
+        self.reads_served = Gauge("consent_ledger_reads_served",
+                                  "Projection and tile reads served since start, by where they were read",
+                                  ["source"], registry=self.registry)
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)

@@ -74,6 +74,14 @@ class Database:
         )
 
 
+async def replica_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+    """A pool on a streaming replica, acting as the service role like the primary's. Made lazily
+    (min_size 0), so a replica that is down when the service starts only stays out of rotation."""
+    return await asyncpg.create_pool(dsn, min_size=0, max_size=max_size,
+                                     server_settings={"role": APP_ROLE, "application_name": "consent-ledger-reads"},
+                                     reset=_keep_session)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release a pooled connection without asyncpg's default reset query.
 
