@@ -431,6 +431,8 @@ class Health(Struct, frozen=True, kw_only=True, omit_defaults=True):
     position: int | None = None
     detail: str | None = None
     replicas: list[ReplicaHealth] | None = None
+    # Whether this process holds the writer lease (projections, checkpoints, witnesses, notifications).
+    writer: bool | None = None
 
 
 __all__ = [

@@ -28,6 +28,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import asyncpg
 import structlog
@@ -120,8 +121,15 @@ class Runner:
         listen: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_size: int = 5000,
         poll_interval: float = 1.0,
+        leading: Callable[[], bool] = lambda: True,
+        read_pool: Any = None,
     ):
+        """``leading``: whether this process writes the projections now (the writer lease); while it
+        does not, it only feeds its followers, reading entries from ``read_pool`` (a replica router)."""
         self.pool = pool
+        self.leading = leading
+        self.read_pool = read_pool or pool
+        self._led = False
         self.projections = list(projections)
         self.followers = list(followers)
         self._listen_factory = listen
@@ -192,13 +200,21 @@ class Runner:
                 pass
 
     def lowest_position(self) -> int:
-        """The position every projection and follower has reached."""
-        marks = [self.positions.get(p.name, 0) for p in self.projections]
+        """The position every projection (while leading) and follower has reached."""
+        marks = [self.positions.get(p.name, 0) for p in self.projections] if self._led else []
         marks += [f.position for f in self.followers]
         return min(marks) if marks else 0
 
     async def step(self) -> bool:
         """Process one batch; True if anything was read."""
+        leading = self.leading() and bool(self.projections)
+        if leading and not self._led:  # taking over: where the last writer left the projections
+            async with self.pool.acquire() as conn:
+                for p in self.projections:
+                    self.positions[p.name] = await p.position(conn)
+        self._led = leading
+        if not leading:
+            return await self._follow()
         if not self.projections and not self.followers:
             return False  # nothing would ever move past what it reads
         async with self.pool.acquire() as conn:
@@ -218,6 +234,21 @@ class Runner:
                 async with conn.transaction():
                     new = await p.advance(conn, entries)
                 self.positions[p.name] = new
+        async with self._advanced:
+            self._advanced.notify_all()
+        return True
+
+    async def _follow(self) -> bool:
+        """Feed the followers only (another process writes the projections)."""
+        if not self.followers:
+            return False
+        async with self.read_pool.acquire() as conn:
+            entries = await read_entries(conn, self.lowest_position(), self.batch_size)
+        if not entries:
+            return False
+        for f in self.followers:
+            if f.position < entries[-1].position:
+                f.follow([e for e in entries if e.position > f.position])
         async with self._advanced:
             self._advanced.notify_all()
         return True

@@ -33,6 +33,7 @@ from service.runtime.supervisor import Supervisor
 from service.store.checkpoints import CheckpointLog
 from service.store.database import Database, replica_pool
 from service.store.event_store import EventStore
+from service.store.leases import Lease
 from service.store.migrations import migrate
 from service.store.replicas import ReadRouter, Replica, replica_name
 from service.store.tiles import TileReader
@@ -58,6 +59,7 @@ class Components:
     supervisor: Supervisor
     outbox: Outbox
     reads: ReadRouter  # projections, tiles and proofs: from a replica where one may serve them
+    lease: Lease  # held while this process does the single-writer work
 
 
 async def migrated(database: Database) -> list[int]:
@@ -114,11 +116,15 @@ async def running(
             await reads.check()  # so that the decision state below can already load from a replica
             supervisor.start("replica-health", reads.run, every=reads.interval)
             started.append("replica-health")
-        supervisor.start("checkpoint-signer", checkpoints.run, every=checkpoints.interval)
+        # One process at a time does the single-writer work; every process serves and follows the log.
+        lease = Lease(database.connect_app, "writer", interval=config.lease_seconds)
+        supervisor.start("writer-lease", lease.run, every=lease.interval)
+        started.append("writer-lease")
+        supervisor.start("checkpoint-signer", lease.guard(checkpoints.run), every=checkpoints.interval)
         started.append("checkpoint-signer")
         if config.witnesses:
             submitter = Submitter(checkpoints, tiles, pool, list(config.witnesses), config.witness_interval)
-            supervisor.start("witness-submitter", submitter.run, every=config.witness_interval)
+            supervisor.start("witness-submitter", lease.guard(submitter.run), every=config.witness_interval)
             started.append("witness-submitter")
         optouts: OptOutFilter | None = None
         ledger = Ledger(store, approvals=config.approvals)
@@ -131,6 +137,8 @@ async def running(
             runner = Runner(
                 pool,
                 default_projections() if projections is None else list(projections),
+                leading=lambda: lease.held,
+                read_pool=reads,
                 followers=[optouts],
                 listen=database.connect_app,
                 poll_interval=config.projection_poll_interval,
@@ -139,11 +147,11 @@ async def running(
             supervisor.start("projection-runner", runner.run, every=runner.poll_interval)
             started.append("projection-runner")
             notifier = Notifier(outbox, store, optouts, runner)
-            supervisor.start("notifier", notifier.run, every=notifier.poll)
+            supervisor.start("notifier", lease.guard(notifier.run), every=notifier.poll)
             started.append("notifier")
             deliverer = Deliverer(outbox, networks(config.webhook_allow), timeout=config.webhook_timeout,
                                   retry_base=config.webhook_retry_base, retry_window=config.webhook_retry_window)
-            supervisor.start("webhook-deliverer", deliverer.run, every=deliverer.poll)
+            supervisor.start("webhook-deliverer", lease.guard(deliverer.run), every=deliverer.poll)
             started.append("webhook-deliverer")
             ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner), approvals=config.approvals)
         yield Components(
@@ -160,6 +168,7 @@ async def running(
             supervisor=supervisor,
             outbox=outbox,
             reads=reads,
+            lease=lease,
         )
     finally:
         for name in reversed(started):

@@ -36,6 +36,7 @@ from service.http.keys import (
     CHECKPOINTS,
     CONFIG,
     DATABASE,
+    LEASE,
     LEDGER,
     METRICS,
     OPENAPI,
@@ -242,6 +243,7 @@ def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Applicat
             app[TILES] = parts.tiles
             app[CHECKPOINTS] = parts.checkpoints
             app[OUTBOX] = parts.outbox
+            app[LEASE] = parts.lease
             assert parts.runner is not None and parts.opt_out_filter is not None  # built with decisions
             app[RUNNER] = parts.runner
             app[OPT_OUT_FILTER] = parts.opt_out_filter

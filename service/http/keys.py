@@ -20,6 +20,7 @@ from service.runtime.worker_threads import WorkerThreads
 from service.store.checkpoints import CheckpointLog
 from service.store.database import Database
 from service.store.event_store import EventStore
+from service.store.leases import Lease
 from service.store.replicas import ReadRouter
 from service.store.tiles import TileReader
 
@@ -42,3 +43,4 @@ WORKERS = web.AppKey("worker_threads", WorkerThreads)
 READ_SESSIONS = web.AppKey("read_sessions", ReadSessions)
 STATISTICS = web.AppKey("statistics", Expiring[Statistics])
 OUTBOX = web.AppKey("outbox", Outbox)
+LEASE = web.AppKey("writer_lease", Lease)

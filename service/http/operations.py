@@ -10,6 +10,7 @@ from contracts import bodies
 from service.app.caller import Caller
 from service.http.keys import (
     CHECKPOINTS,
+    LEASE,
     METRICS,
     OPENAPI,
     OPT_OUT_FILTER,
@@ -57,7 +58,8 @@ async def readyz(request: web.Request, caller: Caller | None) -> web.Response:
     # Replicas out of rotation do not make this instance unready: the primary serves their reads.
     replicas = [bodies.ReplicaHealth(name=r.name, in_rotation=r.healthy, lag=r.lag, problem=r.problem)
                 for r in request.app[POOL].replicas]
-    return json_response(bodies.Health(status="ok", position=position, replicas=replicas or None))
+    return json_response(bodies.Health(status="ok", position=position, replicas=replicas or None,
+                                       writer=request.app[LEASE].held))
 
 
 async def get_metrics(request: web.Request, caller: Caller | None) -> web.Response:
