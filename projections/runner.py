@@ -223,11 +223,7 @@ class Runner:
                 return False
             # Followers first: the in-memory filter keeps answering even if a
             # view's transaction keeps failing.
-            for f in self.followers:
-                if f.position < entries[-1].position:
-                    f.follow([e for e in entries if e.position > f.position])
-            async with self._advanced:
-                self._advanced.notify_all()
+            await self._feed(entries)
             for p in self.projections:
                 if self.positions.get(p.name, 0) >= entries[-1].position:
                     continue
@@ -246,12 +242,15 @@ class Runner:
             entries = await read_entries(conn, self.lowest_position(), self.batch_size)
         if not entries:
             return False
+        await self._feed(entries)
+        return True
+
+    async def _feed(self, entries: Sequence[Entry]) -> None:
         for f in self.followers:
             if f.position < entries[-1].position:
                 f.follow([e for e in entries if e.position > f.position])
         async with self._advanced:
             self._advanced.notify_all()
-        return True
 
     async def catch_up(self, until: int | None = None) -> None:
         """Run batches until every consumer has reached ``until`` (default: the head now)."""

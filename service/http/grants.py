@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -11,6 +12,7 @@ from contracts import api, bodies
 from projections import reads as projection_reads
 from projections.statistics import statistics
 from service.app.caller import Caller
+from service.app.ledger import Ledger, Outcome
 from service.auth.tokens import Forbidden
 from service.http.keys import LEDGER, STATISTICS
 from service.http.problems import invalid
@@ -39,32 +41,15 @@ async def revoke_grant(request: web.Request, caller: Caller | None) -> web.Respo
     return receipt_response(outcome)
 
 
-async def approve_grant(request: web.Request, caller: Caller | None) -> web.Response:
-    caller = required_caller(caller)
-    body = await body_of(request, caller, api.BY_ID["approve_grant"])
-    return receipt_response(await request.app[LEDGER].approve_grant(
-        caller, request.match_info["grant_id"], body.value, body.idempotency))
+def _grant_write(op_id: str, command: Callable[[Ledger], Callable[..., Awaitable[Outcome]]]) -> Handler:
+    """A write about one grant: the body of operation ``op_id``, then the ledger's ``command``."""
+    async def handler(request: web.Request, caller: Caller | None) -> web.Response:
+        caller = required_caller(caller)
+        body = await body_of(request, caller, api.BY_ID[op_id])
+        run = command(request.app[LEDGER])
+        return receipt_response(await run(caller, request.match_info["grant_id"], body.value, body.idempotency))
 
-
-async def record_output(request: web.Request, caller: Caller | None) -> web.Response:
-    caller = required_caller(caller)
-    body = await body_of(request, caller, api.BY_ID["record_output"])
-    return receipt_response(await request.app[LEDGER].record_output(
-        caller, request.match_info["grant_id"], body.value, body.idempotency))
-
-
-async def receive_value(request: web.Request, caller: Caller | None) -> web.Response:
-    caller = required_caller(caller)
-    body = await body_of(request, caller, api.BY_ID["receive_value"])
-    return receipt_response(await request.app[LEDGER].receive_value(
-        caller, request.match_info["grant_id"], body.value, body.idempotency))
-
-
-async def allocate_value(request: web.Request, caller: Caller | None) -> web.Response:
-    caller = required_caller(caller)
-    body = await body_of(request, caller, api.BY_ID["allocate_value"])
-    return receipt_response(await request.app[LEDGER].allocate_value(
-        caller, request.match_info["grant_id"], body.value, body.idempotency))
+    return handler
 
 
 async def get_grant(request: web.Request, caller: Caller | None) -> web.Response:
@@ -143,10 +128,10 @@ HANDLERS: dict[str, Handler] = {
     "get_statistics": get_statistics,
     "create_grant": create_grant,
     "revoke_grant": revoke_grant,
-    "approve_grant": approve_grant,
-    "record_output": record_output,
-    "receive_value": receive_value,
-    "allocate_value": allocate_value,
+    "approve_grant": _grant_write("approve_grant", lambda ledger: ledger.approve_grant),
+    "record_output": _grant_write("record_output", lambda ledger: ledger.record_output),
+    "receive_value": _grant_write("receive_value", lambda ledger: ledger.receive_value),
+    "allocate_value": _grant_write("allocate_value", lambda ledger: ledger.allocate_value),
     "get_grant": get_grant,
     "get_register": get_register,
 }
