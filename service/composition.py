@@ -118,6 +118,7 @@ async def running(
             started.append("replica-health")
         # One process at a time does the single-writer work; every process serves and follows the log.
         lease = Lease(database.connect_app, "writer", interval=config.lease_seconds)
+        await lease.take()
         supervisor.start("writer-lease", lease.run, every=lease.interval)
         started.append("writer-lease")
         supervisor.start("checkpoint-signer", lease.guard(checkpoints.run), every=checkpoints.interval)

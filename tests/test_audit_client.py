@@ -175,12 +175,12 @@ async def test_forked_and_rolled_back_checkpoints_are_refused(live, tmp_path, cl
     # signature and hashes check out, but not against what we verified before.
     signer = client.server.app[CHECKPOINTS].signers[0]
     state.write_text(json.dumps(remembered))
-    conn = await client.server.app[POOL].acquire()
+    conn = await client.server.app[POOL].primary.acquire()  # writes: the primary
     try:
         entries = [bytes(r[0]) for r in await conn.fetch(
             "SELECT entry FROM ledger_events WHERE position <= $1 ORDER BY position", SIZE)]
     finally:
-        await client.server.app[POOL].release(conn)
+        await client.server.app[POOL].primary.release(conn)
     forged = [_rewrite(e) for e in entries] + [_rewrite(entries[-1]).replace(b'"position":600', b'"position":601')]
     lying = note.sign(note.Checkpoint(remembered["origin"], SIZE + 1, ref_mth(forged)).body(), [signer])
     export = tmp_path / "forged.jsonl.gz"

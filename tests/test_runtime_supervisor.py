@@ -134,7 +134,7 @@ async def test_the_checkpoint_signer_survives_the_errors_that_killed_it(
                 await asyncio.sleep(0.05)
             body = await r.json()
             assert "checkpoint-signer" in body["detail"] and r.headers["Retry-After"]
-            assert any(name in body["detail"] for name in ("InterfaceError", "InternalClientError"))
+            assert any(name in body["detail"] for name in ("InterfaceError", "InternalClientError")), body
             metrics = await (await client.get("/metrics")).text()
             assert 'consent_ledger_task_stalled{task="checkpoint-signer"} 1.0' in metrics
 

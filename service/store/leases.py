@@ -23,6 +23,8 @@ import structlog
 log = structlog.get_logger("consent_ledger.leases")
 
 Work = Callable[[Callable[[], None]], Awaitable[None]]
+# How often guarded work looks whether the lease is (still) held: soon after it changes hands.
+STANDBY_LOOK = 0.05
 
 
 def lock_key(name: str) -> int:
@@ -35,11 +37,18 @@ class Lease:
                  interval: float = 1.0):
         self.connect, self.name, self.interval, self.key = connect, name, interval, lock_key(name)
         self.held = False
+        self._conn: asyncpg.Connection | None = None
+
+    async def take(self) -> bool:
+        """One try at once (at start, so that a lone process leads from its first moment)."""
+        self._conn = self._conn or await self.connect()
+        self.held = self.held or await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+        return self.held
 
     async def run(self, beat: Callable[[], None]) -> None:
         """Try for the lease, then keep checking that its session lives (under the supervisor: a lost
         connection ends this call, the lease with it, and the next run tries again)."""
-        conn = await self.connect()
+        conn, self._conn = self._conn or await self.connect(), None
         try:
             while True:
                 async with asyncio.timeout(max(self.interval, 1.0) * 2):
@@ -63,12 +72,12 @@ class Lease:
             while True:
                 if not self.held:
                     beat()  # standing by is this task's progress
-                    await asyncio.sleep(self.interval / 2)
+                    await asyncio.sleep(STANDBY_LOOK)
                     continue
                 task = asyncio.create_task(work(beat))
                 try:
                     while self.held and not task.done():
-                        await asyncio.wait({task}, timeout=self.interval / 2)
+                        await asyncio.wait({task}, timeout=STANDBY_LOOK)
                 finally:
                     if not task.done():
                         task.cancel()
