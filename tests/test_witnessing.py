@@ -126,6 +126,11 @@ async def test_checkpoints_are_cosigned_by_the_witnesses_and_verify_requires_the
     token, keys = make_token("auditor"), [witnessed.signer.verifier]
     outcome = await _verify(ledger, token, keys=keys, witnesses=witnessed.verifiers, quorum=2)
     assert outcome.ok and outcome.size == _size(text), outcome.report()
+    metrics = await (await ledger.get("/metrics")).text()
+    witnessed_metric = next(float(line.split()[1]) for line in metrics.splitlines()
+                            if line.startswith("consent_ledger_witnessed_size "))
+    assert witnessed_metric >= _size(text)
+    assert 'consent_ledger_witness_cosigned_size{witness="witness.test/ndg"}' in metrics
     home = await (await ledger.get("/")).text()
     assert "witness.test/ndg, witness.test/panel" in home and "when 2 of these 2 have" in home
     assert f"The latest witnessed has {_size(text):,} entries" in home

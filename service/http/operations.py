@@ -10,6 +10,7 @@ from contracts import bodies
 from service.app.caller import Caller
 from service.http.keys import (
     CHECKPOINTS,
+    CONFIG,
     LEASE,
     METRICS,
     OPENAPI,
@@ -21,6 +22,7 @@ from service.http.keys import (
 )
 from service.http.requests import Handler, json_response, required_caller
 from service.runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.runtime.metrics import Metrics
 from service.store.database import unavailable
 
 
@@ -71,6 +73,7 @@ async def get_metrics(request: web.Request, caller: Caller | None) -> web.Respon
         async with asyncio.timeout(2):
             metrics.head.set((await app[STORE].head())[0])
             metrics.checkpoint.set((await app[CHECKPOINTS].latest()).size)
+            await _witness_metrics(app, metrics)
         metrics.database_up.set(1)
     except Exception as exc:
         if not (isinstance(exc, TimeoutError) or unavailable(exc)):
@@ -87,6 +90,19 @@ async def get_metrics(request: web.Request, caller: Caller | None) -> web.Respon
         metrics.reads_served.labels(source).set(count)
     metrics.tasks(app[SUPERVISOR])
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _witness_metrics(app: web.Application, metrics: Metrics) -> None:
+    """How far the witnesses lag the log: the witnessed size against consent_ledger_checkpoint_size."""
+    witnesses = [vkey for _, vkey in app[CONFIG].witnesses]
+    if not witnesses:
+        return
+    checkpoints = app[CHECKPOINTS]
+    witnessed = await checkpoints.witnessed(witnesses, app[CONFIG].witness_quorum)
+    metrics.witnessed.set(witnessed.size if witnessed else 0)
+    cosigned = await checkpoints.cosigned_sizes()
+    for vkey in witnesses:
+        metrics.witness_cosigned.labels(vkey.split("+", 1)[0]).set(cosigned.get(vkey, 0))
 
 
 async def openapi(request: web.Request, caller: Caller | None) -> web.Response:

@@ -52,6 +52,12 @@ class Metrics:
                                   "1 while a background task has made no progress for too long (/readyz is 503)",
                                   ["task"], registry=self.registry)
 
+        self.witnessed = Gauge("consent_ledger_witnessed_size",
+                               "Tree size of the latest checkpoint a quorum of the witnesses cosigned (0: none yet)",
+                               registry=self.registry)
+        self.witness_cosigned = Gauge("consent_ledger_witness_cosigned_size",
+                                      "Tree size of the latest checkpoint each witness cosigned",
+                                      ["witness"], registry=self.registry)
         self.replica_lag = Gauge("consent_ledger_replica_lag_entries",
                                  "Entries a read replica trails the primary by, at its last check",
                                  ["replica"], registry=self.registry)
