@@ -286,13 +286,18 @@ OPERATIONS: tuple[Operation, ...] = (
                           "A session covers only the caller (token subject) that opened it, only its range, "
                           "and only until `expires_at`; otherwise the page is 403, saying which."),
     Operation("get_receipt_proof", "GET", "/v1/patients/{nhs}/receipts/{position}",
-              "The patient's own ledger entry with its inclusion proof against the latest signed checkpoint",
+              "The patient's own ledger entry, or a data use with the patient's proof of being in it or not, "
+              "with its inclusion proof against the latest signed checkpoint",
               PATIENT_APP, None, bodies.ReceiptProof,
               description=(
               "For an entry about the caller's own patient (a choice or consent): the entry, its exact bytes "
-              '(`entry`), leaf hash, RFC 9162 inclusion proof and the signed checkpoint the proof leads to. Anyone '
-              "holding the log's public key can check it offline; the /transparency page does it in the browser. "
-              "Another patient's entry answers exactly like a missing one (404).")),
+              "(`entry`), leaf hash, RFC 9162 inclusion proof and the signed checkpoint the proof leads to. For "
+              "any data use, the same plus `cohort`: the patient's transparency secret, their tag and the proof "
+              "(LEDGER-FORMAT.md §8) that they were, or were not, among the members the entry's "
+              "`cohort_commitment` commits to; the first such receipt commits the patient's secret in the log, "
+              "and only uses after that commitment are `provable`. Anyone holding the log's public key can check "
+              "it offline; the /transparency page does the inclusion part in the browser. Another patient's "
+              "choice answers exactly like a missing entry (404). Recorded as a read.")),
     Operation("get_checkpoint", "GET", "/checkpoint",
               "The latest signed checkpoint (C2SP tlog-checkpoint, text/plain)", PUBLIC,
               media_type="text/plain",

@@ -16,6 +16,7 @@ from .codes import (
     OutputKind,
     Purpose,
 )
+from .cohort_commitment import CohortProof
 from .entry import Entry
 from .events import AccessGranted, Count
 from .nhs_number import NhsNumber
@@ -515,14 +516,37 @@ class LogKeys(Struct, frozen=True, kw_only=True):
     keys: list[str]
 
 
-class ReceiptProof(Struct, frozen=True, kw_only=True):
-    """A patient's own ledger entry, its inclusion proof and the signed checkpoint it leads to."""
+class CohortReceipt(Struct, frozen=True, kw_only=True):
+    """This patient's proof against a data use's cohort commitment (LEDGER-FORMAT.md §8).
+
+    The app checks, with its own code: ``secret_hash`` is SHA-256 of the secret (§8.1) and is the
+    patient's TransparencySecretCommitted at ``secret_position`` (prove it with that receipt); the tag
+    of ``secret`` under ``context`` (§8.2); ``proof`` against the entry's ``cohort_commitment`` (§8.4):
+    then ``member`` is what the proof shows. ``provable`` is false when the secret was committed only
+    after the use: such a proof cannot be relied on (the operator could have chosen the secret)."""
+
+    context: str
+    size: int
+    root: str
+    tag: str
+    member: bool
+    proof: CohortProof
+    secret: str
+    secret_hash: str
+    secret_position: int
+    provable: bool
+
+
+class ReceiptProof(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A ledger entry about the patient, its inclusion proof and the signed checkpoint it leads to;
+    for a data use, also the patient's membership (or absence) proof against its cohort commitment."""
 
     event: EventView
     entry: str
     leaf_hash: str
     proof: InclusionProof
     checkpoint: str
+    cohort: CohortReceipt | None = None
 
 
 class ChoiceCount(Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -172,6 +172,14 @@ class AccessRevoked(Frozen):
     recorded_by: ShortText
 
 
+class CohortCommitment(Frozen):
+    """A commitment to who was in a cohort without naming anyone (LEDGER-FORMAT.md §8): the root of the
+    bucket tree over the members' salted tags, and how many members it holds."""
+
+    root: Sha256Hex
+    size: Count
+
+
 class DataUseRecorded(Frozen):
     """One release or analysis of data about a cohort of patients.
 
@@ -197,6 +205,8 @@ class DataUseRecorded(Frozen):
     recorded_by: ShortText
     exemption_applied: Exemption | None = None
     caller_filter_position: Position | None = None
+    # Who was in the cohort, provably to each patient and to no one else (context: §8.2).
+    cohort_commitment: CohortCommitment | None = None
 
 
 class PersonalDataRead(Frozen):

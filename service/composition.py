@@ -24,6 +24,7 @@ from projections.uses import UsesProjection
 from service.app.assessors import ProjectedOptOutAssessor
 from service.app.ledger import Ledger
 from service.app.read_records import ReadSessions
+from service.app.transparency import Transparency
 from service.config import Config
 from service.notify.addresses import networks
 from service.notify.deliverer import Deliverer
@@ -85,6 +86,7 @@ async def running(
     signers: list[note.Signer] | None = None,
     projections: Sequence[Projection] | None = None,
     decisions: bool = True,
+    transparency_key: bytes | None = None,
 ) -> AsyncIterator[Components]:
     """Migrate, then start the writer, the checkpoint signer and the
     projection runner (which also feeds the in-memory decision state);
@@ -128,7 +130,8 @@ async def running(
             supervisor.start("witness-submitter", lease.guard(submitter.run), every=config.witness_interval)
             started.append("witness-submitter")
         optouts: OptOutFilter | None = None
-        ledger = Ledger(store, approvals=config.approvals)
+        transparency = Transparency(transparency_key)
+        ledger = Ledger(store, approvals=config.approvals, transparency=transparency)
         if decisions:
             began = time.perf_counter()
             optouts = await OptOutFilter.load(reads)
@@ -154,7 +157,8 @@ async def running(
                                   retry_base=config.webhook_retry_base, retry_window=config.webhook_retry_window)
             supervisor.start("webhook-deliverer", lease.guard(deliverer.run), every=deliverer.poll)
             started.append("webhook-deliverer")
-            ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner), approvals=config.approvals)
+            ledger = Ledger(store, ProjectedOptOutAssessor(optouts, runner), approvals=config.approvals,
+                            transparency=transparency)
         yield Components(
             config=config,
             database=database,

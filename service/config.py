@@ -44,6 +44,8 @@ class Config:
     statistics_seconds: float = 60.0
     # Streaming replicas that serve reads; how long a read naming a position waits for one to replay
     # that far before it reads from the primary; how far (entries) a replica may trail and stay in rotation.
+    # The key patients' transparency secrets are derived from (service/app/transparency.py).
+    transparency_key_file: Path | None = None
     # How often a standby process tries for the writer lease (and its holder checks it still holds it).
     lease_seconds: float = 1.0
     read_database_urls: tuple[str, ...] = ()
@@ -117,6 +119,8 @@ def load(env: dict[str, str] | None = None) -> Config:
                                  if u.strip()),
         read_wait=_number(env, "CONSENT_LEDGER_READ_WAIT", "2", float),
         lease_seconds=_number(env, "CONSENT_LEDGER_LEASE_SECONDS", "1", float),
+        transparency_key_file=Path(env["CONSENT_LEDGER_TRANSPARENCY_KEY"])
+        if env.get("CONSENT_LEDGER_TRANSPARENCY_KEY") else None,
         replica_max_lag=_number(env, "CONSENT_LEDGER_REPLICA_MAX_LAG", "10000", int),
         # Endpoints on private, loopback or link-local addresses are refused unless a network here allows them.
         webhook_allow=_networks(env.get("CONSENT_LEDGER_WEBHOOK_ALLOW", "")),

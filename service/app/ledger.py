@@ -20,6 +20,7 @@ import numpy as np
 
 from contracts import approvals as approval_policy
 from contracts import cohort as cohorts
+from contracts import cohort_commitment as cc
 from contracts import events as ev
 from contracts.bodies import (
     AllocationRequest,
@@ -50,6 +51,7 @@ from service.app.data_use_rules import (
     not_in_force,
 )
 from service.app.recent_histories import HeldEvent, RecentHistories
+from service.app.transparency import Transparency, data_use_context
 from service.domain.aggregates import (
     DataUse,
     Grant,
@@ -119,11 +121,12 @@ def _new_events(agg: LedgerAggregate) -> list[NewEvent]:
 
 class Ledger:
     def __init__(self, store: EventStore, assessor: OptOutAssessor | None = None, recent: RecentHistories | None = None,
-                 approvals: tuple[tuple[str, str], ...] = ()):
+                 approvals: tuple[tuple[str, str], ...] = (), transparency: Transparency | None = None):
         self.store = store
         self.assessor = assessor or LedgerOptOutAssessor(store)
         self.recent = recent if recent is not None else RecentHistories()
         self.approvals = approvals  # the policy (contracts/approvals.py): which approvals a new grant needs
+        self.transparency = transparency or Transparency()
 
     # --- loading --------------------------------------------------------------
 
@@ -235,6 +238,15 @@ class Ledger:
             Patient, patient_aggregate_id(nhs),
             lambda p: p.withdraw_consent(str(nhs), grant_id, actor, caller.subject), idem,
         )
+
+    async def transparency_secret(self, caller: Caller, nhs: NhsNumber) -> tuple[bytes, Receipt]:
+        """The patient's transparency secret and the receipt of its commitment in the log (written now,
+        the first time)."""
+        secret = self.transparency.secret(nhs.stem)
+        outcome = await self._execute(
+            Patient, patient_aggregate_id(nhs),
+            lambda p: p.commit_secret(str(nhs), cc.secret_hash(secret), caller.subject), None)
+        return secret, outcome.receipt
 
     async def choices(self, nhs: NhsNumber) -> Choices:
         async with self.store.snapshot() as conn:
@@ -407,6 +419,7 @@ class Ledger:
             stems, cohort_id = await self.load_cohort(request.cohort_id, organisation), request.cohort_id
             side_write = None
         occurred = utc(request.occurred_at)
+        commitment = await self.transparency.commit(stems, data_use_context(organisation, request.use_id))
         for _ in range(_ATTEMPTS):
             now = datetime.now(timezone.utc)
             async with self.store.snapshot() as conn:
@@ -452,6 +465,7 @@ class Ledger:
                 recorded_by=caller.subject,
                 exemption_applied=claim.exemption_applied,
                 caller_filter_position=request.opt_out_state_position,
+                cohort_commitment=commitment,
             ))
             # Anything recorded after `occurred_at` cannot change the decision;
             # when the use occurred at the head (now), a change landing before

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from contracts import bodies, merkle, note
+from contracts import cohort_commitment as cc
 
 
 @dataclass(frozen=True)
@@ -50,4 +51,28 @@ def check_receipt(text: str, verifiers: list[note.Verifier], origin: str) -> lis
     if checkpoint.size != proof.tree_size or checkpoint.root != root:
         return [*checks, Check("root", False, "the signed checkpoint commits to another log than the proof leads to")]
     checks.append(Check("root", True, f"the signed checkpoint commits to that root at size {checkpoint.size:,}"))
+    if receipt.cohort is not None:
+        checks += _cohort_checks(receipt)
+    return checks
+
+
+def _cohort_checks(receipt: bodies.ReceiptProof) -> list[Check]:
+    """The patient's proof against the use's cohort commitment, as the entry itself states it (§8)."""
+    cohort = receipt.cohort
+    assert cohort is not None
+    stated = msgspec.json.decode(receipt.entry.encode()).get("payload", {}).get("cohort_commitment") or {}
+    secret = bytes.fromhex(cohort.secret)
+    if cc.secret_hash(secret) != cohort.secret_hash:
+        return [Check("secret", False, "the transparency secret does not match its committed hash")]
+    tag = cc.member_tag(secret, cohort.context)
+    try:
+        member = cc.verify(cohort.proof, tag, int(stated.get("size", -1)), bytes.fromhex(stated.get("root", "")))
+    except (ValueError, merkle.ProofError) as exc:
+        return [Check("cohort", False, f"the cohort proof does not check against the entry's commitment: {exc}")]
+    checks = [Check("cohort", True, f"you {'were' if member else 'were not'} among the {stated['size']:,} patients "
+                                    "this use committed to")]
+    if not cohort.provable:
+        checks.append(Check("secret", False, f"your transparency secret was committed (entry {cohort.secret_position})"
+                                              " only after this use, so this proof cannot be relied on; uses "
+                                              "after it can"))
     return checks

@@ -21,6 +21,7 @@ from contracts.bodies import ChoiceRequest, ConsentRequest, DataUseRequest, Gran
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor, Exemption, Organisation, PurposeStatement
 from service.app.caller import Caller
+from service.app.transparency import load_key as load_transparency_key
 from service.composition import running
 from service.config import Config
 from service.console.failures import CommandError
@@ -74,7 +75,8 @@ async def run_demo(config: Config, *, patients: int, seed: int) -> str:
     # The opt-out filter an SDE would call follows the ledger as the service's
     # does; the projection tables are left to the next `serve`, which catches up.
     following = dataclasses.replace(config, projection_poll_interval=0.05)
-    async with running(following, database, signers=signers, projections=()) as parts:
+    async with running(following, database, signers=signers, projections=(),
+                       transparency_key=load_transparency_key(config)) as parts:
         ledger, store, runner, optouts = parts.ledger, parts.store, parts.runner, parts.opt_out_filter
         assert runner is not None and optouts is not None
         # The demo may run again on the same data: say what was already there

@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from service import config as config_module
+from service.app.transparency import load_key as load_transparency_key
 from service.auth.tokens import (
     dev_key_path,
     verifier,
@@ -61,7 +62,7 @@ def _run_app(database: Database, host: str, port: int, *, reuse_port: bool) -> N
             "the data directory. Get one with: consent-ledger token issue --role patient-app",
             key_file=str(dev_key_path(cfg)),
         )
-    app = create_app(cfg, database, token_verifier, signers=signers)
+    app = create_app(cfg, database, token_verifier, signers=signers, transparency_key=load_transparency_key(cfg))
 
     def serving(_banner: str) -> None:  # aiohttp calls this once the port is bound
         log.info("serving", host=host, port=port, url=f"http://{host}:{port}")

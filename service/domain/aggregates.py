@@ -119,11 +119,25 @@ class Patient(LedgerAggregate):
     scopes: dict[str, ChoiceState]
     consents: dict[str, ConsentRecord]
     withdrawn: dict[str, int | None]
+    secret_committed: tuple[int | None, str] | None  # (position, secret_hash) of its TransparencySecretCommitted
 
     def _init_state(self) -> None:
         self.scopes = {}
         self.consents = {}
         self.withdrawn = {}
+        self.secret_committed = None
+
+    class TransparencySecretCommitted(LedgerEvent):
+        def apply(self, patient: Patient) -> None:
+            patient.secret_committed = (self.position, self.data.secret_hash)
+
+    def commit_secret(self, nhs_number: str, secret_hash: str, recorded_by: str) -> int | None:
+        """Commit the patient's transparency secret once; the position of the commitment if it exists."""
+        if self.secret_committed is not None:
+            return self.secret_committed[0]
+        self._trigger(ev.TransparencySecretCommitted(nhs_number=nhs_number, secret_hash=secret_hash,
+                                                     recorded_by=recorded_by))
+        return None
 
     class OptOutRegistered(LedgerEvent):
         def apply(self, patient: Patient) -> None:

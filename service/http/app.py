@@ -206,7 +206,8 @@ def _security_headers(response: web.StreamResponse) -> None:
 
 
 def create_app(
-    config: Config, database: Database, verifier: Verifier, *, signers: list[note.Signer] | None = None
+    config: Config, database: Database, verifier: Verifier, *, signers: list[note.Signer] | None = None,
+    transparency_key: bytes | None = None,
 ) -> web.Application:
     """The HTTP application over a ledger built by the composition root.
 
@@ -228,14 +229,16 @@ def create_app(
     for op in api.OPERATIONS:
         app.router.add_route(op.method, op.path, _bind(op, HANDLERS[op.id]), name=op.id)
     app.cleanup_ctx.append(_worker_threads_context)
-    app.cleanup_ctx.append(_ledger_context(signers))
+    app.cleanup_ctx.append(_ledger_context(signers, transparency_key))
     app.cleanup_ctx.append(_verifier_context)
     return app
 
 
-def _ledger_context(signers: list[note.Signer] | None) -> Callable[[web.Application], AsyncIterator[None]]:
+def _ledger_context(signers: list[note.Signer] | None,
+                    transparency_key: bytes | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        async with running(app[CONFIG], app[DATABASE], supervisor=app[SUPERVISOR], signers=signers) as parts:
+        async with running(app[CONFIG], app[DATABASE], supervisor=app[SUPERVISOR], signers=signers,
+                           transparency_key=transparency_key) as parts:
             app[POOL] = parts.reads
             app[STORE] = parts.store
             app[LEDGER] = parts.ledger

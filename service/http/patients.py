@@ -5,6 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from contracts import api, bodies
+from contracts import cohort as cohorts
+from contracts import cohort_commitment as cc
+from contracts.events import DataUseRecorded
+from contracts.nhs_number import NhsNumber
 from contracts.values import Actor
 from projections import reads as projection_reads
 from service.app.caller import Caller, idempotency_key
@@ -12,8 +16,9 @@ from service.app.read_records import (
     READ_HEADER,
     record_read,
 )
+from service.app.transparency import data_use_context
 from service.domain.errors import NotFound
-from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES
+from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES, WORKERS
 from service.http.problems import decode_json, invalid
 from service.http.requests import (
     DECODERS,
@@ -97,10 +102,14 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
     if position > latest.size:
         latest = await checkpoints.sign()  # on demand: a fresh receipt is provable at once
     found = await request.app[STORE].read_positions([position]) if 1 <= position <= latest.size else []
-    # Another patient's entry is reported exactly like a missing one.
-    if not found or getattr(found[0].entry.payload, "nhs_number", None) != nhs:
+    payload = found[0].entry.payload if found else None
+    use = isinstance(payload, DataUseRecorded) and payload.cohort_commitment is not None
+    # Another patient's entry is reported exactly like a missing one; any data use has an answer for
+    # every patient (in it or not), and names no one.
+    if not found or not use and getattr(payload, "nhs_number", None) != nhs:
         raise NotFound(f"no entry of this patient at position {position}")
     stored = found[0]
+    cohort = await _cohort_receipt(request, required_caller(caller), nhs, position, payload) if use else None
     hashes = await request.app[TILES].inclusion(reads(request, latest.size), position - 1, latest.size)
     read = await record_read(request.app[STORE], required_caller(caller), "receipt", api.PATIENT_APP, nhs_number=nhs)
     return json_response(bodies.ReceiptProof(
@@ -109,7 +118,25 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
         leaf_hash=stored.leaf_hash.hex(),
         proof=bodies.InclusionProof(leaf_index=position - 1, tree_size=latest.size, hashes=[h.hex() for h in hashes]),
         checkpoint=latest.note,
+        cohort=cohort,
     ), headers={READ_HEADER: str(read.position)})
+
+
+async def _cohort_receipt(request: web.Request, caller: Caller, nhs: NhsNumber, position: int,
+                          use: DataUseRecorded) -> bodies.CohortReceipt:
+    ledger = request.app[LEDGER]
+    stored = await request.app[STORE].cohort_members(use.cohort_id)
+    if stored is None:
+        raise NotFound(f"the cohort of the data use at position {position} is not stored here")
+    stems = await request.app[WORKERS].run(cohorts.decode_members, *stored)
+    secret, committed = await ledger.transparency_secret(caller, nhs)
+    context = data_use_context(use.organisation_code, use.use_id)
+    tag, proof = await ledger.transparency.proof(stems, context, nhs.stem)
+    assert use.cohort_commitment is not None
+    return bodies.CohortReceipt(
+        context=context, size=use.cohort_commitment.size, root=use.cohort_commitment.root, tag=tag.hex(),
+        member=tag.hex() in proof.tags, proof=proof, secret=secret.hex(), secret_hash=cc.secret_hash(secret),
+        secret_position=committed.position, provable=committed.position < position)
 
 
 HANDLERS: dict[str, Handler] = {
