@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -45,11 +46,13 @@ class Transparency:
         self._keep(context, tree)
         return CohortCommitment(root=tree.root.hex(), size=tree.size)
 
-    async def proof(self, stems: np.ndarray, context: str, stem: int) -> tuple[bytes, cc.CohortProof]:
-        """The patient's tag and the proof that it is, or is not, among the cohort's."""
+    async def proof(self, members: Callable[[], Awaitable[np.ndarray]], context: str,
+                    stem: int) -> tuple[bytes, cc.CohortProof]:
+        """The patient's tag and the proof that it is, or is not, among the cohort's; ``members`` loads the
+        cohort's stems, needed only when the tree is not kept."""
         tree = self._trees.get(context)
         if tree is None:
-            tree = await asyncio.to_thread(self._build, stems, context)
+            tree = await asyncio.to_thread(self._build, await members(), context)
             self._keep(context, tree)
         tag = cc.member_tag(self.secret(stem), context)
         return tag, tree.proof(tag)

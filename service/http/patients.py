@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from aiohttp import web
 
 from contracts import api, bodies
@@ -125,13 +126,16 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
 async def _cohort_receipt(request: web.Request, caller: Caller, nhs: NhsNumber, position: int,
                           use: DataUseRecorded) -> bodies.CohortReceipt:
     ledger = request.app[LEDGER]
-    stored = await request.app[STORE].cohort_members(use.cohort_id)
-    if stored is None:
-        raise NotFound(f"the cohort of the data use at position {position} is not stored here")
-    stems = await request.app[WORKERS].run(cohorts.decode_members, *stored)
+
+    async def members() -> np.ndarray:
+        stored = await request.app[STORE].cohort_members(use.cohort_id)
+        if stored is None:
+            raise NotFound(f"the cohort of the data use at position {position} is not stored here")
+        return await request.app[WORKERS].run(cohorts.decode_members, *stored)
+
     secret, committed = await ledger.transparency_secret(caller, nhs)
     context = data_use_context(use.organisation_code, use.use_id)
-    tag, proof = await ledger.transparency.proof(stems, context, nhs.stem)
+    tag, proof = await ledger.transparency.proof(members, context, nhs.stem)
     assert use.cohort_commitment is not None
     return bodies.CohortReceipt(
         context=context, size=use.cohort_commitment.size, root=use.cohort_commitment.root, tag=tag.hex(),
