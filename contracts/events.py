@@ -265,6 +265,10 @@ class OptOutFilterApplied(Frozen):
     grant_id: Identifier | None = None
     purpose: Purpose | None = None
     request_id: ShortText | None = None
+    # The patients the call removed, committed like a data use's cohort (LEDGER-FORMAT §8.2: context
+    # "filter-call:" + call_id), so a patient can prove their choice took them out of this release.
+    call_id: Annotated[str, Meta(pattern="^[0-9a-f]{32}$")] | None = None
+    removed_commitment: CohortCommitment | None = None
 
 
 class TransparencySecretCommitted(Frozen):

@@ -95,3 +95,34 @@ async def test_the_patient_page_checks_a_use_receipt(client: TestClient, make_to
     html = await (await client.post("/patient", data={"token": token, "nhs_number": nhs, "action": "receipt",
                                                        "position": str(later)})).text()
     assert "you were among the 20 patients this use committed to" in html and "The receipt checks out" in html
+
+
+async def test_a_patient_proves_their_opt_out_took_them_out_of_a_filtered_release(client: TestClient, make_token):
+    r = await client.post("/v1/grants", json=grant("G-1"), headers=auth(make_token("dac")))
+    granted = (await r.json())["position"]
+    patients = nhs_numbers(30, seed=93)
+    app = auth(make_token("patient-app"))
+    for nhs in patients[:3]:
+        r = await client.post(f"/v1/patients/{nhs}/opt-out", json=choice(), headers=app)
+    last = (await r.json())["position"]
+    r = await client.post(f"/v1/opt-out-filter?grant_id=G-1&min_position={max(last, granted)}",
+                          json={"nhs_numbers": patients}, headers=auth(make_token("sde", org="SDE-NORTH")))
+    assert r.status == 200 and (await r.json())["removed"] == 3
+    call = int(r.headers["Ledger-Read-Recorded"])
+
+    async def receipt(nhs: str) -> dict:
+        r = await client.get(f"/v1/patients/{nhs}/receipts/{call}",
+                             headers=auth(make_token("patient-app", nhs_number=nhs)))
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    removed, kept = await receipt(patients[1]), await receipt(patients[10])
+    for got, was_removed in ((removed, True), (kept, False)):
+        cohort = got["cohort"]
+        payload = json.loads(got["entry"])["payload"]
+        assert payload["removed_commitment"]["size"] == 3 and cohort["context"] == f"filter-call:{payload['call_id']}"
+        secret = bytes.fromhex(cohort["secret"])
+        found = check(cohort["proof"], tag_of(secret, cohort["context"]), 3,
+                      bytes.fromhex(payload["removed_commitment"]["root"]))
+        assert found is was_removed and cohort["member"] is was_removed
+    assert not any(n in removed["entry"] for n in patients)

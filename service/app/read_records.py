@@ -28,7 +28,7 @@ import structlog
 
 from contracts.bodies import READ_SESSION_SECONDS, Receipt
 from contracts.codes import Purpose, ReadKind, Role
-from contracts.events import OptOutFilterApplied, PersonalDataRead
+from contracts.events import CohortCommitment, OptOutFilterApplied, PersonalDataRead
 from service.app.caller import Caller
 from service.domain.errors import NotPermitted
 from service.store.event_log import NewEvent
@@ -96,6 +96,8 @@ async def record_filter_call(
     purpose: Purpose | None,
     removed: int,
     as_of: int,
+    call_id: str | None = None,
+    removed_commitment: CohortCommitment | None = None,
 ) -> Receipt:
     """Who checked how many patients, under which grant, against which state
     (``OptOutFilterApplied``: no NHS number, only a hash of the submitted list)."""
@@ -110,6 +112,8 @@ async def record_filter_call(
         grant_id=grant_id,
         purpose=purpose,
         request_id=current_request_id(),
+        call_id=call_id,
+        removed_commitment=removed_commitment,
     )
     result = await store.append([NewEvent.alone(event)])
     return result.receipts[0]

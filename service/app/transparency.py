@@ -22,6 +22,11 @@ from service.config import Config, ConfigError
 TREES_KEPT = 4
 
 
+def filter_call_context(call_id: str) -> str:
+    """The context of a filter call's commitment to the patients it removed."""
+    return f"filter-call:{call_id}"
+
+
 def data_use_context(organisation: str, use_id: str) -> str:
     """The context of a data use's commitment: unique, since a use_id is unique per organisation."""
     return f"data-use:{organisation}:{use_id}"

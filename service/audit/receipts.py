@@ -60,7 +60,9 @@ def _cohort_checks(receipt: bodies.ReceiptProof) -> list[Check]:
     """The patient's proof against the use's cohort commitment, as the entry itself states it (§8)."""
     cohort = receipt.cohort
     assert cohort is not None
-    stated = msgspec.json.decode(receipt.entry.encode()).get("payload", {}).get("cohort_commitment") or {}
+    payload = msgspec.json.decode(receipt.entry.encode()).get("payload", {})
+    removal = "removed_commitment" in payload
+    stated = payload.get("cohort_commitment") or payload.get("removed_commitment") or {}
     secret = bytes.fromhex(cohort.secret)
     if cc.secret_hash(secret) != cohort.secret_hash:
         return [Check("secret", False, "the transparency secret does not match its committed hash")]
@@ -69,8 +71,9 @@ def _cohort_checks(receipt: bodies.ReceiptProof) -> list[Check]:
         member = cc.verify(cohort.proof, tag, int(stated.get("size", -1)), bytes.fromhex(stated.get("root", "")))
     except (ValueError, merkle.ProofError) as exc:
         return [Check("cohort", False, f"the cohort proof does not check against the entry's commitment: {exc}")]
+    what = "this filter call removed" if removal else "this use committed to"
     checks = [Check("cohort", True, f"you {'were' if member else 'were not'} among the {stated['size']:,} patients "
-                                    "this use committed to")]
+                                    f"{what}")]
     if not cohort.provable:
         checks.append(Check("secret", False, f"your transparency secret was committed (entry {cohort.secret_position})"
                                               " only after this use, so this proof cannot be relied on; uses "

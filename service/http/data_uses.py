@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timezone
 
 import numpy as np
@@ -22,6 +23,7 @@ from service.app.read_records import (
     record_read,
     submitted_sha256,
 )
+from service.app.transparency import filter_call_context
 from service.auth.tokens import Forbidden
 from service.domain.errors import NotFound
 from service.http import numbers_body
@@ -127,10 +129,18 @@ async def opt_out_filter(request: web.Request, caller: Caller | None) -> web.Res
                           "query.purpose", slug="purpose-outside-grant")
     checkpoint = (await app[CHECKPOINTS].latest()).size
     result, digest = await app[WORKERS].run(_filtered, optouts.snapshot(), parsed.stems, grant_id, terms)
+    # Who was taken out is committed in the entry (named by no one), so each can prove it to themselves.
+    call_id = uuid.uuid4().hex
+    removed = cohorts.sorted_unique(parsed.stems[~result.keep]) if result.removed else None
+    commitment = None
+    if removed is not None:
+        commitment = await app[LEDGER].transparency.commit(removed, filter_call_context(call_id))
+        await app[STORE].store_removed(call_id, removed)
     # The answer is rendered while the call is being recorded; it leaves only once recorded.
     recorded, body = await asyncio.gather(
         record_filter_call(app[STORE], caller, len(parsed.stems), digest, grant_id=grant_id, purpose=purpose,
-                           removed=result.removed, as_of=result.as_of),
+                           removed=result.removed, as_of=result.as_of, call_id=call_id,
+                           removed_commitment=commitment),
         app[WORKERS].run(_rendered, parsed, result, checkpoint),
     )
     if parsed.media_type == numbers_body.JSON:

@@ -8,7 +8,7 @@ from aiohttp import web
 from contracts import api, bodies
 from contracts import cohort as cohorts
 from contracts import cohort_commitment as cc
-from contracts.events import DataUseRecorded
+from contracts.events import DataUseRecorded, OptOutFilterApplied
 from contracts.nhs_number import NhsNumber
 from contracts.values import Actor
 from projections import reads as projection_reads
@@ -17,7 +17,7 @@ from service.app.read_records import (
     READ_HEADER,
     record_read,
 )
-from service.app.transparency import data_use_context
+from service.app.transparency import data_use_context, filter_call_context
 from service.domain.errors import NotFound
 from service.http.keys import CHECKPOINTS, LEDGER, STORE, TILES, WORKERS
 from service.http.problems import decode_json, invalid
@@ -104,7 +104,8 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
         latest = await checkpoints.sign()  # on demand: a fresh receipt is provable at once
     found = await request.app[STORE].read_positions([position]) if 1 <= position <= latest.size else []
     payload = found[0].entry.payload if found else None
-    use = isinstance(payload, DataUseRecorded) and payload.cohort_commitment is not None
+    use = (isinstance(payload, DataUseRecorded) and payload.cohort_commitment is not None
+           or isinstance(payload, OptOutFilterApplied) and payload.removed_commitment is not None)
     # Another patient's entry is reported exactly like a missing one; any data use has an answer for
     # every patient (in it or not), and names no one.
     if not found or not use and getattr(payload, "nhs_number", None) != nhs:
@@ -124,21 +125,28 @@ async def get_receipt_proof(request: web.Request, caller: Caller | None) -> web.
 
 
 async def _cohort_receipt(request: web.Request, caller: Caller, nhs: NhsNumber, position: int,
-                          use: DataUseRecorded) -> bodies.CohortReceipt:
-    ledger = request.app[LEDGER]
+                          use: DataUseRecorded | OptOutFilterApplied) -> bodies.CohortReceipt:
+    """The patient's proof against a data use's cohort, or against the patients a filter call removed."""
+    ledger, store = request.app[LEDGER], request.app[STORE]
+    if isinstance(use, DataUseRecorded):
+        context, commitment = data_use_context(use.organisation_code, use.use_id), use.cohort_commitment
+        load = lambda: store.cohort_members(use.cohort_id)  # noqa: E731
+    else:
+        assert use.call_id is not None
+        context, commitment = filter_call_context(use.call_id), use.removed_commitment
+        load = lambda: store.removed_members(use.call_id)  # noqa: E731
 
     async def members() -> np.ndarray:
-        stored = await request.app[STORE].cohort_members(use.cohort_id)
+        stored = await load()
         if stored is None:
-            raise NotFound(f"the cohort of the data use at position {position} is not stored here")
+            raise NotFound(f"the patients the entry at position {position} commits to are not stored here")
         return await request.app[WORKERS].run(cohorts.decode_members, *stored)
 
     secret, committed = await ledger.transparency_secret(caller, nhs)
-    context = data_use_context(use.organisation_code, use.use_id)
     tag, proof = await ledger.transparency.proof(members, context, nhs.stem)
-    assert use.cohort_commitment is not None
+    assert commitment is not None
     return bodies.CohortReceipt(
-        context=context, size=use.cohort_commitment.size, root=use.cohort_commitment.root, tag=tag.hex(),
+        context=context, size=commitment.size, root=commitment.root, tag=tag.hex(),
         member=tag.hex() in proof.tags, proof=proof, secret=secret.hex(), secret_hash=cc.secret_hash(secret),
         secret_position=committed.position, provable=committed.position < position)
 

@@ -46,3 +46,16 @@ async def held_by(pool: asyncpg.Pool, cohort_id: str, organisation: str) -> bool
     async with pool.acquire() as conn:
         return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM cohort_holders WHERE cohort_id = $1"
                                    " AND organisation_code = $2)", bytes.fromhex(cohort_id), organisation)
+
+
+async def store_removed(pool: asyncpg.Pool, call_id: str, encoding: str, members: bytes) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO removed_sets (call_id, encoding, members) VALUES ($1, $2, $3)",
+                           call_id, encoding, members)
+
+
+async def removed(pool: asyncpg.Pool, call_id: str) -> tuple[str, bytes] | None:
+    """The (encoding, members) of the patients filter call ``call_id`` removed."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT encoding, members FROM removed_sets WHERE call_id = $1", call_id)
+    return (row["encoding"], bytes(row["members"])) if row is not None else None

@@ -21,8 +21,10 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import numpy as np
 import structlog
 
+from contracts import cohort as cohort_codec
 from contracts.bodies import Receipt
 from contracts.entry import (
     chain_hash,
@@ -292,6 +294,12 @@ class EventStore(EventLog):
                 "SELECT position, event_type, entry, leaf_hash FROM ledger_events WHERE event_type = ANY($1)"
                 " AND position > $2 AND position <= $3 ORDER BY position LIMIT $4", list(types), after, through, limit)
         return [(r["position"], r["event_type"], bytes(r["entry"]), bytes(r["leaf_hash"])) for r in rows]
+
+    async def store_removed(self, call_id: str, stems: np.ndarray) -> None:
+        await cohorts.store_removed(self._pool, call_id, *cohort_codec.encode_members(stems))
+
+    async def removed_members(self, call_id: str) -> tuple[str, bytes] | None:
+        return await cohorts.removed(self._pool, call_id)
 
     async def cohort_members(self, cohort_id: str, holder: str | None = None) -> tuple[str, bytes] | None:
         return await cohorts.members(self._pool, cohort_id, holder)

@@ -225,6 +225,20 @@ CREATE INDEX notifications_feed ON notifications (subscription_id, seq);
 """
 
 
+# Issue 12.  The patients a filter call removed, stored compactly like a
+# cohort and named by the call's id, so a patient's receipt for that call can
+# be proved long after it (the entry holds only the commitment to them).
+_V9 = """
+CREATE TABLE removed_sets (
+    call_id  text  PRIMARY KEY,
+    encoding text  NOT NULL,
+    members  bytea NOT NULL
+);
+CREATE TRIGGER removed_sets_append_only BEFORE UPDATE OR DELETE ON removed_sets
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+"""
+
+
 # Roles are cluster-wide, grants per database: this step is safe to re-run.
 _PRIVILEGES = f"""
 -- Checked first so that an owner without CREATEROLE can migrate once an
@@ -253,6 +267,8 @@ GRANT SELECT, UPDATE ON ledger_head TO {APP_ROLE};
 GRANT SELECT ON schema_migrations TO {APP_ROLE};
 REVOKE ALL ON merkle_tiles, checkpoints, checkpoint_cosignatures FROM PUBLIC;
 GRANT SELECT, INSERT ON merkle_tiles, checkpoints, checkpoint_cosignatures TO {APP_ROLE};
+REVOKE ALL ON removed_sets FROM PUBLIC;
+GRANT SELECT, INSERT ON removed_sets TO {APP_ROLE};
 REVOKE ALL ON subscriptions, notifications FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE ON subscriptions, notifications TO {APP_ROLE};
 GRANT USAGE ON SEQUENCE notifications_seq_seq TO {APP_ROLE};
@@ -265,7 +281,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PROJECTION_TABLES)} TO {APP_R
 # projections define (projections/schema.py).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1 + _APPEND_ONLY), (2, _V2), (3, projection_tables.V3), (4, _V4 + projection_tables.V4), (5, _V5),
-    (6, projection_tables.V6), (7, projection_tables.V7), (8, _V8),
+    (6, projection_tables.V6), (7, projection_tables.V7), (8, _V8), (9, _V9),
 )
 
 
