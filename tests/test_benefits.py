@@ -89,6 +89,8 @@ async def test_the_register_shows_promised_against_delivered_and_value_returned(
     assert "1 of 2 delivered" in table and "1 overdue" in table
     stats = await (await client.get("/v1/statistics")).json()
     assert stats["value"] == [{"currency": "GBP", "received": 1_000_000, "allocated": 700_000}]
+    charts = await (await client.get("/statistics")).text()
+    assert "GBP received" in charts and ">10,000<" in charts and ">7,000<" in charts  # whole pounds
 
     # Anyone can check all of it against the log; a changed amount in the read model is caught.
     for _ in range(200):

@@ -90,8 +90,9 @@ async def test_statistics_draw_each_published_figure_and_suppress_small_ones(cli
     # Over time: 15 national opt-outs (shown as 15), 1 opt-in (suppressed). By channel: app 12 -> 10,
     # its 1 opt-in suppressed, phone 3 -> suppressed, phone opt-ins 0. One use for research, none for
     # planning. Grants 1 commercial and 1 not, uses 0 commercial and 1 not.
-    assert _bars(html) == [1, 1, 1, 3]
-    assert html.count('<rect class="ledger-bar') == 6
+    # Datasets: hes-apc used once, gp-prescribing never; no value recorded, so that chart draws nothing.
+    assert _bars(html) == [1, 1, 1, 3, 1]
+    assert html.count('<rect class="ledger-bar') == 7 and "hes-apc (2 organisations)" in html
     assert "fewer than 10" in html
     assert re.search(r"national data opt-out: <strong>15</strong>", html)  # 14 opted out now, rounded
     choice_figures = "".join(html.split('<section class="ledger-chart"')[1:3]) + html.split("opted-out-now")[1][:400]

@@ -105,8 +105,17 @@ async def statistics_page(request: web.Request, caller: Caller | None) -> web.Re
         ("Grants: not commercial", "other", share.grants - share.commercial_grants),
         ("Uses: commercial", "commercial", share.commercial_uses),
         ("Uses: not commercial", "other", share.uses - share.commercial_uses)], ["commercial", "other"])
+    datasets = charts.horizontal(
+        "Uses of each dataset (and how many organisations may use it)",
+        [(f"{d.dataset} ({d.organisations} organisation{'s' if d.organisations != 1 else ''})", "use", d.uses)
+         for d in stats.datasets], ["use"])
+    value = charts.horizontal(
+        "Value returned to the NHS under grants, in whole units of each currency",
+        [row for v in stats.value for row in ((f"{v.currency} received", "other", v.received // 100),
+                                              (f"{v.currency} allocated to care services", "commercial",
+                                               v.allocated // 100))], ["other", "commercial"])
     return render("statistics.html", nav="statistics", stats=stats,
-                  charts=[over_time, by_channel, per_purpose, commercial], scopes=scopes)
+                  charts=[over_time, by_channel, per_purpose, commercial, datasets, value], scopes=scopes)
 
 
 @dataclass(frozen=True)
