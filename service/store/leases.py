@@ -61,8 +61,8 @@ class Lease:
                 beat()
                 await asyncio.sleep(self.interval)
         finally:
-            if self.held:
-                log.warning("lease given up", lease=self.name)
+            if self.held:  # stopping, or the session was lost: either way another process may take it now
+                log.info("lease released", lease=self.name)
             self.held = False
             conn.terminate()
 
