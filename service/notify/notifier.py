@@ -65,13 +65,14 @@ class Notifier:
         if not await self.runner.wait_for(last, 10.0, lambda: self.optouts.position):
             return 0
         state = self.optouts.snapshot()
-        cohort_cache: dict[str, np.ndarray] = {}
-        made: list[Made] = []
-        for sub in behind:
-            patients = await self._patients_of(sub)
-            for e in entries:
-                if e.position > sub.cursor:
-                    made += await self._notifications(sub, e, patients, state, cohort_cache)
+        patients = {sub.id: await self._patients_of(sub) for sub in behind}
+        # The cohorts the batch's uses name, fetched here; decoding, intersecting and listing up to millions
+        # of patients happen in a worker thread, never on the event loop that serves requests.
+        uses = any(len(patients[s.id]) and {"data-use.included", "data-use.opt-out-overridden"} & set(s.events)
+                   for s in behind)
+        stored = {e.payload.cohort_id: await self.store.cohort_members(e.payload.cohort_id)
+                  for e in entries if uses and e.event_type == "DataUseRecorded"}
+        made = await asyncio.to_thread(self._make, behind, entries, patients, state, stored)
         await self.outbox.commit(made, {s.id: last for s in behind})
         if made:
             log.info("notifications made", count=len(made), through=last)
@@ -86,14 +87,21 @@ class Notifier:
             self._patients[sub.id] = cached = (sub.patients_version, stems)
         return cached[1]
 
-    async def _cohort(self, cohort_id: str, cache: dict[str, np.ndarray]) -> np.ndarray:
-        if cohort_id not in cache:
-            stored = await self.store.cohort_members(cohort_id)
-            cache[cohort_id] = cohorts.decode_members(*stored) if stored else np.empty(0, dtype=np.uint32)
-        return cache[cohort_id]
+    def _make(self, behind: list[SubscriptionRow], entries: list[Entry], patients: dict[str, np.ndarray],
+              state: OptOutFilter, stored: dict[str, tuple[str, bytes] | None]) -> list[Made]:
+        cohort_cache: dict[str, np.ndarray] = {}
 
-    async def _notifications(self, sub: SubscriptionRow, e: Entry, patients: np.ndarray, state: OptOutFilter,
-                             cohort_cache: dict[str, np.ndarray]) -> list[Made]:
+        def cohort(cohort_id: str) -> np.ndarray:
+            if cohort_id not in cohort_cache:
+                found = stored.get(cohort_id)
+                cohort_cache[cohort_id] = cohorts.decode_members(*found) if found else np.empty(0, dtype=np.uint32)
+            return cohort_cache[cohort_id]
+
+        return [m for sub in behind for e in entries if e.position > sub.cursor
+                for m in self._notifications(sub, e, patients[sub.id], state, cohort)]
+
+    def _notifications(self, sub: SubscriptionRow, e: Entry, patients: np.ndarray, state: OptOutFilter,
+                       cohort: Callable[[str], np.ndarray]) -> list[Made]:
         t, p = e.event_type, e.payload
         wants = set(sub.events)
         out: list[Made] = []
@@ -109,7 +117,7 @@ class Notifier:
             return i < len(patients) and int(patients[i]) == stem
 
         if t == "DataUseRecorded" and wants & {"data-use.included", "data-use.opt-out-overridden"} and len(patients):
-            members = np.intersect1d(await self._cohort(p.cohort_id, cohort_cache), patients, assume_unique=True)
+            members = np.intersect1d(cohort(p.cohort_id), patients, assume_unique=True)
             if len(members):
                 record = state.grants.get(p.grant_id)
                 terms = record.terms(p.opt_out_state_position, p.occurred_at) if record else None
