@@ -42,8 +42,10 @@ def check_ip(host: str, address: str, allowed: list[Network]) -> None:
                              "public addresses (an operator may allow networks with CONSENT_LEDGER_WEBHOOK_ALLOW)")
 
 
-async def check_url(url: str, allowed: list[Network]) -> None:
-    """Refuse a URL that is not http(s) to a host whose every address is allowed."""
+async def check_url(url: str, allowed: list[Network], *, resolve: bool = True) -> None:
+    """Refuse a URL that is not http(s) to a host whose every address is allowed. ``resolve=False``
+    checks a literal address only: for a connection made through ``GuardedResolver``, which checks
+    every address a name resolves to as it connects."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -60,6 +62,8 @@ async def check_url(url: str, allowed: list[Network]) -> None:
         literal = None
     if literal is not None:
         check_ip(host, str(literal), allowed)
+        return
+    if not resolve:
         return
     try:
         found = await asyncio.wait_for(

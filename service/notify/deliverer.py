@@ -49,7 +49,7 @@ class Deliverer:
 
     async def deliver(self, session: aiohttp.ClientSession, p: Pending) -> bool:
         try:
-            await check_url(p.url, self.allowed)
+            await check_url(p.url, self.allowed, resolve=False)  # names: checked by the resolver as it connects
         except AddressRefused as exc:
             await self._failed(p, None, str(exc))
             return False
