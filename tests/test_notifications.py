@@ -17,6 +17,7 @@ from conftest import AUDIENCE, ISSUER, app_config
 from live_server import LiveServer
 from samples import auth, choice, data_use, grant, nhs_numbers
 from service.http.app import create_app
+from service.notify.addresses import AddressRefused, GuardedResolver, check_url, networks
 from webhook_receiver import Receiver
 
 ALL = ["data-use.included", "data-use.opt-out-overridden", "choice.changed", "record.read", "grant.approved"]
@@ -256,3 +257,17 @@ async def test_the_patient_set_takes_every_bulk_format_and_refuses_bad_numbers(l
     problem = await r.json()
     assert r.status == 422 and problem["errors"][0]["path"].startswith("line 1"), problem
     assert (await (await ledger.get(f"/v1/subscriptions/{sub['id']}", headers=auth(backend))).json())["patients"] == 5
+
+
+async def test_a_delivery_connects_only_to_addresses_the_guard_allows():
+    """Names are checked as a delivery connects (so one that resolves inward later is refused too)."""
+    refusing = GuardedResolver(networks(()))
+    with pytest.raises(OSError, match="private, loopback or link-local"):
+        await refusing.resolve("localhost", 80)
+    allowing = GuardedResolver(networks(("127.0.0.0/8", "::1/128")))
+    assert {r["host"] for r in await allowing.resolve("localhost", 80)} <= {"127.0.0.1", "::1"}
+    with pytest.raises(AddressRefused):
+        await check_url("http://10.1.2.3/hooks", networks(()), resolve=False)  # literal addresses: checked here
+    await check_url("http://localhost/hooks", networks(()), resolve=False)  # names: left to the resolver
+    await refusing.close()
+    await allowing.close()
