@@ -12,6 +12,7 @@ import msgspec
 
 from . import bodies
 from .codes import Purpose, values
+from .decision import RECORDED_STATUSES
 from .nhs_number import SCHEMA as NHS_NUMBER_SCHEMA
 from .nhs_number import NhsNumber
 from .values import (
@@ -465,7 +466,7 @@ OPERATIONS: tuple[Operation, ...] = (
               PUBLIC, media_type=HTML, page=True,
               query=(("q", {"type": "string", "maxLength": 200}, False),
                      ("purpose", {"type": "string", "enum": list(values(Purpose))}, False),
-                     ("status", {"type": "string", "enum": ["active", "proposed", "revoked", "expired", "not-yet-valid"]}, False),
+                     ("status", {"type": "string", "enum": list(RECORDED_STATUSES)}, False),
                      ("commercial", {"type": "string", "enum": ["yes", "no"]}, False))),
     Operation("page_grant", "GET", "/register/{grant_id}", "One grant: its terms, the uses under it, its entries",
               PUBLIC, media_type=HTML, page=True),

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -50,6 +50,8 @@ from .events import AccessGranted
 from .values import Exemption
 
 GrantStatus = Literal["active", "proposed", "revoked", "expired", "not-yet-valid", "not-recorded"]
+# The statuses a grant in the register can have (one it holds is recorded).
+RECORDED_STATUSES: tuple[str, ...] = tuple(s for s in get_args(GrantStatus) if s != "not-recorded")
 
 
 class Reason(IntEnum):

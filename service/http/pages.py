@@ -15,6 +15,7 @@ from aiohttp import web
 
 from contracts import api, bodies, merkle, note
 from contracts.codes import LABELS, OptOutScope, Purpose, values
+from contracts.decision import RECORDED_STATUSES
 from contracts.nhs_number import InvalidNhsNumber, NhsNumber
 from projections import reads as projection_reads
 from service.app.caller import Caller
@@ -29,7 +30,6 @@ from service.pages.rendering import asset, render
 
 FORM = "application/x-www-form-urlencoded"
 HISTORY_WAITS = 30  # tenths of a second
-STATUSES = ("active", "proposed", "revoked", "expired", "not-yet-valid")
 
 
 async def home(request: web.Request, caller: Caller | None) -> web.Response:
@@ -52,7 +52,7 @@ def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str:
 async def register(request: web.Request, caller: Caller | None) -> web.Response:
     query = request.query.get("q", "").strip()[:200]
     purpose = _choice(request, "purpose", values(Purpose))
-    status = _choice(request, "status", STATUSES)
+    status = _choice(request, "status", RECORDED_STATUSES)
     commercial = _choice(request, "commercial", ("yes", "no"))
     async with reads(request).acquire() as conn:
         reg = await projection_reads.register(conn)
@@ -68,7 +68,7 @@ async def register(request: web.Request, caller: Caller | None) -> web.Response:
     shown = [g for g in reversed(reg.grants) if wanted(g)]  # newest first
     return render("register.html", nav="register", register=reg, grants=shown, query=query,
                   purpose=purpose, status=status, commercial=commercial,
-                  purposes=[(code, LABELS[code]) for code in values(Purpose)], statuses=STATUSES)
+                  purposes=[(code, LABELS[code]) for code in values(Purpose)], statuses=RECORDED_STATUSES)
 
 
 async def grant(request: web.Request, caller: Caller | None) -> web.Response:
