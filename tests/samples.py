@@ -73,3 +73,28 @@ async def head_position(database: Database) -> int:
         return await conn.fetchval("SELECT position FROM ledger_head")
     finally:
         await conn.close()
+
+
+async def settled(client: Any, position: int) -> None:
+    """Until the register (the uses projection) and a signed checkpoint both reach ``position``."""
+    import asyncio
+
+    for _ in range(200):
+        register = await (await client.get("/v1/register")).json()
+        size = int((await (await client.get("/checkpoint")).text()).split("\n")[1])
+        if register["as_of"] >= position and size >= position:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the register or the checkpoint did not catch up")
+
+
+async def verified_register(client: Any) -> Any:
+    """`verify-register` against the app behind ``client``, with its own log key (off the event loop)."""
+    import asyncio
+
+    from service.audit.client import HttpSource
+    from service.audit.register import verify_register
+    from service.http.keys import CHECKPOINTS
+
+    keys = client.server.app[CHECKPOINTS].verifiers
+    return await asyncio.to_thread(verify_register, HttpSource(str(client.make_url("")), None), keys)

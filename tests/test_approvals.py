@@ -5,7 +5,6 @@ as not in force, and the register shows what is pending."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,13 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from conftest import app_config
 from contracts import approvals
-from samples import auth, data_use, grant, nhs_numbers
+from samples import auth, data_use, grant, nhs_numbers, settled, verified_register
 from service import config
-from service.audit.client import HttpSource
-from service.audit.register import verify_register
 from service.config import ConfigError
 from service.http.app import create_app
-from service.http.keys import CHECKPOINTS
 
 
 @pytest.fixture
@@ -147,21 +143,14 @@ async def test_the_public_can_check_the_approvals_the_register_shows(governed: T
         r = await governed.post("/v1/grants/G-3/approvals", json=_approval(kind, f"{org}-7", org),
                                 headers=auth(make_token(role, org=org)))
         last = (await r.json())["position"]
-    for _ in range(200):
-        register = await (await governed.get("/v1/register")).json()
-        size = int((await (await governed.get("/checkpoint")).text()).split("\n")[1])
-        if register["as_of"] >= last and size >= last:
-            break
-        await asyncio.sleep(0.05)
-    keys = governed.server.app[CHECKPOINTS].verifiers
-    source = HttpSource(str(governed.make_url("")), None)
-    honest = await asyncio.to_thread(verify_register, source, keys)
+    await settled(governed, last)
+    honest = await verified_register(governed)
     assert honest.ok, honest.report()
     owner = await database.connect_owner()
     try:
         await owner.execute("DELETE FROM grant_approvals WHERE approval = 'ethics'")
     finally:
         await owner.close()
-    tampered = await asyncio.to_thread(verify_register, source, keys)
+    tampered = await verified_register(governed)
     found = {(f.where, f.what.split(":")[0]) for f in tampered.findings}
     assert {("G-3", "status"), ("G-3", "approvals"), ("G-3", "pending")} <= found, tampered.report()

@@ -9,10 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp.test_utils import TestClient
 
-from samples import auth, grant
-from service.audit.client import HttpSource
-from service.audit.register import verify_register
-from service.http.keys import CHECKPOINTS
+from samples import auth, grant, settled, verified_register
 
 NOW = datetime.now(timezone.utc)
 TERMS = {"value_model": "royalty", "limits_national_benefit": False, "accreditation": "ISO 27001",
@@ -93,13 +90,8 @@ async def test_the_register_shows_promised_against_delivered_and_value_returned(
     assert "GBP received" in charts and ">10,000<" in charts and ">7,000<" in charts  # whole pounds
 
     # Anyone can check all of it against the log; a changed amount in the read model is caught.
-    for _ in range(200):
-        if int((await (await client.get("/checkpoint")).text()).split("\n")[1]) >= position:
-            break
-        await asyncio.sleep(0.05)
-    keys = client.server.app[CHECKPOINTS].verifiers
-    source = HttpSource(str(client.make_url("")), None)
-    honest = await asyncio.to_thread(verify_register, source, keys)
+    await settled(client, position)
+    honest = await verified_register(client)
     assert honest.ok, honest.report()
     owner = await database.connect_owner()
     try:
@@ -107,6 +99,6 @@ async def test_the_register_shows_promised_against_delivered_and_value_returned(
         await owner.execute("DELETE FROM grant_outputs")
     finally:
         await owner.close()
-    tampered = await asyncio.to_thread(verify_register, source, keys)
+    tampered = await verified_register(client)
     found = {(f.where, f.what.split(":")[0]) for f in tampered.findings}
     assert {("G-AI", "value"), ("G-AI", "outputs"), ("G-AI", "benefits")} <= found, tampered.report()

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 
 from contracts import merkle, note
 from live_server import ROOT
-from samples import auth, data_use, grant, nhs_numbers
+from samples import auth, data_use, grant, nhs_numbers, settled, verified_register
 from service.audit.client import HttpSource, SourceError
-from service.audit.register import RegisterOutcome, verify_register
+from service.audit.register import verify_register
 from service.http.keys import CHECKPOINTS
 
 
@@ -40,28 +40,12 @@ async def _ledger(client: TestClient, make_token, *, small_use: bool) -> dict[st
     return positions
 
 
-async def _settled(client: TestClient, position: int) -> None:
-    """Until the register and a signed checkpoint both reach ``position``."""
-    for _ in range(200):
-        register = await (await client.get("/v1/register")).json()
-        size = int((await (await client.get("/checkpoint")).text()).split("\n")[1])
-        if register["as_of"] >= position and size >= position:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the register or the checkpoint did not catch up")
-
-
-async def _verify(client: TestClient) -> RegisterOutcome:
-    keys = client.server.app[CHECKPOINTS].verifiers
-    return await asyncio.to_thread(verify_register, HttpSource(str(client.make_url("")), None), keys)
-
-
 async def test_public_entries_carry_proofs_and_leave_out_personal_data(client: TestClient, make_token):
     await client.post(f"/v1/patients/{nhs_numbers(1, seed=24)[0]}/opt-out",
                       json={"scope": "national", "channel": "app", "actor": {"kind": "patient"}},
                       headers=auth(make_token("patient-app")))
     positions = await _ledger(client, make_token, small_use=True)
-    await _settled(client, max(positions.values()))
+    await settled(client, max(positions.values()))
     checkpoint = await (await client.get("/checkpoint")).text()
     cp = note.open_checkpoint(checkpoint, client.server.app[CHECKPOINTS].verifiers)
     page = await (await client.get("/v1/public-entries", params={"tree_size": cp.size})).json()
@@ -89,8 +73,8 @@ async def test_public_entries_carry_proofs_and_leave_out_personal_data(client: T
 async def test_verify_register_passes_the_honest_register_and_names_every_tampered_row(
         client: TestClient, make_token, database):
     positions = await _ledger(client, make_token, small_use=False)
-    await _settled(client, max(positions.values()))
-    honest = await _verify(client)
+    await settled(client, max(positions.values()))
+    honest = await verified_register(client)
     assert honest.ok and honest.grants == 3 and honest.rebuilt.entries == 6, honest.report()
     assert honest.report().startswith("OK: 3 register row(s) match the log")
 
@@ -105,7 +89,7 @@ async def test_verify_register_passes_the_honest_register_and_names_every_tamper
                             " UPDATE fake SET grant_id = 'G-FAKE'; INSERT INTO grants_view SELECT * FROM fake")
     finally:
         await owner.close()
-    tampered = await _verify(client)
+    tampered = await verified_register(client)
     found = {(f.where, f.what.split(":")[0]) for f in tampered.findings}
     assert not tampered.ok
     assert ("G-1", "purpose_description") in found and ("G-1", "uses") in found
@@ -123,14 +107,14 @@ async def test_verify_register_passes_the_honest_register_and_names_every_tamper
 
 async def test_a_small_use_is_withheld_and_use_counts_become_lower_bounds(client: TestClient, make_token):
     positions = await _ledger(client, make_token, small_use=True)
-    await _settled(client, max(positions.values()))
-    outcome = await _verify(client)
+    await settled(client, max(positions.values()))
+    outcome = await verified_register(client)
     assert outcome.ok and outcome.rebuilt.withheld == 1 and outcome.rebuilt.uses["G-1"] == 2, outcome.report()
     assert "1 data use(s) of fewer than 10 patients are not public" in outcome.report()
 
 
 async def test_verify_register_refuses_a_checkpoint_signed_by_another_key(client: TestClient):
-    await _settled(client, 0)
+    await settled(client, 0)
     stranger = note.Signer.generate("consent-ledger.example/log").verifier
     with pytest.raises(SourceError, match="does not verify with the given key"):
         await asyncio.to_thread(verify_register, HttpSource(str(client.make_url("")), None), [stranger])
